@@ -1,0 +1,87 @@
+"""Backend selection: which implementation of the layer runs for a given input.
+
+Each backend lives in ``convlora_kernels.ops.<module>`` and provides
+``conv_lora_forward(...)`` (signature of :func:`convlora_kernels.ops.eager.conv_lora_forward`)
+and ``unavailable_reason(x) -> str | None``. Modules are imported lazily so that importing the
+package never imports Triton or loads the CUDA extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "eager", "triton", "cuda")
+_MODULES = {
+    "eager": "convlora_kernels.ops.eager",
+    "triton": "convlora_kernels.ops.triton_conv_lora",
+    "cuda": "convlora_kernels.ops.cuda_conv_lora",
+}
+_HOW_TO_GET = {
+    "triton": "install triton (pip install 'triton>=3.2') and run on a CUDA GPU, or set "
+    "TRITON_INTERPRET=1 before importing triton to run its kernels on the CPU (slow; for tests)",
+    "cuda": "build the extension: CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e . "
+    "(see the README, 'CUDA extension')",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this input here."""
+
+
+def check_backend_name(name: str) -> str:
+    """Return ``name`` if it is a known backend, else raise ValueError."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as exc:  # triton missing, or the ops module not built yet
+        return None, f"{_MODULES[name]} cannot be imported ({exc})"
+
+
+def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
+    """Why backend ``name`` cannot run input ``x`` here, or None if it can."""
+    module, why = _load(name)
+    if module is None:
+        return why
+    return module.unavailable_reason(x)
+
+
+def resolve(name: str, x: torch.Tensor) -> str:
+    """The concrete backend that runs ``x``: ``name`` itself, or the fastest one for "auto".
+
+    Raises:
+        BackendUnavailableError: an explicit backend that cannot run ``x``, with what is
+            missing and how to get it.
+    """
+    check_backend_name(name)
+    if name == "auto":
+        if x.device.type != "cuda" or x.dtype == torch.float64:
+            return "eager"
+        for candidate in ("triton", "cuda"):
+            if unavailable_reason(candidate, x) is None:
+                return candidate
+        return "eager"
+    why = unavailable_reason(name, x)
+    if why is not None:
+        how = _HOW_TO_GET.get(name, "")
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available for a {x.dtype} input on {x.device}: {why}."
+            + (f" To get it: {how}." if how else "")
+        )
+    return name
+
+
+def forward_fn(name: str) -> Callable:
+    """``conv_lora_forward`` of a concrete (already resolved) backend."""
+    module, why = _load(name)
+    if module is None:
+        raise BackendUnavailableError(why)
+    return module.conv_lora_forward

@@ -1,0 +1,69 @@
+"""``backend="eager"``: the Conv-LoRA layer in plain PyTorch, with no host synchronisation.
+
+Unlike :func:`convlora_kernels.reference.conv_lora_experts`, which gathers each expert's samples
+(a host sync on a GPU), this evaluates every expert on every sample and keeps each sample's own
+through a mask. That costs E times the expert compute of routed code but is capture- and
+compile-friendly, and experts no sample chose get an exact zero gradient (DDP needs no
+``find_unused_parameters``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..gate import routing
+from .._nvtx import nvtx_range
+
+
+def conv_lora_forward(
+    x: torch.Tensor,
+    x_down: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    expert_weight: torch.Tensor,
+    expert_bias: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_noise: torch.Tensor,
+    scaling: float,
+    expert_index: torch.Tensor | None,
+    noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's forward; autograd differentiates it.
+
+    Args:
+        x: (N, H, W, C_in) input of the frozen Linear.
+        x_down: (N, H, W, C_in) input of the down-projection (``x`` after LoRA dropout; may be x).
+        weight: (C_out, C_in); bias: (C_out,) or None.
+        lora_A: (r, C_in); lora_B: (C_out, r).
+        expert_weight: (E, r, r, 3, 3) or (E, r, 1, 3, 3); expert_bias: (E, r).
+        w_gate, w_noise: (r, E).
+        scaling: lora_alpha / r.
+        expert_index: (N,) long forced routing, or None to route with the gate.
+        noise: (N, E) standard normal draws for the training-mode gate, or None.
+    Returns:
+        out (N, H, W, C_out), expert_index (N,) long, moe_loss (0-dim, float32 or float64).
+    """
+    num_experts = expert_weight.shape[0]
+    with nvtx_range("convlora.down_proj"):
+        z = F.linear(x_down, lora_A)
+    with nvtx_range("convlora.gate"):
+        expert_index, moe_loss = routing(z.mean(dim=(1, 2)), w_gate, w_noise, noise, expert_index)
+    with nvtx_range("convlora.experts"):
+        zc = z.permute(0, 3, 1, 2)
+        y = z
+        for e in range(num_experts):
+            d = reference.expert_forward(zc, expert_weight[e], expert_bias[e], e + 1)
+            chosen = (expert_index == e).view(-1, 1, 1, 1)
+            y = y + torch.where(chosen, d.permute(0, 2, 3, 1), 0.0)
+    with nvtx_range("convlora.up_proj"):
+        out = F.linear(x, weight, bias) + scaling * F.linear(y, lora_B)
+    return out, expert_index, moe_loss
+
+
+def unavailable_reason(x: torch.Tensor) -> str | None:
+    """The eager backend runs every floating dtype on every device."""
+    return None
