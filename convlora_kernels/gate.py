@@ -27,13 +27,13 @@ def routing(
         noise: (N, E) standard normal draws (training) or None (eval).
         expert_index: (N,) forced routing, or None to let the gate decide.
     Returns:
-        expert_index (N,) long, moe_loss (0-dim, float32; differentiable with noisy gating).
+        expert_index (N,) long, moe_loss (0-dim, float32, or float64 for float64 g; differentiable with noisy gating).
     """
     num_experts = w_gate.shape[1]
+    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
     with torch.autocast(g.device.type, enabled=False):
         if expert_index is not None:
-            return expert_index, reference.moe_loss_from_index(expert_index, num_experts, torch.float32)
-        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            return expert_index, reference.moe_loss_from_index(expert_index, num_experts, dtype)
         return reference.route(
             g.to(dtype),
             w_gate.to(dtype),

@@ -1,0 +1,59 @@
+"""Shared fixtures: random (never zero) Conv-LoRA layers and the reference call on their weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convlora_kernels import ConvLoRALinear, reference
+
+
+def randomize_adapter(layer: ConvLoRALinear, generator: torch.Generator | None = None) -> ConvLoRALinear:
+    """Give every adapter tensor non-zero random values (lora_B, biases and gates start at 0)."""
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B", "expert_weight", "expert_bias", "w_gate", "w_noise"):
+            p = getattr(layer, name)
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype) * 0.5)
+    return layer
+
+
+def make_layer(c_in=12, c_out=20, r=3, num_experts=4, depthwise=False, dtype=torch.float64, **kw):
+    """A randomly initialised layer (adapter included) on the CPU."""
+    layer = ConvLoRALinear(c_in, c_out, r=r, num_experts=num_experts, depthwise=depthwise, dtype=dtype, **kw)
+    return randomize_adapter(layer)
+
+
+def reference_out(layer: ConvLoRALinear, x, expert_index=None, noise=None):
+    """reference.conv_lora_linear with ``layer``'s parameters: (out, expert_index, moe_loss)."""
+    return reference.conv_lora_linear(
+        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.expert_weight,
+        layer.expert_bias, layer.w_gate, layer.w_noise, layer.scaling, expert_index, noise,
+    )
+
+
+PARAM_NAMES = ("lora_A", "lora_B", "expert_weight", "expert_bias", "w_gate", "w_noise")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str = "") -> None:
+    """|got - want| <= rtol * (|want| + max|want|), elementwise, with ``want`` from a float64
+    reference. The max|want| term scales the absolute slack to the tensor: gradients are long
+    sums with cancellation, so an element far below the tensor's scale only carries the error of
+    its large terms."""
+    want = want.to(torch.float64)
+    got = got.to(torch.float64)
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any() or torch.isnan(want).any(), f"{name}: NaN in result"
+    scale = want.abs().max() if want.numel() else torch.zeros((), dtype=torch.float64)
+    err = (got - want).abs()
+    bound = rtol * (want.abs() + scale)
+    worst = int((err - bound).argmax()) if err.numel() else 0
+    assert bool((err <= bound).all()), (
+        f"{name}: max error {float(err.max()):.3e} over bound at flat index {worst} "
+        f"(got {float(got.flatten()[worst]):.6e}, want {float(want.flatten()[worst]):.6e}, "
+        f"scale {float(scale):.3e}, rtol {rtol})"
+    )

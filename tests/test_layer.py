@@ -1,0 +1,241 @@
+"""ConvLoRALinear with backend="eager" against the reference: forward and every gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from convlora_kernels import BackendUnavailableError, ConvLoRALinear
+from convlora_kernels import backends as backends_mod
+
+from .conftest import PARAM_NAMES, assert_close_to_reference, make_layer, reference_out
+
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+CASES = [  # (r, num_experts, depthwise, n, h, w)
+    (1, 1, False, 2, 1, 1),
+    (1, 8, True, 3, 2, 3),
+    (3, 2, False, 3, 5, 7),
+    (3, 8, False, 4, 6, 4),
+    (3, 8, True, 2, 14, 14),
+    (8, 8, False, 3, 7, 5),
+    (8, 2, True, 2, 9, 16),
+    (8, 8, False, 2, 64, 64),
+    (3, 1, True, 1, 64, 33),
+]
+
+
+def _grads(layer, x):
+    return [x.grad] + [getattr(layer, p).grad for p in PARAM_NAMES]
+
+
+def _reference_grads(layer, x, expert_index, noise, upstream, loss_weight):
+    """The reference's output, routing, loss and gradients, evaluated in float64."""
+    params = {p: getattr(layer, p).detach().double().requires_grad_() for p in PARAM_NAMES}
+    x = x.detach().double().requires_grad_()
+    upstream = upstream.double()
+    noise = None if noise is None else noise.double()
+    ref = ConvLoRALinear.__new__(ConvLoRALinear)  # a namespace carrying the cloned tensors
+    nn.Module.__init__(ref)
+    for p in ("weight", "bias"):
+        object.__setattr__(ref, p, getattr(layer, p).double())
+    for p, v in params.items():
+        object.__setattr__(ref, p, v)
+    object.__setattr__(ref, "scaling", layer.scaling)
+    out, idx, loss = reference_out(ref, x, expert_index, noise)
+    total = (out * upstream).sum() + loss_weight * loss
+    total.backward()
+    return out, idx, loss, [x.grad] + [params[p].grad for p in PARAM_NAMES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("r, num_experts, depthwise, n, h, w", CASES)
+@pytest.mark.parametrize("mode", ["forced", "gate_train"])
+def test_eager_matches_reference(dtype, r, num_experts, depthwise, n, h, w, mode):
+    layer = make_layer(c_in=10, c_out=14, r=r, num_experts=num_experts, depthwise=depthwise, dtype=dtype, backend="eager")
+    x = torch.randn(n, h, w, 10, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(n, h, w, 14, dtype=dtype)
+    if mode == "forced":
+        layer.eval()
+        expert_index = torch.randint(0, num_experts, (n,))
+        noise, seed_noise = None, None
+    else:
+        layer.train()
+        expert_index = None
+        torch.manual_seed(7)
+        seed_noise = torch.randn(n, num_experts)
+        noise = seed_noise.to(dtype)
+        torch.manual_seed(7)  # the layer draws the same noise
+    out = layer(x, expert_index)
+    loss_weight = 3.0
+    ((out * upstream).sum() + loss_weight * layer.moe_loss).backward()
+
+    ref_out, ref_idx, ref_loss, ref_grads = _reference_grads(layer, x, expert_index, noise, upstream, loss_weight)
+    assert torch.equal(layer.last_expert_index, ref_idx)
+    rtol = RTOL[dtype]
+    assert_close_to_reference(out, ref_out, rtol, "out")
+    assert_close_to_reference(layer.moe_loss, ref_loss, rtol, "moe_loss")
+    for name, got, want in zip(("x",) + PARAM_NAMES, _grads(layer, x), ref_grads):
+        if want is None:  # e.g. the gate in forced mode: the layer must give zeros or nothing
+            assert got is None or not got.any(), name
+            continue
+        assert got is not None, f"{name} got no gradient"
+        assert got.dtype == dtype, name
+        assert_close_to_reference(got, want, rtol, f"grad {name}")
+
+
+def test_unchosen_experts_get_zero_gradient_not_none():
+    layer = make_layer(r=3, num_experts=8, backend="eager")
+    x = torch.randn(2, 4, 4, 12, dtype=torch.float64)
+    layer(x, torch.tensor([1, 1])).sum().backward()
+    assert layer.expert_weight.grad is not None and layer.expert_bias.grad is not None
+    untouched = [e for e in range(8) if e != 1]
+    assert not layer.expert_weight.grad[untouched].any() and not layer.expert_bias.grad[untouched].any()
+    assert layer.expert_weight.grad[1].abs().sum() > 0
+
+
+def test_init_is_noop_and_shapes():
+    layer = ConvLoRALinear(12, 20, r=4, num_experts=3, depthwise=True)
+    assert layer.scaling == 32 / 4
+    assert layer.lora_A.shape == (4, 12) and layer.lora_B.shape == (20, 4)
+    assert layer.expert_weight.shape == (3, 4, 1, 3, 3) and layer.expert_bias.shape == (3, 4)
+    assert layer.w_gate.shape == (4, 3) and layer.w_noise.shape == (4, 3)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    bound = 1 / math.sqrt(12)
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0
+    for name in ("lora_B", "expert_bias", "w_gate", "w_noise"):
+        assert not getattr(layer, name).any(), name
+    x = torch.randn(2, 3, 5, 12)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    assert ConvLoRALinear(12, 20).expert_weight.shape == (8, 3, 3, 3, 3)
+
+
+def test_from_linear_shares_weights_and_to_linear_restores():
+    linear = nn.Linear(12, 20)
+    layer = ConvLoRALinear.from_linear(linear, r=2, num_experts=2)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert not linear.weight.requires_grad
+    assert layer.lora_A.device == linear.weight.device and layer.lora_A.abs().sum() > 0
+    x = torch.randn(3, 16, 12)  # 3-D: L = 16 is a 4x4 map
+    out = layer(x)
+    assert out.shape == (3, 16, 20)
+    torch.testing.assert_close(out, linear(x))
+    back = layer.to_linear()
+    assert isinstance(back, nn.Linear) and back.weight is linear.weight and back.weight.requires_grad
+    no_bias = ConvLoRALinear.from_linear(nn.Linear(4, 6, bias=False), r=1, num_experts=1)
+    assert no_bias.bias is None and no_bias(torch.randn(1, 2, 2, 4)).shape == (1, 2, 2, 6)
+
+
+def test_moe_loss_and_index_after_forward():
+    layer = make_layer(backend="eager", dtype=torch.float32).train()
+    x = torch.randn(5, 3, 3, 12)
+    layer(x)
+    assert layer.moe_loss.dim() == 0 and layer.moe_loss.requires_grad
+    assert layer.last_expert_index.shape == (5,) and layer.last_expert_index.dtype == torch.long
+    layer.moe_loss.backward()
+    assert layer.w_gate.grad.abs().sum() > 0 and layer.w_noise.grad.abs().sum() > 0
+    assert layer.lora_A.grad.abs().sum() > 0  # through the mean that feeds the gate
+
+
+def test_eval_is_deterministic_and_training_noise_uses_torch_rng():
+    layer = make_layer(num_experts=8, backend="eager", dtype=torch.float32)
+    x = torch.randn(16, 2, 2, 12)
+    layer.eval()
+    first = layer(x).detach()
+    torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+    layer.train()
+    torch.manual_seed(3)
+    a = layer(x).detach(), layer.last_expert_index
+    torch.manual_seed(3)
+    b = layer(x).detach(), layer.last_expert_index
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_lora_dropout_only_on_adapter_input():
+    layer = make_layer(backend="eager", dtype=torch.float64, lora_dropout=0.5)
+    x = torch.randn(2, 3, 3, 12, dtype=torch.float64)
+    layer.eval()
+    torch.testing.assert_close(layer(x, torch.tensor([0, 1])), reference_out(layer, x, torch.tensor([0, 1]))[0])
+    layer.train()
+    out = layer(x, torch.tensor([0, 1]))
+    assert torch.isfinite(out).all() and not torch.allclose(out, reference_out(layer, x, torch.tensor([0, 1]))[0])
+
+
+def test_bf16_autocast_close_to_float32():
+    layer = make_layer(backend="eager", dtype=torch.float32).eval()
+    x = torch.randn(2, 5, 5, 12)
+    idx = torch.tensor([3, 1])
+    want = layer(x, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x, idx)
+    assert got.dtype == torch.bfloat16
+    # bf16 keeps 8 bits: a few roundings of z, U, V and the GEMM inputs stay within 2^-6.
+    assert_close_to_reference(got, want, 2.0**-6, "bf16 autocast")
+
+
+def test_backend_setting_and_errors():
+    layer = make_layer(dtype=torch.float32)
+    for name in ("eager", "auto", "triton", "cuda"):
+        layer.backend = name
+    with pytest.raises(ValueError, match="unknown backend"):
+        layer.backend = "tpu"
+    with pytest.raises(ValueError, match="unknown backend"):
+        ConvLoRALinear(4, 4, backend="fast")
+    assert backends_mod.resolve("auto", torch.randn(1, 1, 1, 12)) == "eager"
+    layer.backend = "cuda"
+    if backends_mod.unavailable_reason("cuda", torch.randn(1, 1, 1, 12)) is not None:
+        with pytest.raises(BackendUnavailableError, match="To get it"):
+            layer(torch.randn(1, 2, 2, 12))
+
+
+def test_nan_propagates():
+    layer = make_layer(backend="eager", dtype=torch.float32).eval()
+    x = torch.randn(2, 4, 4, 12)
+    x[0, 1, 2, 3] = float("nan")
+    out = layer(x)
+    assert torch.isnan(out[0]).any() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (lambda: torch.randn(2, 3, 3, 11), ValueError, "last dimension 12"),
+        (lambda: torch.randn(2, 15, 12), ValueError, "perfect square"),
+        (lambda: torch.randn(12), ValueError, "4-D"),
+        (lambda: torch.randn(1, 2, 2, 2, 12), ValueError, "4-D"),
+        (lambda: torch.randint(0, 3, (2, 3, 3, 12)), TypeError, "dtype"),
+        (lambda: torch.randn(2, 3, 3, 12, dtype=torch.float64), TypeError, "differs"),
+        (lambda: torch.randn(2, 3, 3, 12, device="meta"), RuntimeError, "on meta"),
+        (lambda: [[1.0] * 12], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs(bad, error, match):
+    layer = make_layer(backend="eager", dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        layer(bad())
+
+
+@pytest.mark.parametrize(
+    "index, error, match",
+    [
+        (torch.tensor([0, 4]), ValueError, r"\[0, 4\)"),
+        (torch.tensor([-1, 0]), ValueError, r"\[0, 4\)"),
+        (torch.tensor([0, 1, 2]), ValueError, "shape"),
+        (torch.tensor([[0, 1]]), ValueError, "shape"),
+        (torch.tensor([0.0, 1.0]), TypeError, "integer"),
+        (torch.tensor([0, 1], device="meta"), RuntimeError, "meta"),
+    ],
+)
+def test_bad_expert_index(index, error, match):
+    layer = make_layer(backend="eager", dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        layer(torch.randn(2, 3, 3, 12), index)
+
+
+@pytest.mark.parametrize("kw, match", [({"r": 0}, "r must"), ({"num_experts": 0}, "num_experts"), ({"lora_dropout": 1.0}, "dropout")])
+def test_bad_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ConvLoRALinear(4, 4, **kw)
