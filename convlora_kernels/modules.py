@@ -132,6 +132,7 @@ class ConvLoRALinear(nn.Module):
         for name in ("lora_A", "lora_B", "expert_weight", "expert_bias", "w_gate", "w_noise"):
             setattr(layer, name, nn.Parameter(torch.empty_like(getattr(layer, name), device=device)))
         layer.reset_adapter()
+        layer.train(linear.training)  # an adapter injected into an eval-mode model stays in eval
         return layer
 
     def to_linear(self) -> nn.Linear:
