@@ -2,8 +2,10 @@
 
 Each backend lives in ``convlora_kernels.ops.<module>`` and provides
 ``conv_lora_forward(...)`` (signature of :func:`convlora_kernels.ops.eager.conv_lora_forward`)
-and ``unavailable_reason(x) -> str | None``. Modules are imported lazily so that importing the
-package never imports Triton or loads the CUDA extension.
+and ``unavailable_reason(x) -> str | None``. The modules are imported once, here, with an
+import failure (no triton, extension not built) recorded as the reason the backend is missing:
+resolving a backend is then plain attribute access that ``torch.compile`` traces without a
+graph break.
 """
 
 from __future__ import annotations
@@ -15,11 +17,22 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
-_MODULES = {
+_MODULE_NAMES = {
     "eager": "convlora_kernels.ops.eager",
     "triton": "convlora_kernels.ops.triton_conv_lora",
     "cuda": "convlora_kernels.ops.cuda_conv_lora",
 }
+
+
+def _import(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(_MODULE_NAMES[name]), None
+    except ImportError as exc:  # triton missing, or the ops module / extension not built
+        return None, f"{_MODULE_NAMES[name]} cannot be imported ({exc})"
+
+
+#: name -> (module or None, why it is missing); fixed at import.
+_LOADED = {name: _import(name) for name in _MODULE_NAMES}
 _HOW_TO_GET = {
     "triton": "install triton (pip install 'triton>=3.2') and run on a CUDA GPU, or set "
     "TRITON_INTERPRET=1 before importing triton to run its kernels on the CPU (slow; for tests)",
@@ -39,16 +52,9 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-def _load(name: str) -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module(_MODULES[name]), None
-    except ImportError as exc:  # triton missing, or the ops module not built yet
-        return None, f"{_MODULES[name]} cannot be imported ({exc})"
-
-
 def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
     """Why backend ``name`` cannot run input ``x`` here, or None if it can."""
-    module, why = _load(name)
+    module, why = _LOADED[name]
     if module is None:
         return why
     return module.unavailable_reason(x)
@@ -81,7 +87,7 @@ def resolve(name: str, x: torch.Tensor) -> str:
 
 def forward_fn(name: str) -> Callable:
     """``conv_lora_forward`` of a concrete (already resolved) backend."""
-    module, why = _load(name)
+    module, why = _LOADED[name]
     if module is None:
         raise BackendUnavailableError(why)
     return module.conv_lora_forward

@@ -57,3 +57,14 @@ def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, rtol: float
         f"(got {float(got.flatten()[worst]):.6e}, want {float(want.flatten()[worst]):.6e}, "
         f"scale {float(scale):.3e}, rtol {rtol})"
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped on CPU machines (CI), run by
+    scripts/gpu_check.sh on a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

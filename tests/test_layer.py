@@ -239,3 +239,38 @@ def test_bad_expert_index(index, error, match):
 def test_bad_construction(kw, match):
     with pytest.raises(ValueError, match=match):
         ConvLoRALinear(4, 4, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [False, True])
+def test_eager_no_host_sync_on_gpu(training):
+    """Forward and backward of the eager backend never synchronise the host."""
+    layer = make_layer(c_in=64, c_out=96, r=3, num_experts=8, dtype=torch.float32, backend="eager").cuda()
+    layer.train(training)
+    x = torch.randn(8, 14, 14, 64, device="cuda", requires_grad=True)
+    layer(x).sum().backward()  # warm-up: lazy CUDA init may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+        (out.sum() + layer.moe_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_compiles_fullgraph_without_graph_breaks(training):
+    """Backend resolution, validation and the eager backend trace as one graph (dynamo's
+    "eager" backend: checks graph breaks without paying for Inductor's C++ build on the CPU)."""
+    layer = make_layer(dtype=torch.float32, backend="auto").train(training)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(2, 4, 4, 12)
+    torch.manual_seed(5)
+    got = compiled(x)
+    got_index = layer.last_expert_index
+    torch.manual_seed(5)
+    want = layer(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(got_index, layer.last_expert_index)
+    compiled(x, torch.tensor([1, 2]))
+    assert torch.equal(layer.last_expert_index, torch.tensor([1, 2]))
