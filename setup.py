@@ -32,12 +32,12 @@ def _extensions():
         print("convlora_kernels: no CUDA toolkit found; skipping the CUDA extension")
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+    nvcc_flags = ["-O3", "-std=c++20", "-lineinfo"]
     ext = CUDAExtension(
         name="convlora_kernels._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,0 +1,206 @@
+// CPU implementation of the convlora_cuda ops, built from the same per-element arithmetic as the
+// CUDA kernels (convlora_math.h). It exists so that CI, which has no GPU, checks that arithmetic
+// against the float64 reference; it is also a correct (not fast) CPU path.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "convlora_math.h"
+#include "convlora_ops.h"
+
+namespace convlora {
+namespace {
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "convlora: ", name, " must be on the CPU for the CPU kernel, got ",
+              t.device());
+}
+
+// Routing read on the host: free on the CPU, and out-of-range values must not index memory.
+std::vector<int64_t> checked_index(const at::Tensor& expert_index, int64_t num_experts) {
+  at::Tensor idx = expert_index.to(at::kLong).contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  std::vector<int64_t> out(p, p + idx.numel());
+  for (int64_t v : out)
+    TORCH_CHECK(v >= 0 && v < num_experts, "convlora: expert_index values must lie in [0, ",
+                num_experts, "), got ", v);
+  return out;
+}
+
+// U patch of pixel (i, j) of sample zn, all channels: up is (r, 6, 6).
+template <typename T>
+void fill_patch(const T* zn, int H, int W, int r, int s, const PixelTaps<T>& t, T* up) {
+  for (int ci = 0; ci < r; ++ci)
+    for (int uy = 0; uy < t.side; ++uy)
+      for (int ux = 0; ux < t.side; ++ux)
+        up[ci * kPatchArea + uy * kPatch + ux] =
+            u_value<T>(zn, H, W, r, ci, t.oy + uy, t.ox + ux, s);
+}
+
+template <typename T>
+void experts_fwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, const T* eb,
+                      bool depthwise, int64_t N, int H, int W, int r, T* y) {
+  const int64_t hw = static_cast<int64_t>(H) * W;
+  const int64_t wsize = static_cast<int64_t>(r) * (depthwise ? 1 : r) * 9;
+  at::parallel_for(0, N * hw, 64, [&](int64_t begin, int64_t end) {
+    std::vector<T> up(static_cast<size_t>(r) * kPatchArea);
+    std::vector<T> pre(static_cast<size_t>(r) * kTapArea);
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t n = m / hw;
+      const int i = static_cast<int>((m % hw) / W), j = static_cast<int>(m % W);
+      const int64_t e = idx[n];
+      const int s = static_cast<int>(e) + 1;
+      PixelTaps<T> t;
+      pixel_taps<T>(i, j, s, H, W, t);
+      const T* zn = z + n * hw * r;
+      fill_patch<T>(zn, H, W, r, s, t, up.data());
+      for (int c = 0; c < r; ++c) {
+        for (int a = 0; a < t.ny; ++a)
+          for (int b = 0; b < t.nx; ++b)
+            pre[c * kTapArea + a * kTaps + b] =
+                pre_value<T, T>(up.data(), ew + e * wsize, eb + e * r, r, depthwise, c, t, a, b);
+        y[m * r + c] = z[m * r + c] + downsample_gelu<T>(pre.data() + c * kTapArea, t);
+      }
+    }
+  });
+}
+
+template <typename T>
+void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, const T* eb,
+                      bool depthwise, int64_t N, int H, int W, int r, const T* dy, T* dz, T* dup,
+                      T* dew_n, T* deb_n) {
+  const int64_t hw = static_cast<int64_t>(H) * W;
+  const int g = depthwise ? 1 : r;
+  const int64_t wsize = static_cast<int64_t>(r) * g * 9;
+  // Phase 1, one sample per task so each sample's weight gradient sums its pixels in a fixed
+  // order: per-pixel U-patch gradients (dup) and per-sample dEW, dEB.
+  at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
+    std::vector<T> up(static_cast<size_t>(r) * kPatchArea);
+    std::vector<T> dpre(static_cast<size_t>(r) * kTapArea);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const int64_t e = idx[n];
+      const int s = static_cast<int>(e) + 1;
+      const T* zn = z + n * hw * r;
+      T* dew = dew_n + n * wsize;
+      T* deb = deb_n + n * r;
+      for (int64_t k = 0; k < wsize; ++k) dew[k] = T(0);
+      for (int c = 0; c < r; ++c) deb[c] = T(0);
+      for (int64_t pix = 0; pix < hw; ++pix) {
+        const int64_t m = n * hw + pix;
+        const int i = static_cast<int>(pix / W), j = static_cast<int>(pix % W);
+        PixelTaps<T> t;
+        pixel_taps<T>(i, j, s, H, W, t);
+        fill_patch<T>(zn, H, W, r, s, t, up.data());
+        for (int c = 0; c < r; ++c)
+          for (int a = 0; a < t.ny; ++a)
+            for (int b = 0; b < t.nx; ++b) {
+              const T pre =
+                  pre_value<T, T>(up.data(), ew + e * wsize, eb + e * r, r, depthwise, c, t, a, b);
+              const T d = tap_grad<T>(pre, dy[m * r + c], t, a, b);
+              dpre[c * kTapArea + a * kTaps + b] = d;
+              deb[c] += d;
+            }
+        for (int ci = 0; ci < r; ++ci)
+          for (int uy = 0; uy < t.side; ++uy)
+            for (int ux = 0; ux < t.side; ++ux)
+              dup[(m * r + ci) * kPatchArea + uy * kPatch + ux] =
+                  patch_grad<T, T>(dpre.data(), ew + e * wsize, r, depthwise, ci, uy, ux, t);
+        for (int c = 0; c < r; ++c)
+          for (int gi = 0; gi < g; ++gi)
+            for (int k = 0; k < 9; ++k)
+              dew[(c * g + gi) * 9 + k] +=
+                  weight_grad<T>(up.data(), dpre.data(), c, depthwise ? c : gi, k / 3, k % 3, t);
+      }
+    }
+  });
+  // Phase 2: dz = dy (residual) + the gather of the neighbouring patch gradients.
+  at::parallel_for(0, N * hw, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t n = m / hw;
+      const int i = static_cast<int>((m % hw) / W), j = static_cast<int>(m % W);
+      const int s = static_cast<int>(idx[n]) + 1;
+      const T* dup_n = dup + n * hw * r * kPatchArea;
+      for (int c = 0; c < r; ++c)
+        dz[m * r + c] = dy[m * r + c] + gather_dz<T>(dup_n, H, W, r, c, i, j, s);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x, const at::Tensor& lora_A) {
+  check_down_inputs(x, lora_A);
+  check_cpu(x, "x");
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), r = lora_A.size(0);
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  // float32/float64 GEMM on the CPU; low-precision storage is widened first (z is never rounded).
+  at::Tensor z = at::matmul(x.reshape({N * H * W, C}).to(acc), lora_A.to(acc).t());
+  at::Tensor g = z.view({N, H * W, r}).mean(1);
+  return {z.view({N, H, W, r}), g};
+}
+
+at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
+                           const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
+  const bool depthwise = check_experts_inputs(z, expert_index, expert_weight, expert_bias);
+  check_cpu(z, "z");
+  const int64_t N = z.size(0);
+  const int H = static_cast<int>(z.size(1)), W = static_cast<int>(z.size(2));
+  const int r = static_cast<int>(z.size(3));
+  const std::vector<int64_t> idx = checked_index(expert_index, expert_weight.size(0));
+  at::Tensor zc = z.contiguous();
+  at::Tensor ew = expert_weight.to(z.scalar_type()).contiguous();
+  at::Tensor eb = expert_bias.to(z.scalar_type()).contiguous();
+  at::Tensor y = new_output(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_fwd_cpu", [&] {
+    experts_fwd_impl<scalar_t>(zc.data_ptr<scalar_t>(), idx, ew.data_ptr<scalar_t>(),
+                               eb.data_ptr<scalar_t>(), depthwise, N, H, W, r,
+                               y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
+    const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
+    const at::Tensor& expert_bias, const at::Tensor& dy) {
+  const bool depthwise = check_experts_inputs(z, expert_index, expert_weight, expert_bias);
+  check_cpu(z, "z");
+  TORCH_CHECK(dy.sizes() == z.sizes() && dy.scalar_type() == z.scalar_type(),
+              "convlora: dy must match z (", z.sizes(), ", ", z.scalar_type(), "), got ",
+              dy.sizes(), ", ", dy.scalar_type());
+  check_same_device(z, dy, "z", "dy");
+  const int64_t N = z.size(0), E = expert_weight.size(0);
+  const int H = static_cast<int>(z.size(1)), W = static_cast<int>(z.size(2));
+  const int r = static_cast<int>(z.size(3));
+  const int64_t g = depthwise ? 1 : r;
+  const std::vector<int64_t> idx = checked_index(expert_index, E);
+  at::Tensor zc = z.contiguous(), dyc = dy.contiguous();
+  at::Tensor ew = expert_weight.to(z.scalar_type()).contiguous();
+  at::Tensor eb = expert_bias.to(z.scalar_type()).contiguous();
+  const auto opts = z.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dz = new_output(z.sizes(), opts);
+  at::Tensor dup = new_output({N * H * W, r, kPatchArea}, opts);
+  at::Tensor dew_n = new_output({N, r, g, 3, 3}, opts);
+  at::Tensor deb_n = new_output({N, r}, opts);
+  if (z.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_bwd_cpu", [&] {
+      experts_bwd_impl<scalar_t>(zc.data_ptr<scalar_t>(), idx, ew.data_ptr<scalar_t>(),
+                                 eb.data_ptr<scalar_t>(), depthwise, N, H, W, r,
+                                 dyc.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+                                 dup.data_ptr<scalar_t>(), dew_n.data_ptr<scalar_t>(),
+                                 deb_n.data_ptr<scalar_t>());
+    });
+  }
+  // Per-expert sums of the per-sample gradients, samples in index order (deterministic);
+  // experts no sample chose get exact zeros.
+  at::Tensor dew = at::zeros({E, r, g, 3, 3}, opts);
+  at::Tensor deb = at::zeros({E, r}, opts);
+  for (int64_t n = 0; n < N; ++n) {
+    dew[idx[n]].add_(dew_n[n]);
+    deb[idx[n]].add_(deb_n[n]);
+  }
+  return {dz, dew.to(expert_weight.scalar_type()), deb.to(expert_bias.scalar_type())};
+}
+
+}  // namespace convlora

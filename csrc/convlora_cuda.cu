@@ -1,0 +1,431 @@
+// CUDA kernels of the convlora_cuda ops. The per-element arithmetic is convlora_math.h (tested on
+// the CPU in CI); this file decides the parallel decomposition (docs/DESIGN.md):
+//
+//   convlora_down_proj_kernel        four threads per token: z = x A^T, float32 accumulation
+//   convlora_experts_fwd_kernel      one block per (sample, tile of output pixels): U patches and
+//                                    the tap pre-activations in shared memory, y = z + D
+//   convlora_experts_bwd_kernel      same tiling: per-pixel U-patch gradients to a scratch buffer
+//                                    and per-block dEW/dEB partials (fixed summation order)
+//   convlora_experts_dz_kernel       one thread per (pixel, channel): dz = dy + gather of the
+//                                    neighbouring outputs' patch gradients (no atomics)
+//
+// Why per-pixel patch gradients plus a gather instead of a whole window in shared memory: the
+// upsampled map of a 14x14 window at s = 8 is 112x112 per channel (r = 8: 400 KB in float32),
+// too big for one block, and splitting it needs halos anyway. The scratch costs M*r*36 floats
+// (SAM ViT-B, 100 windows, r = 8: 22 MB) but keeps every output written by exactly one thread in
+// a fixed order, so the backward is bitwise deterministic.
+// (No ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE headers that CI's minimal toolkit lacks.)
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "convlora_math.h"
+#include "convlora_ops.h"
+
+namespace convlora {
+namespace {
+
+constexpr int kThreads = 256;
+// Shared memory budget of one expert block: small enough for several blocks per SM.
+constexpr int kExpertSmemBytes = 32 * 1024;
+constexpr int kMaxPixelsPerBlock = 64;
+// Ranks the down-projection kernel keeps in registers (template buckets).
+constexpr int kMaxRank = 64;
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "convlora: ", name, " must be a CUDA tensor for the CUDA kernel, got ",
+              t.device());
+}
+
+// ----------------------------------------------------------------------------- down projection
+// Memory-bound: reads x once (~1% of the layer's FLOPs). Four adjacent threads own one token and
+// interleave over C_in in 16-byte vectors (a warp reads 8 tokens x 64 contiguous bytes); each
+// keeps r partial sums in registers, and the four are combined by two butterfly shuffles (a fixed
+// order: deterministic). A is staged in shared memory as float32 in column chunks; the eight
+// tokens of a warp read the same A words (broadcast) and the four threads of a token read words
+// VEC apart, i.e. distinct banks, so the inner loop has no bank conflicts. Thread-per-token
+// instead of warp-per-token is what makes those A reads broadcasts rather than 8-way conflicts.
+constexpr int kThreadsPerToken = 4;
+constexpr int kTokensPerBlock = kThreads / kThreadsPerToken;
+constexpr int kDownSmemBytes = 32 * 1024;
+
+template <typename scalar_t, typename acc_t, int RMAX, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    convlora_down_proj_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ a,
+                              int64_t M, int C, int r, int kc, acc_t* __restrict__ z) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* a_s = reinterpret_cast<acc_t*>(smem_raw);  // (r, kc): columns [c_base, c_base + kc) of A
+  struct alignas(sizeof(scalar_t) * VEC) Vec { scalar_t v[VEC]; };
+  const int q = threadIdx.x % kThreadsPerToken;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * kTokensPerBlock + threadIdx.x / kThreadsPerToken;
+  const bool active = m < M;
+  const scalar_t* xm = x + (active ? m : 0) * C;
+  acc_t acc[RMAX];
+#pragma unroll
+  for (int k = 0; k < RMAX; ++k) acc[k] = acc_t(0);
+  for (int c_base = 0; c_base < C; c_base += kc) {
+    const int width = min(kc, C - c_base);
+    __syncthreads();  // the previous chunk is consumed
+    for (int k = threadIdx.x; k < r * width; k += blockDim.x)
+      a_s[(k / width) * kc + k % width] =
+          static_cast<acc_t>(a[static_cast<int64_t>(k / width) * C + c_base + k % width]);
+    __syncthreads();
+    if (active) {
+      for (int c = q * VEC; c < width; c += kThreadsPerToken * VEC) {
+        const Vec xv = *reinterpret_cast<const Vec*>(xm + c_base + c);
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) {
+          const acc_t xf = static_cast<acc_t>(xv.v[u]);
+#pragma unroll
+          for (int k = 0; k < RMAX; ++k)
+            if (k < r) acc[k] += xf * a_s[k * kc + c + u];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < RMAX; ++k) {
+    if (k < r) {  // r is uniform: every lane takes part in the shuffles
+      acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], 1);
+      acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], 2);
+    }
+  }
+  if (active && q == 0) {
+#pragma unroll
+    for (int k = 0; k < RMAX; ++k)
+      if (k < r) z[m * r + k] = acc[k];
+  }
+}
+
+template <typename scalar_t, typename acc_t, int RMAX>
+void launch_down_proj(const at::Tensor& x, const at::Tensor& a, at::Tensor& z) {
+  const int64_t M = x.numel() / x.size(3);
+  const int C = static_cast<int>(x.size(3)), r = static_cast<int>(a.size(0));
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const bool vec_ok = C % VEC == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  const int vec = vec_ok ? VEC : 1;
+  // Widest chunk of A's columns that fits the budget, a multiple of the vector width.
+  const int fit = static_cast<int>(kDownSmemBytes / (static_cast<size_t>(r) * sizeof(acc_t)));
+  const int kc = std::max(vec, std::min(C, fit / vec * vec));
+  const size_t smem = static_cast<size_t>(r) * kc * sizeof(acc_t);
+  const int64_t blocks = (M + kTokensPerBlock - 1) / kTokensPerBlock;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "convlora: too many tokens for one launch: ", M);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* ap = a.data_ptr<scalar_t>();
+  acc_t* zp = z.data_ptr<acc_t>();
+  if (vec_ok)
+    convlora_down_proj_kernel<scalar_t, acc_t, RMAX, VEC>
+        <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(xp, ap, M, C, r, kc, zp);
+  else
+    convlora_down_proj_kernel<scalar_t, acc_t, RMAX, 1>
+        <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(xp, ap, M, C, r, kc, zp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> down_proj_cuda(const at::Tensor& x_in, const at::Tensor& a_in) {
+  check_down_inputs(x_in, a_in);
+  check_cuda(x_in, "x");
+  const int64_t r = a_in.size(0);
+  TORCH_CHECK(r <= kMaxRank, "convlora: the CUDA down-projection supports r <= ", kMaxRank,
+              ", got r = ", r);
+  TORCH_CHECK(x_in.size(3) < (int64_t(1) << 31), "convlora: C_in too large");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), a = a_in.contiguous();
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2);
+  at::Tensor z = new_output({N, H, W, r}, x.options().dtype(acc_dtype(x.scalar_type())));
+  if (z.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                    "convlora_down_proj_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      if (r <= 8) launch_down_proj<scalar_t, acc_t, 8>(x, a, z);
+      else if (r <= 32) launch_down_proj<scalar_t, acc_t, 32>(x, a, z);
+      else launch_down_proj<scalar_t, acc_t, kMaxRank>(x, a, z);
+    });
+  }
+  // The mean over the map: a fixed-order ATen reduction of the r-wide z (deterministic, cheap).
+  at::Tensor g = z.view({N, H * W, r}).mean(1);
+  return {z, g};
+}
+
+// ----------------------------------------------------------------------------- experts
+struct ExpertGeom {
+  int H, W, r, E;
+  bool depthwise;
+  int pixels_per_block;
+};
+
+int pixels_per_block(int r, size_t elem) {
+  const size_t per_pixel = static_cast<size_t>(r) * (kPatchArea + kTapArea) * elem;
+  return static_cast<int>(std::clamp<size_t>(kExpertSmemBytes / per_pixel, 1, kMaxPixelsPerBlock));
+}
+
+template <typename T>
+__device__ __forceinline__ int load_expert(const int64_t* idx, int n, int E) {
+  const int64_t e = idx[n];
+  CUDA_KERNEL_ASSERT(e >= 0 && e < E && "convlora: expert_index out of range");
+  return static_cast<int>(e);
+}
+
+// Stage shared by forward and backward: the U patches of the block's pixels, (P, r, 6, 6).
+template <typename T>
+__device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, int npix, T* up) {
+  const int side = patch_side(s);
+  const int per_pixel = g.r * side * side;
+  for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
+    const int p = k / per_pixel, rem = k % per_pixel;
+    const int ci = rem / (side * side), uv = rem % (side * side);
+    const int uy = uv / side, ux = uv % side;
+    const int pix = pix0 + p;
+    const int i = pix / g.W, j = pix % g.W;
+    up[(p * g.r + ci) * kPatchArea + uy * kPatch + ux] =
+        u_value<T>(zn, g.H, g.W, g.r, ci, patch_origin(i, s) + uy, patch_origin(j, s) + ux, s);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    convlora_experts_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
+                                const T* __restrict__ ew, const T* __restrict__ eb, ExpertGeom g,
+                                T* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int P = g.pixels_per_block;
+  T* up = reinterpret_cast<T*>(smem_raw);          // (P, r, 6, 6)
+  T* pre = up + static_cast<size_t>(P) * g.r * kPatchArea;  // (P, r, 4, 4)
+  const int n = blockIdx.y;
+  const int hw = g.H * g.W;
+  const int pix0 = blockIdx.x * P;
+  const int npix = min(P, hw - pix0);
+  const int e = load_expert<T>(idx, n, g.E);
+  const int s = e + 1;
+  const int64_t wsize = static_cast<int64_t>(g.r) * (g.depthwise ? 1 : g.r) * 9;
+  const T* zn = z + static_cast<int64_t>(n) * hw * g.r;
+  fill_patches<T>(zn, g, s, pix0, npix, up);
+  __syncthreads();
+  const int nt1 = (s % 2 == 1) ? 1 : kTaps;
+  const int ntap = nt1 * nt1;
+  for (int k = threadIdx.x; k < npix * g.r * ntap; k += blockDim.x) {
+    const int p = k / (g.r * ntap), c = (k / ntap) % g.r, tap = k % ntap;
+    const int pix = pix0 + p;
+    PixelTaps<T> t;
+    pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
+    const int a = tap / nt1, b = tap % nt1;
+    pre[(p * g.r + c) * kTapArea + a * kTaps + b] = pre_value<T, T>(
+        up + static_cast<size_t>(p) * g.r * kPatchArea, ew + e * wsize, eb + e * g.r, g.r,
+        g.depthwise, c, t, a, b);
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < npix * g.r; k += blockDim.x) {
+    const int p = k / g.r, c = k % g.r;
+    const int pix = pix0 + p;
+    PixelTaps<T> t;
+    pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
+    const int64_t m = static_cast<int64_t>(n) * hw + pix;
+    y[m * g.r + c] = z[m * g.r + c] + downsample_gelu<T>(pre + (p * g.r + c) * kTapArea, t);
+  }
+}
+
+// Backward per tile: recompute U patches and pre, tap gradients in shared memory, then
+//  - dup[m] = conv^T of the tap gradients (per-pixel patch gradients, read by the dz gather),
+//  - part[n, tile] = this tile's dEW (r, g, 3, 3) and dEB (r), summed over its pixels in order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    convlora_experts_bwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
+                                const T* __restrict__ ew, const T* __restrict__ eb,
+                                const T* __restrict__ dy, ExpertGeom g, T* __restrict__ dup,
+                                T* __restrict__ part) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int P = g.pixels_per_block;
+  T* up = reinterpret_cast<T*>(smem_raw);
+  T* dpre = up + static_cast<size_t>(P) * g.r * kPatchArea;
+  const int n = blockIdx.y;
+  const int hw = g.H * g.W;
+  const int pix0 = blockIdx.x * P;
+  const int npix = min(P, hw - pix0);
+  const int e = load_expert<T>(idx, n, g.E);
+  const int s = e + 1;
+  const int gi_n = g.depthwise ? 1 : g.r;
+  const int64_t wsize = static_cast<int64_t>(g.r) * gi_n * 9;
+  const T* zn = z + static_cast<int64_t>(n) * hw * g.r;
+  const T* ew_e = ew + e * wsize;
+  fill_patches<T>(zn, g, s, pix0, npix, up);
+  __syncthreads();
+  const int nt1 = (s % 2 == 1) ? 1 : kTaps;
+  const int ntap = nt1 * nt1;
+  for (int k = threadIdx.x; k < npix * g.r * ntap; k += blockDim.x) {
+    const int p = k / (g.r * ntap), c = (k / ntap) % g.r, tap = k % ntap;
+    const int pix = pix0 + p;
+    PixelTaps<T> t;
+    pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
+    const int a = tap / nt1, b = tap % nt1;
+    const T pre = pre_value<T, T>(up + static_cast<size_t>(p) * g.r * kPatchArea, ew_e,
+                                  eb + e * g.r, g.r, g.depthwise, c, t, a, b);
+    const int64_t m = static_cast<int64_t>(n) * hw + pix;
+    dpre[(p * g.r + c) * kTapArea + a * kTaps + b] = tap_grad<T>(pre, dy[m * g.r + c], t, a, b);
+  }
+  __syncthreads();
+  const int side = patch_side(s);
+  const int per_pixel = g.r * side * side;
+  for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
+    const int p = k / per_pixel, rem = k % per_pixel;
+    const int ci = rem / (side * side), uv = rem % (side * side);
+    const int pix = pix0 + p;
+    PixelTaps<T> t;
+    pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
+    const int64_t m = static_cast<int64_t>(n) * hw + pix;
+    dup[(m * g.r + ci) * kPatchArea + (uv / side) * kPatch + uv % side] = patch_grad<T, T>(
+        dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uv / side,
+        uv % side, t);
+  }
+  const int64_t part_size = wsize + g.r;
+  T* part_tile = part + (static_cast<int64_t>(n) * gridDim.x + blockIdx.x) * part_size;
+  for (int64_t k = threadIdx.x; k < part_size; k += blockDim.x) {
+    T acc = T(0);
+    if (k < wsize) {
+      const int c = static_cast<int>(k / (gi_n * 9)), gi = static_cast<int>((k / 9) % gi_n);
+      const int kk = static_cast<int>(k % 9);
+      for (int p = 0; p < npix; ++p) {
+        const int pix = pix0 + p;
+        PixelTaps<T> t;
+        pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
+        acc += weight_grad<T>(up + static_cast<size_t>(p) * g.r * kPatchArea,
+                              dpre + static_cast<size_t>(p) * g.r * kTapArea, c,
+                              g.depthwise ? c : gi, kk / 3, kk % 3, t);
+      }
+    } else {
+      const int c = static_cast<int>(k - wsize);
+      for (int p = 0; p < npix; ++p)
+        for (int a = 0; a < nt1; ++a)
+          for (int b = 0; b < nt1; ++b) acc += dpre[(p * g.r + c) * kTapArea + a * kTaps + b];
+    }
+    part_tile[k] = acc;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    convlora_experts_dz_kernel(const int64_t* __restrict__ idx, const T* __restrict__ dy,
+                               const T* __restrict__ dup, ExpertGeom g, int64_t total,
+                               T* __restrict__ dz) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= total) return;
+  const int hw = g.H * g.W;
+  const int c = static_cast<int>(k % g.r);
+  const int64_t m = k / g.r;
+  const int n = static_cast<int>(m / hw), pix = static_cast<int>(m % hw);
+  const int s = load_expert<T>(idx, n, g.E) + 1;
+  const T* dup_n = dup + static_cast<int64_t>(n) * hw * g.r * kPatchArea;
+  dz[k] = dy[k] + gather_dz<T>(dup_n, g.H, g.W, g.r, c, pix / g.W, pix % g.W, s);
+}
+
+struct ExpertArgs {
+  at::Tensor z, idx, ew, eb;
+  ExpertGeom geom;
+  int tiles;
+};
+
+ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
+                           const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
+  const bool depthwise = check_experts_inputs(z, expert_index, expert_weight, expert_bias);
+  check_cuda(z, "z");
+  TORCH_CHECK(z.size(0) <= 65535, "convlora: at most 65535 samples per call, got ", z.size(0));
+  ExpertArgs args;
+  args.z = z.contiguous();
+  args.idx = expert_index.to(at::kLong).contiguous();
+  args.ew = expert_weight.to(z.scalar_type()).contiguous();
+  args.eb = expert_bias.to(z.scalar_type()).contiguous();
+  const int r = static_cast<int>(z.size(3));
+  args.geom = {static_cast<int>(z.size(1)), static_cast<int>(z.size(2)), r,
+               static_cast<int>(expert_weight.size(0)), depthwise,
+               pixels_per_block(r, z.element_size())};
+  const int64_t hw = z.size(1) * z.size(2);
+  args.tiles = static_cast<int>((hw + args.geom.pixels_per_block - 1) / args.geom.pixels_per_block);
+  const size_t smem =
+      static_cast<size_t>(args.geom.pixels_per_block) * r * (kPatchArea + kTapArea) * z.element_size();
+  TORCH_CHECK(smem <= 48 * 1024, "convlora: rank r = ", r, " too large for the CUDA expert kernels");
+  return args;
+}
+
+size_t expert_smem(const ExpertArgs& a) {
+  return static_cast<size_t>(a.geom.pixels_per_block) * a.geom.r * (kPatchArea + kTapArea) *
+         a.z.element_size();
+}
+
+at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
+                            const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  ExpertArgs a = prepare_experts(z, expert_index, expert_weight, expert_bias);
+  at::Tensor y = new_output(z.sizes(), a.z.options());
+  if (y.numel() == 0) return y;
+  const dim3 grid(a.tiles, static_cast<unsigned>(z.size(0)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_fwd_cuda", [&] {
+    convlora_experts_fwd_kernel<scalar_t><<<grid, kThreads, expert_smem(a), stream>>>(
+        a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
+        a.eb.data_ptr<scalar_t>(), a.geom, y.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
+    const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
+    const at::Tensor& expert_bias, const at::Tensor& dy_in) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  ExpertArgs a = prepare_experts(z, expert_index, expert_weight, expert_bias);
+  TORCH_CHECK(dy_in.sizes() == z.sizes() && dy_in.scalar_type() == z.scalar_type(),
+              "convlora: dy must match z (", z.sizes(), ", ", z.scalar_type(), "), got ",
+              dy_in.sizes(), ", ", dy_in.scalar_type());
+  check_same_device(z, dy_in, "z", "dy");
+  const at::Tensor dy = dy_in.contiguous();
+  const int64_t N = z.size(0), M = z.numel() / z.size(3);
+  const int r = a.geom.r;
+  const int64_t g = a.geom.depthwise ? 1 : r;
+  const int64_t wsize = r * g * 9;
+  const auto opts = a.z.options();
+  at::Tensor dz = new_output(z.sizes(), opts);
+  at::Tensor dup = new_output({M, r, kPatchArea}, opts);
+  at::Tensor part = new_output({N, a.tiles, wsize + r}, opts);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (M > 0) {
+    const dim3 grid(a.tiles, static_cast<unsigned>(N));
+    const int64_t total = M * r;
+    const int dz_blocks = static_cast<int>((total + kThreads - 1) / kThreads);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_bwd_cuda", [&] {
+      convlora_experts_bwd_kernel<scalar_t><<<grid, kThreads, expert_smem(a), stream>>>(
+          a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
+          a.eb.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), a.geom, dup.data_ptr<scalar_t>(),
+          part.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      convlora_experts_dz_kernel<scalar_t><<<dz_blocks, kThreads, 0, stream>>>(
+          a.idx.data_ptr<int64_t>(), dy.data_ptr<scalar_t>(), dup.data_ptr<scalar_t>(), a.geom,
+          total, dz.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  // Tiles, then samples into experts through a one-hot GEMM: fixed-order reductions, no
+  // atomics, no host sync; experts no sample chose get exact zeros.
+  const at::Tensor per_sample = part.sum(1);                                     // (N, wsize + r)
+  // (E, N) one-hot by comparison: at::one_hot would range-check the values on some devices.
+  const at::Tensor onehot =
+      at::arange(a.geom.E, a.idx.options()).unsqueeze(1).eq(a.idx.unsqueeze(0)).to(z.scalar_type());
+  const at::Tensor per_expert = at::mm(onehot, per_sample);                      // (E, wsize + r)
+  at::Tensor dew = per_expert.narrow(1, 0, wsize).reshape({a.geom.E, r, g, 3, 3});
+  at::Tensor deb = per_expert.narrow(1, wsize, r).contiguous();
+  return {dz, dew.to(expert_weight.scalar_type()).contiguous(),
+          deb.to(expert_bias.scalar_type())};
+}
+
+}  // namespace
+}  // namespace convlora
+
+TORCH_LIBRARY_IMPL(convlora_cuda, CUDA, m) {
+  m.impl("down_proj", &convlora::down_proj_cuda);
+  m.impl("experts_fwd", &convlora::experts_fwd_cuda);
+  m.impl("experts_bwd", &convlora::experts_bwd_cuda);
+}

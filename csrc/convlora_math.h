@@ -1,0 +1,282 @@
+// Per-element arithmetic of one Conv-LoRA expert (SPEC sections 2.4 and 3), shared verbatim by
+// the CPU kernels (convlora_cpu.cpp) and the CUDA kernels (convlora_cuda.cu). CI has no GPU, so
+// everything that decides a value (bicubic taps and weights, index clamping, the conv's zero
+// padding, GELU) lives here and is tested on the CPU; the CUDA file only decides who computes what.
+//
+// Layouts (all contiguous):
+//   z, y, dy, dz      (N, H, W, r) channels-last, element (n, i, j, c) at ((n*H + i)*W + j)*r + c
+//   expert weight     (E, r, g, 3, 3) with g = r (full conv) or g = 1 (depthwise, groups = r)
+//   expert bias       (E, r)
+//   U patch           (r, 6, 6): the U values one low-res output pixel reads, rows/cols from the
+//                     patch origin (patch_origin); odd s uses the top-left 3x3 only
+//   tap gradient      (r, 4, 4): d pre at the V samples one output reads (odd s: [c][0][0] only)
+//
+// T is the accumulation type: float for float32/bfloat16/float16 storage, double for float64.
+// The bicubic source coordinate is evaluated in T like PyTorch's upsample_bicubic2d (opmath_t /
+// accscalar_t), so float32 results agree with F.interpolate to rounding.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CONVLORA_HD __host__ __device__ __forceinline__
+#else
+#define CONVLORA_HD inline
+#endif
+
+namespace convlora {
+
+constexpr int kPatch = 6;        // U patch side for even s (4 V taps + 1 conv halo each side)
+constexpr int kPatchArea = kPatch * kPatch;
+constexpr int kTaps = 4;         // V taps per axis for even s
+constexpr int kTapArea = kTaps * kTaps;
+
+template <typename T>
+CONVLORA_HD T cubic_a() { return T(-0.75); }
+
+// PyTorch's get_cubic_upsample_coefficients, same operation order (w3 from (1 - t) + 1).
+template <typename T>
+CONVLORA_HD void cubic_weights(T t, T w[4]) {
+  const T A = cubic_a<T>();
+  const T x1 = t;
+  const T x0 = x1 + T(1);
+  w[0] = ((A * x0 - T(5) * A) * x0 + T(8) * A) * x0 - T(4) * A;
+  w[1] = ((A + T(2)) * x1 - (A + T(3))) * x1 * x1 + T(1);
+  const T x2 = T(1) - t;
+  w[2] = ((A + T(2)) * x2 - (A + T(3))) * x2 * x2 + T(1);
+  const T x3 = x2 + T(1);
+  w[3] = ((A * x3 - T(5) * A) * x3 + T(8) * A) * x3 - T(4) * A;
+}
+
+CONVLORA_HD int clamp_index(int v, int size) { return v < 0 ? 0 : (v > size - 1 ? size - 1 : v); }
+
+// Upsample by integer factor s (F.interpolate(scale_factor=s)): output index p reads input rows
+// clamp(i0 - 1 + a), a = 0..3, with weights w[a]. PyTorch computes the scale as T(1.0 / s) (the
+// double reciprocal rounded to T), then src = scale * (p + 0.5) - 0.5; a negative src is not
+// clamped, only the taps are (edge replication).
+template <typename T>
+CONVLORA_HD int upsample_taps(int p, int s, T w[4]) {
+  const T scale = static_cast<T>(1.0 / static_cast<double>(s));
+  const T src = scale * (static_cast<T>(p) + T(0.5)) - T(0.5);
+  const int i0 = static_cast<int>(floor(src));
+  cubic_weights<T>(src - static_cast<T>(i0), w);
+  return i0;
+}
+
+// Downsample from s*n to n (F.interpolate(size=n)): scale = s exactly, src = s*i + (s-1)/2.
+// Odd s: t = 0, weights (0, 1, 0, 0): one V sample. Even s: t = 0.5, four samples. Returns the
+// number of taps written to rows/w (rows already clamped into [0, size_v - 1]).
+template <typename T>
+CONVLORA_HD int downsample_taps(int i, int s, int size_v, int rows[4], T w[4]) {
+  if (s % 2 == 1) {
+    rows[0] = s * i + (s - 1) / 2;  // always inside [0, s*n - 1]
+    w[0] = T(1);
+    return 1;
+  }
+  const T src = static_cast<T>(s) * (static_cast<T>(i) + T(0.5)) - T(0.5);
+  const int i0 = static_cast<int>(floor(src));
+  cubic_weights<T>(src - static_cast<T>(i0), w);
+  for (int a = 0; a < 4; ++a) rows[a] = clamp_index(i0 - 1 + a, size_v);
+  return 4;
+}
+
+// First U row (or column) of the patch output i reads: the unclamped first V tap minus the conv
+// halo. Clamped V taps still lie inside [origin + 1, origin + patch_side - 2] (they only move
+// toward the map, never past the last unclamped tap).
+CONVLORA_HD int patch_origin(int i, int s) {
+  return (s % 2 == 1) ? s * i + (s - 1) / 2 - 1 : s * i + s / 2 - 3;
+}
+CONVLORA_HD int patch_side(int s) { return (s % 2 == 1) ? 3 : kPatch; }
+
+template <typename T>
+CONVLORA_HD T gelu(T x) {
+  const T inv_sqrt2 = T(0.70710678118654752440);
+  return T(0.5) * x * (T(1) + erf(x * inv_sqrt2));
+}
+
+template <typename T>
+CONVLORA_HD T gelu_grad(T x) {
+  const T inv_sqrt2 = T(0.70710678118654752440);
+  const T inv_sqrt_2pi = T(0.39894228040143267794);
+  return T(0.5) * (T(1) + erf(x * inv_sqrt2)) + x * inv_sqrt_2pi * exp(T(-0.5) * x * x);
+}
+
+// U[c, p, q] of sample n: bicubic upsample of the (H, W) map z_n by s, zero outside the U grid
+// [0, sH) x [0, sW) (that zero is the conv's padding, which lives in the U grid). zn points at
+// z[n, 0, 0, 0]. s = 1 is the identity (its weights are exactly (0, 1, 0, 0)).
+template <typename T, typename Z>
+CONVLORA_HD T u_value(const Z* zn, int H, int W, int r, int c, int p, int q, int s) {
+  if (p < 0 || q < 0 || p >= s * H || q >= s * W) return T(0);
+  if (s == 1) return static_cast<T>(zn[(static_cast<int64_t>(p) * W + q) * r + c]);
+  T wy[4], wx[4];
+  const int y0 = upsample_taps<T>(p, s, wy);
+  const int x0 = upsample_taps<T>(q, s, wx);
+  T acc = T(0);
+  for (int a = 0; a < 4; ++a) {  // rows, then columns, like PyTorch's separable filter
+    const int yy = clamp_index(y0 - 1 + a, H);
+    T row = T(0);
+    for (int b = 0; b < 4; ++b) {
+      const int xx = clamp_index(x0 - 1 + b, W);
+      row += wx[b] * static_cast<T>(zn[(static_cast<int64_t>(yy) * W + xx) * r + c]);
+    }
+    acc += wy[a] * row;
+  }
+  return acc;
+}
+
+// The geometry of one low-res output pixel (i, j) for scale s: its V taps (in V coordinates,
+// clamped) and its U patch origin.
+template <typename T>
+struct PixelTaps {
+  int ny, nx;           // taps per axis: 1 (odd s) or 4 (even s)
+  int ry[4], rx[4];     // V rows / cols
+  T wy[4], wx[4];       // downsample weights
+  int oy, ox;           // U patch origin
+  int side;             // U patch side: 3 or 6
+};
+
+template <typename T>
+CONVLORA_HD void pixel_taps(int i, int j, int s, int H, int W, PixelTaps<T>& t) {
+  t.ny = downsample_taps<T>(i, s, s * H, t.ry, t.wy);
+  t.nx = downsample_taps<T>(j, s, s * W, t.rx, t.wx);
+  t.oy = patch_origin(i, s);
+  t.ox = patch_origin(j, s);
+  t.side = patch_side(s);
+}
+
+// Pre-activation of V channel c at the V tap (a, b): bias + 3x3 conv over the U patch.
+// up: (r, 6, 6) patch; ew: (r, g, 3, 3) this expert's weight; depthwise when g == 1.
+template <typename T, typename WT>
+CONVLORA_HD T pre_value(const T* up, const WT* ew, const WT* eb, int r, bool depthwise, int c,
+                        const PixelTaps<T>& t, int a, int b) {
+  const int py = t.ry[a] - t.oy - 1;  // patch row of the conv window's top-left
+  const int px = t.rx[b] - t.ox - 1;
+  T acc = static_cast<T>(eb[c]);
+  const int c_lo = depthwise ? c : 0;
+  const int c_hi = depthwise ? c + 1 : r;
+  for (int ci = c_lo; ci < c_hi; ++ci) {
+    const WT* w = ew + (static_cast<int64_t>(c) * (depthwise ? 1 : r) + (ci - c_lo)) * 9;
+    const T* u = up + ci * kPatchArea + py * kPatch + px;
+    for (int ky = 0; ky < 3; ++ky)
+      for (int kx = 0; kx < 3; ++kx)
+        acc += static_cast<T>(w[ky * 3 + kx]) * u[ky * kPatch + kx];
+  }
+  return acc;
+}
+
+// Expert output D of channel c at one pixel from its pre-activations at the taps:
+// sum_ab wy[a] wx[b] GELU(pre[a][b]); pre has layout (4, 4) for this channel.
+template <typename T>
+CONVLORA_HD T downsample_gelu(const T* pre_c, const PixelTaps<T>& t) {
+  T acc = T(0);
+  for (int a = 0; a < t.ny; ++a) {
+    T row = T(0);
+    for (int b = 0; b < t.nx; ++b) row += t.wx[b] * gelu(pre_c[a * kTaps + b]);
+    acc += t.wy[a] * row;
+  }
+  return acc;
+}
+
+// Backward through the downsample and GELU at the tap (a, b): d pre = wy wx dD gelu'(pre).
+template <typename T>
+CONVLORA_HD T tap_grad(T pre, T dd, const PixelTaps<T>& t, int a, int b) {
+  return t.wy[a] * t.wx[b] * dd * gelu_grad(pre);
+}
+
+// d U[ci, uy, ux] (patch coordinates) of one pixel: the transposed conv of its tap gradients.
+// dpre: (r, 4, 4) tap gradients of this pixel.
+template <typename T, typename WT>
+CONVLORA_HD T patch_grad(const T* dpre, const WT* ew, int r, bool depthwise, int ci, int uy, int ux,
+                         const PixelTaps<T>& t) {
+  T acc = T(0);
+  const int c_lo = depthwise ? ci : 0;
+  const int c_hi = depthwise ? ci + 1 : r;
+  for (int c = c_lo; c < c_hi; ++c) {
+    const WT* w = ew + (static_cast<int64_t>(c) * (depthwise ? 1 : r) + (depthwise ? 0 : ci)) * 9;
+    for (int a = 0; a < t.ny; ++a) {
+      const int ky = uy - (t.ry[a] - t.oy - 1);
+      if (ky < 0 || ky > 2) continue;
+      for (int b = 0; b < t.nx; ++b) {
+        const int kx = ux - (t.rx[b] - t.ox - 1);
+        if (kx < 0 || kx > 2) continue;
+        acc += static_cast<T>(w[ky * 3 + kx]) * dpre[c * kTapArea + a * kTaps + b];
+      }
+    }
+  }
+  return acc;
+}
+
+// Gradient of the expert weight element (c, gi, ky, kx) and of nothing else, from one pixel:
+// sum over its taps of dpre[c] * U[ci, tap + k - 1], ci = c (depthwise) or gi (full).
+template <typename T>
+CONVLORA_HD T weight_grad(const T* up, const T* dpre, int c, int ci, int ky, int kx,
+                          const PixelTaps<T>& t) {
+  T acc = T(0);
+  for (int a = 0; a < t.ny; ++a) {
+    const int py = t.ry[a] - t.oy - 1 + ky;
+    for (int b = 0; b < t.nx; ++b) {
+      const int px = t.rx[b] - t.ox - 1 + kx;
+      acc += dpre[c * kTapArea + a * kTaps + b] * up[ci * kPatchArea + py * kPatch + px];
+    }
+  }
+  return acc;
+}
+
+// Weight of U position p (along one axis) on input row zi: sum of its upsample weights whose
+// clamped tap is zi (several taps can clamp onto the same edge row).
+template <typename T>
+CONVLORA_HD T upsample_weight_on(int p, int s, int size, int zi) {
+  if (s == 1) return p == zi ? T(1) : T(0);
+  T w[4];
+  const int i0 = upsample_taps<T>(p, s, w);
+  T acc = T(0);
+  for (int a = 0; a < 4; ++a)
+    if (clamp_index(i0 - 1 + a, size) == zi) acc += w[a];
+  return acc;
+}
+
+// Largest |i - zi| between an output pixel i and an input pixel zi its U patch reads, on one axis
+// (the patch spans src within oi +- 1.25, so taps within oi +- 3; clamping moves taps toward the
+// edge row, which then lies within 3 of the outputs near that edge as well).
+constexpr int kGatherRadius = 3;
+
+// dZ[n, zi, zj, c] gathered from the per-output-pixel U patch gradients of the outputs around
+// it, in a fixed order (deterministic, no atomics). dup_n points at the (H*W, r, 6, 6) patch
+// gradients of sample n.
+template <typename T>
+CONVLORA_HD T gather_dz(const T* dup_n, int H, int W, int r, int c, int zi, int zj, int s) {
+  T acc = T(0);
+  const int i_lo = zi - kGatherRadius < 0 ? 0 : zi - kGatherRadius;
+  const int i_hi = zi + kGatherRadius > H - 1 ? H - 1 : zi + kGatherRadius;
+  const int j_lo = zj - kGatherRadius < 0 ? 0 : zj - kGatherRadius;
+  const int j_hi = zj + kGatherRadius > W - 1 ? W - 1 : zj + kGatherRadius;
+  const int side = patch_side(s);
+  for (int i = i_lo; i <= i_hi; ++i) {
+    const int oy = patch_origin(i, s);
+    T wrow[kPatch];
+    bool any_row = false;
+    for (int u = 0; u < side; ++u) {
+      const int p = oy + u;
+      wrow[u] = (p < 0 || p >= s * H) ? T(0) : upsample_weight_on<T>(p, s, H, zi);
+      any_row = any_row || wrow[u] != T(0);
+    }
+    if (!any_row) continue;
+    for (int j = j_lo; j <= j_hi; ++j) {
+      const int ox = patch_origin(j, s);
+      const T* d = dup_n + (static_cast<int64_t>(i * W + j) * r + c) * kPatchArea;
+      for (int v = 0; v < side; ++v) {
+        const int q = ox + v;
+        if (q < 0 || q >= s * W) continue;
+        const T wq = upsample_weight_on<T>(q, s, W, zj);
+        if (wq == T(0)) continue;
+        T col = T(0);
+        for (int u = 0; u < side; ++u) col += wrow[u] * d[u * kPatch + v];
+        acc += wq * col;
+      }
+    }
+  }
+  return acc;
+}
+
+}  // namespace convlora

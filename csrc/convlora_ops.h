@@ -1,0 +1,106 @@
+// Declarations shared by ops.cpp (schemas, CPU registration), convlora_cpu.cpp and
+// convlora_cuda.cu, plus the input checks every implementation runs first.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+namespace convlora {
+
+// CONVLORA_POISON_OUTPUTS=1 fills every output and scratch buffer with NaN before the kernels
+// run, so a test catches any element a kernel forgets to write. Read per call: no global state.
+inline bool poison_outputs() {
+  const char* v = std::getenv("CONVLORA_POISON_OUTPUTS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// The accumulation / intermediate dtype of a storage dtype: float64 stays float64, every other
+// floating dtype computes (and stores z, y) in float32.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "convlora: ", name,
+              " must be a floating tensor (float32, bfloat16, float16 or float64), got ",
+              t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* an,
+                              const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), "convlora: ", an, " is on ", a.device(), " but ", bn,
+              " is on ", b.device());
+}
+
+// z (N, H, W, r) float32/float64; expert_index (N,) integer; expert_weight (E, r, r|1, 3, 3);
+// expert_bias (E, r). Returns true when the experts are depthwise.
+inline bool check_experts_inputs(const at::Tensor& z, const at::Tensor& expert_index,
+                                 const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
+  TORCH_CHECK(z.dim() == 4, "convlora: z must be (N, H, W, r), got shape ", z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "convlora: z must be float32 or float64 (intermediates are never low precision), got ",
+              z.scalar_type());
+  const int64_t n = z.size(0), r = z.size(3);
+  TORCH_CHECK(r >= 1, "convlora: the LoRA rank r must be >= 1, got z of shape ", z.sizes());
+  TORCH_CHECK(expert_index.dim() == 1 && expert_index.size(0) == n,
+              "convlora: expert_index must have shape (", n, ",), got ", expert_index.sizes());
+  TORCH_CHECK(!at::isFloatingType(expert_index.scalar_type()) &&
+                  expert_index.scalar_type() != at::kBool,
+              "convlora: expert_index must be an integer tensor, got ", expert_index.scalar_type());
+  TORCH_CHECK(expert_weight.dim() == 5 && expert_weight.size(1) == r &&
+                  (expert_weight.size(2) == r || expert_weight.size(2) == 1) &&
+                  expert_weight.size(3) == 3 && expert_weight.size(4) == 3,
+              "convlora: expert_weight must be (E, r, r, 3, 3) or (E, r, 1, 3, 3) with r = ", r,
+              ", got ", expert_weight.sizes());
+  const int64_t e = expert_weight.size(0);
+  TORCH_CHECK(e >= 1, "convlora: need at least one expert");
+  TORCH_CHECK(expert_bias.dim() == 2 && expert_bias.size(0) == e && expert_bias.size(1) == r,
+              "convlora: expert_bias must be (", e, ", ", r, "), got ", expert_bias.sizes());
+  check_float(expert_weight, "expert_weight");
+  check_float(expert_bias, "expert_bias");
+  check_same_device(z, expert_index, "z", "expert_index");
+  check_same_device(z, expert_weight, "z", "expert_weight");
+  check_same_device(z, expert_bias, "z", "expert_bias");
+  // The U-patch index arithmetic is int32 (s*H stays tiny); pixel offsets are int64.
+  TORCH_CHECK(z.size(1) * e < (1 << 24) && z.size(2) * e < (1 << 24),
+              "convlora: map too large for the expert kernels: ", z.sizes());
+  return expert_weight.size(2) == 1;
+}
+
+inline void check_down_inputs(const at::Tensor& x, const at::Tensor& lora_A) {
+  TORCH_CHECK(x.dim() == 4, "convlora: x must be (N, H, W, C_in), got shape ", x.sizes());
+  TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(3),
+              "convlora: lora_A must be (r, C_in) with C_in = ", x.size(3), ", got ",
+              lora_A.sizes());
+  TORCH_CHECK(lora_A.size(0) >= 1, "convlora: the LoRA rank r must be >= 1");
+  check_float(x, "x");
+  TORCH_CHECK(lora_A.scalar_type() == x.scalar_type(), "convlora: lora_A dtype ",
+              lora_A.scalar_type(), " differs from x dtype ", x.scalar_type(),
+              " (cast them first; under autocast the Python side casts both)");
+  check_same_device(x, lora_A, "x", "lora_A");
+  TORCH_CHECK(x.size(1) * x.size(2) > 0, "convlora: empty token map ", x.sizes());
+}
+
+// CPU kernels (convlora_cpu.cpp).
+std::tuple<at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x, const at::Tensor& lora_A);
+at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
+                           const at::Tensor& expert_weight, const at::Tensor& expert_bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
+    const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
+    const at::Tensor& expert_bias, const at::Tensor& dy);
+
+// Device-agnostic (ATen GEMMs; ops.cpp).
+at::Tensor lora_up(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+                   const c10::optional<at::Tensor>& bias, const at::Tensor& lora_B, double scaling);
+
+}  // namespace convlora

@@ -1,0 +1,360 @@
+"""The compiled extension ``convlora_kernels._C`` (ops ``torch.ops.convlora_cuda.*``).
+
+CI has no GPU: it builds the extension and runs its CPU kernels, which share every per-element
+formula with the CUDA kernels (``csrc/convlora_math.h``), against the float64 reference. Tests
+marked ``gpu`` check the CUDA kernels at SAM shapes on a CUDA machine.
+
+A missing extension is a failure, not a skip, whenever the build was supposed to produce it (a
+CUDA toolkit is present and ``CONVLORA_BUILD_CUDA`` does not disable the build).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from convlora_kernels import reference
+from convlora_kernels.modules import ConvLoRALinear
+from convlora_kernels.ops import cuda_conv_lora as cc
+from convlora_kernels.ops import eager
+
+
+def _build_expected() -> tuple[bool, str]:
+    flag = os.environ.get("CONVLORA_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return False, "CONVLORA_BUILD_CUDA disables the extension build"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None and flag not in ("1", "true", "yes", "on"):
+        return False, "no CUDA toolkit: setup.py skips the extension"
+    return True, ""
+
+
+_EXPECTED, _WHY_NOT = _build_expected()
+pytestmark = pytest.mark.skipif(
+    not cc.extension_loaded() and not _EXPECTED, reason=f"extension not built: {_WHY_NOT}"
+)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every output and scratch buffer of the ops starts as NaN: unwritten elements show up."""
+    monkeypatch.setenv("CONVLORA_POISON_OUTPUTS", "1")
+
+
+def test_extension_is_built():
+    assert cc.extension_loaded(), cc.unavailable_reason(torch.empty(0))
+    assert cc.unavailable_reason(torch.empty(1, 1, 1, 4)) is None
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _layer_inputs(n, h, w, c_in, c_out, r, depthwise, dtype, device="cpu", num_experts=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    return dict(
+        x=rnd(n, h, w, c_in),
+        weight=rnd(c_out, c_in, scale=c_in**-0.5),
+        bias=rnd(c_out),
+        lora_A=rnd(r, c_in, scale=c_in**-0.5),
+        lora_B=rnd(c_out, r),
+        expert_weight=rnd(num_experts, r, 1 if depthwise else r, 3, 3, scale=0.5),
+        expert_bias=rnd(num_experts, r, scale=0.5),
+        w_gate=rnd(r, num_experts),
+        w_noise=rnd(r, num_experts),
+    )
+
+
+_GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "expert_weight", "expert_bias", "w_gate", "w_noise")
+
+
+def _run(fn, inputs, scaling, expert_index, noise, dout, loss_weight=0.0):
+    """Forward with fn, backward of sum(out * dout) + loss_weight * moe_loss; out and grads."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    out, index, moe_loss = fn(
+        leaves["x"], leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"],
+        leaves["lora_B"], leaves["expert_weight"], leaves["expert_bias"], leaves["w_gate"],
+        leaves["w_noise"], scaling, expert_index, noise,
+    )
+    loss = (out * dout).sum() + loss_weight * moe_loss
+    grads = torch.autograd.grad(loss, [leaves[k] for k in _GRAD_NAMES], allow_unused=True)
+    return out, index, moe_loss, dict(zip(_GRAD_NAMES, grads))
+
+
+def _reference_fn(x, x_down, weight, bias, lora_A, lora_B, ew, eb, w_gate, w_noise, scaling, index, noise):
+    return reference.conv_lora_linear(x, weight, bias, lora_A, lora_B, ew, eb, w_gate, w_noise, scaling, index, noise)
+
+
+def _assert_close(actual, expected, rtol, atol, what):
+    assert actual is not None and expected is not None, what
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an element was never written)"
+    # atol relative to the tensor's magnitude: cancellation makes single elements tiny.
+    atol = atol * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_layer(n, h, w, c_in, c_out, r, depthwise, dtype, index, noise=None, rtol=1e-10, atol=1e-10):
+    inputs = _layer_inputs(n, h, w, c_in, c_out, r, depthwise, dtype)
+    dout = torch.randn(n, h, w, c_out, dtype=torch.float64).to(dtype)
+    weight_loss = 0.0 if index is not None else 3.0
+    got = _run(cc.conv_lora_forward, inputs, 1.7, index, noise, dout, weight_loss)
+    ref_inputs = {k: v.double() for k, v in inputs.items()}
+    want = _run(_reference_fn, ref_inputs, 1.7, index, None if noise is None else noise.double(), dout.double(), weight_loss)
+    assert torch.equal(got[1], want[1]), "routing differs"
+    _assert_close(got[0], want[0], rtol, atol, "out")
+    _assert_close(got[2], want[2], rtol, atol, "moe_loss")
+    for name in _GRAD_NAMES:
+        if want[3][name] is None:
+            continue
+        _assert_close(got[3][name], want[3][name], rtol, atol, f"d{name}")
+    return got
+
+
+# ----------------------------------------------------------------------------------- CPU: layer
+# Each call forces sample k to expert k: all scales s = 1..8 are exercised in every case.
+_ALL_SCALES = torch.arange(8)
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+@pytest.mark.parametrize("r", [1, 3, 8])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 7), (14, 14)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_layer_float64_all_scales(hw, r, depthwise):
+    # C_in < C_out takes the concatenated single-GEMM path, C_in > C_out the addmm_ one.
+    c_in, c_out = (6, 10) if (r + hw[0]) % 2 else (12, 5)
+    _check_layer(8, hw[0], hw[1], c_in, c_out, r, depthwise, torch.float64, _ALL_SCALES)
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+def test_layer_float64_64x64(depthwise):
+    _check_layer(2, 64, 64, 8, 12, 3, depthwise, torch.float64, torch.tensor([1, 6]))
+
+
+@pytest.mark.parametrize("hw", [(5, 7), (14, 14)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+def test_layer_float32_all_scales(hw, depthwise):
+    _check_layer(8, hw[0], hw[1], 16, 24, 8, depthwise, torch.float32, _ALL_SCALES, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_gated_float64():
+    """Routing by the noisy gate: moe_loss and the w_gate / w_noise gradients flow through g."""
+    n = 12
+    noise = torch.randn(n, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = _check_layer(n, 5, 7, 8, 12, 3, False, torch.float64, None, noise=noise)
+    assert got[3]["w_gate"].abs().sum() > 0 and got[3]["w_noise"].abs().sum() > 0
+
+
+def test_unchosen_experts_get_zero_gradients():
+    inputs = _layer_inputs(3, 5, 7, 6, 10, 3, False, torch.float64)
+    dout = torch.randn(3, 5, 7, 10, dtype=torch.float64)
+    _, _, _, grads = _run(cc.conv_lora_forward, inputs, 2.0, torch.tensor([2, 2, 5]), None, dout)
+    chosen = torch.zeros(8, dtype=torch.bool)
+    chosen[[2, 5]] = True
+    for name in ("expert_weight", "expert_bias"):
+        g = grads[name]
+        assert g is not None
+        assert torch.equal(g[~chosen], torch.zeros_like(g[~chosen])), name
+        assert (g[chosen].abs().flatten(1).sum(1) > 0).all(), name
+
+
+def test_deterministic():
+    inputs = _layer_inputs(8, 14, 14, 16, 24, 8, False, torch.float32)
+    dout = torch.randn(8, 14, 14, 24)
+    a = _run(cc.conv_lora_forward, inputs, 1.0, _ALL_SCALES, None, dout)
+    b = _run(cc.conv_lora_forward, inputs, 1.0, _ALL_SCALES, None, dout)
+    assert torch.equal(a[0], b[0])
+    for name in _GRAD_NAMES:
+        if a[3][name] is not None:
+            assert torch.equal(a[3][name], b[3][name]), name
+
+
+def test_autocast_bfloat16_cpu():
+    inputs = _layer_inputs(8, 5, 7, 16, 24, 8, False, torch.float32)
+    dout = torch.randn(8, 5, 7, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(cc.conv_lora_forward, inputs, 1.0, _ALL_SCALES, None, dout)
+    want = _run(_reference_fn, {k: v.double() for k, v in inputs.items()}, 1.0, _ALL_SCALES, None, dout.double())
+    assert got[0].dtype == torch.bfloat16
+    _assert_close(got[0], want[0], 3e-2, 5e-2, "out")
+    _assert_close(got[3]["lora_A"], want[3]["lora_A"], 5e-2, 5e-2, "dlora_A")
+
+
+def test_module_backend_cuda_matches_eager_on_cpu():
+    torch.manual_seed(0)
+    layer = ConvLoRALinear(16, 24, r=3, num_experts=8, backend="eager").double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.expert_bias.normal_()
+    x = torch.randn(4, 49, 16, dtype=torch.float64)
+    index = torch.tensor([0, 3, 4, 7])
+    want = layer(x, expert_index=index)
+    layer.backend = "cuda"
+    got = layer(x, expert_index=index)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_compile_fullgraph():
+    inputs = _layer_inputs(8, 5, 7, 16, 24, 3, False, torch.float32)
+
+    def f(x, weight, bias, a, b, ew, eb, wg, wn):
+        return cc.conv_lora_forward(x, x, weight, bias, a, b, ew, eb, wg, wn, 1.5, _ALL_SCALES, None)[0]
+
+    args = [inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "expert_weight", "expert_bias", "w_gate", "w_noise")]
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), f(*args))
+
+
+# ----------------------------------------------------------------------------------- CPU: ops
+def _op_samples(dtype=torch.float64, device="cpu"):
+    gen = torch.Generator().manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+    z = rnd(8, 5, 7, 3)
+    return dict(
+        down=(rnd(8, 5, 7, 6), rnd(3, 6)),
+        experts=(z, torch.arange(8, device=device), rnd(8, 3, 3, 3, 3), rnd(8, 3)),
+        experts_dw=(z, torch.arange(8, device=device), rnd(8, 3, 1, 3, 3), rnd(8, 3)),
+        up=(rnd(8, 5, 7, 6), rnd(8, 5, 7, 3), rnd(10, 6), rnd(10), rnd(10, 3), 1.5),
+    )
+
+
+def _requires_grad(args):
+    return tuple(
+        a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args
+    )
+
+
+@pytest.mark.parametrize("which", ["down", "experts", "experts_dw", "up", "experts_bwd"])
+def test_opcheck_cpu(which):
+    ops = torch.ops.convlora_cuda
+    s = _op_samples()
+    if which == "experts_bwd":
+        z, idx, ew, eb = s["experts"]
+        torch.library.opcheck(ops.experts_bwd, (z, idx, ew, eb, torch.randn_like(z)))
+        return
+    op = {"down": ops.down_proj, "experts": ops.experts_fwd, "experts_dw": ops.experts_fwd, "up": ops.lora_up}[which]
+    torch.library.opcheck(op, s[which])
+    torch.library.opcheck(op, _requires_grad(s[which]))
+
+
+def test_ops_low_precision_inputs_cpu():
+    """bf16 / fp16 storage: z and g stay float32, out keeps the storage dtype."""
+    s = _op_samples()
+    x, a = s["down"]
+    for dtype in (torch.bfloat16, torch.float16):
+        z, g = torch.ops.convlora_cuda.down_proj(x.to(dtype), a.to(dtype))
+        assert z.dtype == g.dtype == torch.float32
+        want = x.to(dtype).double() @ a.to(dtype).double().t()
+        torch.testing.assert_close(z.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.double(), want.mean(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_input_validation_messages():
+    ops = torch.ops.convlora_cuda
+    z, idx, ew, eb = _op_samples()["experts"]
+    with pytest.raises(RuntimeError, match="expert_index values must lie in"):
+        ops.experts_fwd(z, torch.full((8,), 8), ew, eb)
+    with pytest.raises(RuntimeError, match="expert_index must have shape"):
+        ops.experts_fwd(z, idx[:3], ew, eb)
+    with pytest.raises(RuntimeError, match="z must be float32 or float64"):
+        ops.experts_fwd(z.half(), idx, ew, eb)
+    with pytest.raises(RuntimeError, match="expert_weight must be"):
+        ops.experts_fwd(z, idx, ew[:, :2], eb)
+    with pytest.raises(RuntimeError, match="lora_A must be"):
+        ops.down_proj(torch.randn(1, 2, 2, 6), torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="lora_A dtype"):
+        ops.down_proj(torch.randn(1, 2, 2, 6), torch.randn(3, 6, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="dy must match z"):
+        ops.experts_bwd(z, idx, ew, eb, z[:1])
+
+
+def test_non_contiguous_inputs():
+    s = _op_samples()
+    z, idx, ew, eb = s["experts"]
+    zt = z.transpose(1, 2).contiguous().transpose(1, 2)  # same values, non-contiguous
+    assert not zt.is_contiguous()
+    torch.testing.assert_close(torch.ops.convlora_cuda.experts_fwd(zt, idx, ew, eb),
+                               torch.ops.convlora_cuda.experts_fwd(z, idx, ew, eb), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------- GPU
+def _sam_case(kind):
+    # (N, H, W, C_in, C_out, r): SAM ViT-B qkv, windowed (100 windows) and global (4 images).
+    return {"windows": (100, 14, 14, 768, 2304, 8), "global": (4, 64, 64, 768, 2304, 8)}[kind]
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["windows", "global"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+def test_gpu_sam_shapes_vs_reference(kind, dtype, depthwise):
+    n, h, w, c_in, c_out, r = _sam_case(kind)
+    inputs = _layer_inputs(n, h, w, c_in, c_out, r, depthwise, torch.float32, device="cuda")
+    index = (torch.arange(n, device="cuda") * 5) % 8
+    dout = torch.randn(n, h, w, c_out, device="cuda")
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    got = _run(cc.conv_lora_forward, low, 4.0, index, None, dout.to(dtype))
+    base = _run(eager.conv_lora_forward, low, 4.0, index, None, dout.to(dtype))
+    want = _run(eager.conv_lora_forward, {k: v.double() for k, v in low.items()}, 4.0, index, None, dout.double())
+    atol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    pairs = [("out", got[0], base[0], want[0])] + [
+        (f"d{k}", got[3][k], base[3][k], want[3][k]) for k in _GRAD_NAMES if want[3][k] is not None
+    ]
+    for name, g, b, ref in pairs:
+        assert not torch.isnan(g).any(), name
+        scale = ref.abs().max().item()
+        assert _max_err(g, ref) <= 2 * _max_err(b, ref) + atol * max(scale, 1.0), (
+            f"{name}: cuda err {_max_err(g, ref):.3e}, eager {dtype} err {_max_err(b, ref):.3e}"
+        )
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+def test_gpu_kernels_match_cpu_kernels_float64(depthwise):
+    """The CUDA kernels against the CPU kernels (same formulas) at float64: all scales."""
+    ops = torch.ops.convlora_cuda
+    z, idx, ew, eb = _op_samples()["experts_dw" if depthwise else "experts"]
+    dy = torch.randn_like(z)
+    cpu = (ops.experts_fwd(z, idx, ew, eb),) + tuple(ops.experts_bwd(z, idx, ew, eb, dy))
+    gpu_ = (ops.experts_fwd(z.cuda(), idx.cuda(), ew.cuda(), eb.cuda()),) + tuple(
+        ops.experts_bwd(z.cuda(), idx.cuda(), ew.cuda(), eb.cuda(), dy.cuda())
+    )
+    for a, b in zip(cpu, gpu_):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-12, atol=1e-12)
+    x, a = _op_samples()["down"]
+    for got, want in zip(ops.down_proj(x.cuda(), a.cuda()), ops.down_proj(x, a)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
+@gpu
+@needs_cuda
+def test_gpu_deterministic_and_opcheck():
+    n, h, w, c_in, c_out, r = _sam_case("windows")
+    inputs = _layer_inputs(n, h, w, c_in, c_out, r, False, torch.bfloat16, device="cuda")
+    index = torch.arange(n, device="cuda") % 8
+    dout = torch.randn(n, h, w, c_out, device="cuda", dtype=torch.bfloat16)
+    a = _run(cc.conv_lora_forward, inputs, 4.0, index, None, dout)
+    b = _run(cc.conv_lora_forward, inputs, 4.0, index, None, dout)
+    for name in ("expert_weight", "expert_bias", "lora_A", "lora_B", "x"):
+        assert torch.equal(a[3][name], b[3][name]), name
+    ops = torch.ops.convlora_cuda
+    s = _op_samples(torch.float32, "cuda")
+    torch.library.opcheck(ops.down_proj, _requires_grad(s["down"]))
+    torch.library.opcheck(ops.experts_fwd, _requires_grad(s["experts"]))
+    torch.library.opcheck(ops.lora_up, _requires_grad(s["up"]))
+    z, idx, ew, eb = s["experts"]
+    torch.library.opcheck(ops.experts_bwd, (z, idx, ew, eb, torch.randn_like(z)))
