@@ -8,8 +8,23 @@ skips it. Without it the package installs and works (eager and Triton backends).
 
 import glob
 import os
+import shutil
 
 from setuptools import setup
+
+
+def _set_cuda_home():
+    """torch takes the toolkit from ``dirname(dirname(which nvcc))`` before /usr/local/cuda: with
+    an nvcc wrapper in /usr/local/bin that is /usr/local, which has no libcudart. Prefer
+    /usr/local/cuda, then the directory of a linked nvcc."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
 def _extensions():
@@ -19,6 +34,7 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     if not sources:
         return [], {}
+    _set_cuda_home()
     try:
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:

@@ -13,6 +13,7 @@ Shapes: ``N`` samples (images, or windows in SAM's windowed blocks), ``H x W`` t
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -113,6 +114,12 @@ def cv_squared(v: torch.Tensor) -> torch.Tensor:
     return v.var() / (v.mean() ** 2 + 1e-10)
 
 
+def _normal_cdf(v: torch.Tensor) -> torch.Tensor:
+    """Phi(v), as torch.distributions.Normal(0, 1).cdf computes it, without the distribution's
+    data-dependent argument validation (which torch.compile and opcheck cannot trace)."""
+    return 0.5 * (1 + torch.erf(v / math.sqrt(2)))
+
+
 def moe_aux_loss(gate: GateOutput, expert_index: torch.Tensor) -> torch.Tensor:
     """Load-balancing loss of SPEC section 2 (0-dim tensor).
 
@@ -125,12 +132,8 @@ def moe_aux_loss(gate: GateOutput, expert_index: torch.Tensor) -> torch.Tensor:
     if gate.sigma is not None and num_experts > 1:
         top2 = gate.logits.topk(2, dim=1).values
         t_out, t_in = top2[:, 0:1], top2[:, 1:2]
-        normal = torch.distributions.Normal(
-            torch.zeros((), dtype=gate.clean.dtype, device=gate.clean.device),
-            torch.ones((), dtype=gate.clean.dtype, device=gate.clean.device),
-        )
-        prob_if_in = normal.cdf((gate.clean - t_in) / gate.sigma)
-        prob_if_out = normal.cdf((gate.clean - t_out) / gate.sigma)
+        prob_if_in = _normal_cdf((gate.clean - t_in) / gate.sigma)
+        prob_if_out = _normal_cdf((gate.clean - t_out) / gate.sigma)
         load = torch.where(gate.logits > t_in, prob_if_in, prob_if_out).sum(0)
     else:
         load = (gates > 0).to(gate.clean.dtype).sum(0)

@@ -1,0 +1,1088 @@
+"""``backend="triton"``: the Conv-LoRA layer as fused Triton kernels (``docs/DESIGN.md``).
+
+One autograd-registered op covers the whole layer:
+
+forward  ``convlora_triton::conv_lora_fwd``
+  1. ``_convlora_down_fwd_kernel``     z = x_down A^T (M, r) fp32 + per-(sample, token block) sums of z
+  2. gate (PyTorch, float32, no host sync) on g = mean_HW z
+  3. ``_convlora_experts_fwd_kernel``  y = z + D(z), only the U/V values the downsample reads
+  4. ``_convlora_up_gemm_kernel``      out = x W^T + b + scaling * y B^T (extra K segment)
+
+backward ``convlora_triton::conv_lora_bwd`` (gate gradients by autograd on a recomputed float32
+gate graph, in the autograd glue)
+  1. dy = scaling * dout B                       (down kernel on dout)
+  2. ``_convlora_experts_bwd_kernel``  recompute U patch / pre / y; dU patches; dEW, dEB partials
+  3. dB = scaling * dout^T y                     (``_convlora_tsmm_kernel`` + fixed-order sum)
+  4. ``_convlora_experts_dz_cols_kernel`` / ``_convlora_experts_dz_rows_kernel``:
+     dZ gathered from the neighbours' dU patches (separable, no atomics); dz = dy + dZ + dg/(HW)
+  5. ``_convlora_expert_grad_reduce_kernel``     per-expert fixed-order sum of the partials
+  6. dx = dout W + dz A                          (the up-GEMM kernel again); dA = dz^T x_down
+
+Everything is deterministic (no atomics), free of host syncs and CUDA-graph capturable.
+Intermediates are float32. Inputs may be float32, bfloat16 or float16 (float64 goes to eager).
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) the ops are registered with ``torch.library.custom_op``
+instead of ``triton_op``: the interpreter cannot trace user kernels into a graph (``wrap_triton``
+hands back the interpreted function, which would run on fake tensors), so there the op stays
+opaque to ``torch.compile``; the body, fake impls and autograd are the same.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .._nvtx import nvtx_range
+from ..gate import routing
+
+__all__ = ["conv_lora_forward", "unavailable_reason", "ENV_POISON"]
+
+#: Triton decides at decoration time whether kernels run in its interpreter; so do we.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: Tests set this to "1": every buffer the kernels write is allocated full of NaN.
+ENV_POISON = "CONVLORA_TRITON_POISON"
+_NAMESPACE = "convlora_triton"
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+#: U-patch slots per pixel: 6x6 for even s (3x3 for odd s uses the first 9).
+_PATCH = 36
+#: Slots per pixel of the column-pass scratch in the dZ gather (6 U rows, padded to 8).
+_TSLOTS = 8
+
+
+# ----------------------------------------------------------------------------- small helpers
+@triton.jit
+def _cubic_weights(t):
+    """PyTorch's bicubic weights (A = -0.75) for taps i0-1..i0+2, in its evaluation order."""
+    x0 = t + 1.0
+    w0 = ((-0.75 * x0 + 3.75) * x0 - 6.0) * x0 + 3.0
+    w1 = ((1.25 * t - 2.25) * t) * t + 1.0
+    x2 = 1.0 - t
+    w2 = ((1.25 * x2 - 2.25) * x2) * x2 + 1.0
+    x3 = 2.0 - t
+    w3 = ((-0.75 * x3 + 3.75) * x3 - 6.0) * x3 + 3.0
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _up_taps(p, inv_s, size):
+    """Bicubic upsample taps of U coordinate ``p`` (any shape, int32): 4 clamped Z indices and
+    4 weights. ``inv_s`` is float32(1/s), the scale PyTorch uses for ``scale_factor=s``."""
+    src = (p.to(tl.float32) + 0.5) * inv_s - 0.5
+    f = tl.floor(src)
+    t = src - f
+    i0 = f.to(tl.int32)
+    w0, w1, w2, w3 = _cubic_weights(t)
+    c0 = tl.minimum(tl.maximum(i0 - 1, 0), size - 1)
+    c1 = tl.minimum(tl.maximum(i0, 0), size - 1)
+    c2 = tl.minimum(tl.maximum(i0 + 1, 0), size - 1)
+    c3 = tl.minimum(tl.maximum(i0 + 2, 0), size - 1)
+    return c0, c1, c2, c3, w0, w1, w2, w3
+
+
+@triton.jit
+def _down_weight(vb, k, size_up, NT: tl.constexpr):
+    """Weight of V coordinate ``vb + k`` in the downsample of an output whose first tap is ``vb``.
+
+    Even s (NT = 4): taps vb..vb+3 with weights (-0.09375, 0.59375, 0.59375, -0.09375), clamped
+    into [0, size_up - 1]; clamped taps merge, so the weight of a coordinate is the sum of the
+    taps landing on it (0 for coordinates outside the V grid). Odd s (NT = 1): weight 1.
+    """
+    if NT == 1:
+        w = tl.full(vb.shape, 1.0, tl.float32)
+    else:
+        w = tl.zeros(vb.shape, tl.float32)
+        for a in tl.static_range(4):
+            tgt = tl.minimum(tl.maximum(vb + a, 0), size_up - 1)
+            if a == 0 or a == 3:
+                w += tl.where(tgt == vb + k, -0.09375, 0.0)
+            else:
+                w += tl.where(tgt == vb + k, 0.59375, 0.0)
+    return w
+
+
+@triton.jit
+def _gelu_and_grad(x):
+    """Exact (erf) GELU and its derivative."""
+    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+    return x * cdf, cdf + x * pdf
+
+
+@triton.jit
+def _z_row_interp(z_base, zr, wr, c0, c1, c2, c3, w0, w1, w2, w3, ci, m, W, R):
+    """wr * sum_b w_b Z[zr, c_b] for a [P, X] block (zr, wr: [P]; c_b, w_b, ci, m: [P, X])."""
+    row = (zr * W)[:, None]
+    v = tl.zeros(c0.shape, tl.float32)
+    rmask = m & (wr != 0.0)[:, None]
+    v += w0 * tl.load(z_base + (row + c0) * R + ci, mask=rmask & (w0 != 0.0), other=0.0)
+    v += w1 * tl.load(z_base + (row + c1) * R + ci, mask=rmask & (w1 != 0.0), other=0.0)
+    v += w2 * tl.load(z_base + (row + c2) * R + ci, mask=rmask & (w2 != 0.0), other=0.0)
+    v += w3 * tl.load(z_base + (row + c3) * R + ci, mask=rmask & (w3 != 0.0), other=0.0)
+    return wr[:, None] * v
+
+
+@triton.jit
+def _u_patch_to_scratch(
+    z_base, usc_base, dup_base, pix, pmask, ub_i, ub_j, s, inv_s, H, W, R,
+    NU: tl.constexpr, NUP: tl.constexpr, BLOCK_R: tl.constexpr, ZERO_DUP: tl.constexpr,
+):
+    """U patch (NU x NU, all channels) of each pixel into its scratch slots ``ku*NU + lu``.
+
+    Computed once per pixel and read back by the tap loop (L1/L2 resident): the conv reads each
+    U value for up to 9 taps. Zero padding of the conv lives in the U grid: U outside
+    [0, sH) x [0, sW) is stored as 0. With ZERO_DUP the dU slots are cleared as well.
+    """
+    cols = tl.arange(0, NUP * BLOCK_R)  # (lu, ci)
+    lu = cols // BLOCK_R
+    ci = cols % BLOCK_R
+    cmask = (lu < NU) & (ci < R)
+    q = ub_j[:, None] + lu[None, :]  # [P, NUP*BR] U column
+    c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
+    validc = (q >= 0) & (q < s * W)
+    smask = pmask[:, None] & cmask[None, :]
+    for ku in tl.static_range(NU):
+        p = ub_i + ku  # [P] U row
+        r0, r1, r2, r3, v0, v1, v2, v3 = _up_taps(p, inv_s, H)
+        validr = (p >= 0) & (p < s * H)
+        m = smask & validc & validr[:, None]
+        u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, ci[None, :], m, W, R)
+        u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, ci[None, :], m, W, R)
+        u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, ci[None, :], m, W, R)
+        u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, ci[None, :], m, W, R)
+        offs = pix[:, None] * (36 * R) + (ku * NU + lu)[None, :] * R + ci[None, :]
+        tl.store(usc_base + offs, u, mask=smask)
+        if ZERO_DUP:
+            tl.store(dup_base + offs, tl.zeros_like(u), mask=smask)
+
+
+@triton.jit
+def _conv_operands(ew_base, eb_base, R, stride_ew_o, stride_ew_i,
+                   DEPTHWISE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The expert's 3x3 conv as one [16*BR, BR] matrix Wcat[d*BR + ci, co] = W[co, ci, d]
+    (d = dy*3 + dx < 9; depthwise: diagonal in (ci, co)), its bias and the Ucat column indices."""
+    k9 = tl.arange(0, 16 * BLOCK_R)
+    d = k9 // BLOCK_R
+    ci = k9 % BLOCK_R
+    dmask = (d < 9) & (ci < R)
+    co = tl.arange(0, BLOCK_R)
+    comask = co < R
+    wmask = dmask[:, None] & comask[None, :]
+    if DEPTHWISE:
+        wptr = ew_base + co[None, :] * stride_ew_o + d[:, None]
+        wmask = wmask & (ci[:, None] == co[None, :])
+    else:
+        wptr = ew_base + co[None, :] * stride_ew_o + ci[:, None] * stride_ew_i + d[:, None]
+    wcat = tl.load(wptr, mask=wmask, other=0.0).to(tl.float32)
+    bias = tl.load(eb_base + co, mask=comask, other=0.0).to(tl.float32)
+    return wcat, bias, d, ci, dmask
+
+
+@triton.jit
+def _ucat_offsets(pix, kr, kc, d, ci, R, NU: tl.constexpr):
+    """Scratch offsets of the 9 U values tap (kr, kc) reads: [P, 16*BR] in Wcat's K order."""
+    slot = (kr + d // 3) * NU + (kc + d % 3)
+    return pix[:, None] * (36 * R) + slot[None, :] * R + ci[None, :]
+
+
+# ----------------------------------------------------------------------------- 1. down
+@triton.jit
+def _convlora_down_fwd_kernel(
+    x_ptr, a_ptr, z_ptr, gpart_ptr,
+    HW, C, R,
+    stride_xm, stride_xc, stride_ar, stride_ac,
+    scale,
+    WRITE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """z[m, :] = scale * x[m, :] A^T for the tokens of one sample, plus their column sums.
+
+    x: (N*HW, C) any strides; A: (R, C) via strides; z: (N*HW, R) fp32 contiguous;
+    gpart: (N, NBLK, R) fp32. Grid (NBLK = cdiv(HW, BLOCK_M), N): a block never straddles two
+    samples, so g is a fixed-order sum of the partials.
+    """
+    pb = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    loc = pb * BLOCK_M + tl.arange(0, BLOCK_M)
+    lmask = loc < HW
+    rows = n * HW + loc  # int64: M * C can exceed 2^31
+    rr = tl.arange(0, BLOCK_R)
+    rmask = rr < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < C
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xc,
+                     mask=lmask[:, None] & kmask[None, :], other=0.0)
+        # A in x's dtype, as autocast would round it; the products accumulate in fp32.
+        at = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ac,
+                     mask=kmask[:, None] & rmask[None, :], other=0.0).to(xt.dtype)
+        if UPCAST_DOT:  # see _upcast_dot
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, at, acc, input_precision=PREC)
+    acc = acc * scale
+    tl.store(z_ptr + rows[:, None] * R + rr[None, :], acc, mask=lmask[:, None] & rmask[None, :])
+    if WRITE_G:
+        nblk = tl.num_programs(0)
+        tl.store(gpart_ptr + (n * nblk + pb) * R + rr, tl.sum(acc, axis=0), mask=rmask)
+
+
+# ----------------------------------------------------------------------------- 3. experts fwd
+@triton.jit
+def _expert_fwd_tile(
+    z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
+    stride_ew_o, stride_ew_i,
+    DEPTHWISE: tl.constexpr, NT: tl.constexpr, NUP: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+):
+    """D = downsample(GELU(conv(U) + b)) at the NT x NT V taps of each pixel: [P, BR]."""
+    NU: tl.constexpr = NT + 2
+    vb_i = s * i + (s - NT) // 2  # first V row the downsample reads (s - NT is even)
+    vb_j = s * j + (s - NT) // 2
+    _u_patch_to_scratch(z_base, usc_base, usc_base, pix, pmask, vb_i - 1, vb_j - 1, s, inv_s,
+                        H, W, R, NU, NUP, BLOCK_R, False)
+    tl.debug_barrier()  # the scratch written by other threads of this program
+    wcat, bias, d, ci, dmask = _conv_operands(ew_base, eb_base, R, stride_ew_o, stride_ew_i,
+                                              DEPTHWISE, BLOCK_R)
+    lmask = pmask[:, None] & dmask[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
+    for kr in tl.static_range(NT):
+        for kc in tl.static_range(NT):
+            ucat = tl.load(usc_base + _ucat_offsets(pix, kr, kc, d, ci, R, NU), mask=lmask, other=0.0)
+            pre = tl.dot(ucat, wcat, input_precision=PREC) + bias[None, :]
+            wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
+            v, _ = _gelu_and_grad(pre)
+            acc += wd[:, None] * v
+    return acc
+
+
+@triton.jit
+def _convlora_experts_fwd_kernel(
+    z_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, y_ptr,
+    H, W, R,
+    stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
+    DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+):
+    """y = z + D(z) for a block of BLOCK_P pixels of one sample, all r channels.
+
+    z, y: (N*H*W, R) fp32; usc: (N*H*W, 36, R) fp32 scratch; expert_weight (E, R, R|1, 3, 3)
+    contiguous in its last 3 dims. Grid (cdiv(H*W, BLOCK_P), N). s = expert_index[n] + 1 is
+    read on the device; even and odd s take different static paths (6x6 vs 3x3 U patch).
+    """
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    e = tl.load(eidx_ptr + n)
+    s = (e + 1).to(tl.int32)
+    inv_s = tl.load(inv_scale_ptr + e)
+    HW = H * W
+    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pix < HW
+    i = pix // W
+    j = pix % W
+    z_base = z_ptr + n * HW * R
+    usc_base = usc_ptr + n * HW * (36 * R)
+    ew_base = ew_ptr + e * stride_ew_e
+    eb_base = eb_ptr + e * stride_eb_e
+    if s % 2 == 0:
+        dv = _expert_fwd_tile(z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s,
+                              H, W, R, stride_ew_o, stride_ew_i,
+                              DEPTHWISE, 4, 8, BLOCK_P, BLOCK_R, PREC)
+    else:
+        dv = _expert_fwd_tile(z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s,
+                              H, W, R, stride_ew_o, stride_ew_i,
+                              DEPTHWISE, 1, 4, BLOCK_P, BLOCK_R, PREC)
+    co = tl.arange(0, BLOCK_R)
+    offs = pix[:, None] * R + co[None, :]
+    m = pmask[:, None] & (co < R)[None, :]
+    zc = tl.load(z_base + offs, mask=m, other=0.0)
+    tl.store(y_ptr + n * HW * R + offs, zc + dv, mask=m)
+
+
+# ----------------------------------------------------------------------------- 4. up GEMM
+@triton.jit
+def _convlora_up_gemm_kernel(
+    a_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, out_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_ym, stride_br, stride_bn,
+    stride_om, stride_on,
+    scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PREC_MAIN: tl.constexpr, PREC_EXTRA: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """out = a @ w + scaling * y @ b (+ bias): a (M, K), w (K, N), y (M, R) fp32, b (R, N).
+
+    The low-rank term is an extra K segment of the same accumulator, so no (M, N) temporary.
+    Forward: a = x, w = W^T, b = B^T. Backward: a = dout, w = W, y = dz, b = A.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mmask = rm < M
+    nmask = rn < N
+    rm64 = rm.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < K
+        at = tl.load(a_ptr + rm64[:, None] * stride_am + kk[None, :] * stride_ak,
+                     mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                     mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST_DOT:  # see _upcast_dot
+            at = at.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(at, wt, acc, input_precision=PREC_MAIN)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        kr = r0 + rr
+        krmask = kr < R
+        yt = tl.load(y_ptr + rm64[:, None] * stride_ym + kr[None, :],
+                     mask=mmask[:, None] & krmask[None, :], other=0.0) * scaling
+        bt = tl.load(b_ptr + kr[:, None] * stride_br + rn[None, :] * stride_bn,
+                     mask=krmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        # y stays fp32 (tf32 at worst) instead of being rounded to x's dtype as eager autocast does.
+        acc = tl.dot(yt, bt, acc, input_precision=PREC_EXTRA)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ----------------------------------------------------------------------------- backward kernels
+@triton.jit
+def _convlora_tsmm_kernel(
+    x_ptr, y_ptr, part_ptr,
+    M, C, R, M_PER_SPLIT,
+    stride_xm, stride_xc, stride_ym,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+):
+    """part[split, c, k] = scale * sum_{m in split} x[m, c] y[m, k]: skinny x^T y partials.
+
+    x: (M, C) any dtype; y: (M, R) fp32 contiguous; part: (SPLIT, C, R) fp32, summed over
+    SPLIT afterwards in a fixed order. Grid (cdiv(C, BLOCK_C), SPLIT).
+    """
+    pc = tl.program_id(0)
+    sp = tl.program_id(1)
+    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    rr = tl.arange(0, BLOCK_R)
+    rmask = rr < R
+    acc = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+    m_start = sp * M_PER_SPLIT
+    for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mmask = rows < M
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :] * stride_xc,
+                     mask=mmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        yt = tl.load(y_ptr + rows[:, None] * stride_ym + rr[None, :],
+                     mask=mmask[:, None] & rmask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(xt), yt, acc, input_precision=PREC)
+    tl.store(part_ptr + (sp * C + c)[:, None] * R + rr[None, :], acc * scale,
+             mask=cmask[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _expert_bwd_tile(
+    z_base, dy_base, usc_base, dup_base, ew_base, eb_base, part_row,
+    pix, pmask, i, j, s, inv_s, H, W, R, KW,
+    stride_ew_o, stride_ew_i,
+    DEPTHWISE: tl.constexpr, NT: tl.constexpr, NUP: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+):
+    """Backward of the expert at the NT x NT V taps of each pixel. Returns D [P, BR] (so y can be
+    rebuilt for dB), accumulates the U-patch gradient into the dU scratch and writes this
+    program's dEW, dEB partials."""
+    NU: tl.constexpr = NT + 2
+    vb_i = s * i + (s - NT) // 2
+    vb_j = s * j + (s - NT) // 2
+    _u_patch_to_scratch(z_base, usc_base, dup_base, pix, pmask, vb_i - 1, vb_j - 1, s, inv_s,
+                        H, W, R, NU, NUP, BLOCK_R, True)
+    tl.debug_barrier()
+    wcat, bias, d, ci, dmask = _conv_operands(ew_base, eb_base, R, stride_ew_o, stride_ew_i,
+                                              DEPTHWISE, BLOCK_R)
+    lmask = pmask[:, None] & dmask[None, :]
+    co = tl.arange(0, BLOCK_R)
+    comask = co < R
+    dyv = tl.load(dy_base + pix[:, None] * R + co[None, :],
+                  mask=pmask[:, None] & comask[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
+    dew = tl.zeros((16 * BLOCK_R, BLOCK_R), tl.float32)
+    deb = tl.zeros((BLOCK_R,), tl.float32)
+    for kr in tl.static_range(NT):
+        for kc in tl.static_range(NT):
+            offs = _ucat_offsets(pix, kr, kc, d, ci, R, NU)
+            ucat = tl.load(usc_base + offs, mask=lmask, other=0.0)
+            pre = tl.dot(ucat, wcat, input_precision=PREC) + bias[None, :]
+            wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
+            v, dv = _gelu_and_grad(pre)
+            acc += wd[:, None] * v
+            dpre = (wd[:, None] * dyv) * dv  # zero on masked pixels / channels (dyv = 0)
+            deb += tl.sum(dpre, axis=0)
+            dew = tl.dot(tl.trans(ucat), dpre, dew, input_precision=PREC)
+            du = tl.dot(dpre, tl.trans(wcat), input_precision=PREC)  # [P, 16*BR]
+            # The 9 slots of one tap are distinct: a plain read-modify-write, no atomics; the
+            # barrier orders it against the next tap's (other threads may own those slots).
+            old = tl.load(dup_base + offs, mask=lmask, other=0.0)
+            tl.store(dup_base + offs, old + du, mask=lmask)
+            tl.debug_barrier()
+    wmask = dmask[:, None] & comask[None, :]
+    if DEPTHWISE:
+        tl.store(part_row + co[None, :] * 9 + d[:, None], dew, mask=wmask & (ci[:, None] == co[None, :]))
+    else:
+        tl.store(part_row + co[None, :] * (R * 9) + ci[:, None] * 9 + d[:, None], dew, mask=wmask)
+    tl.store(part_row + KW + co, deb, mask=comask)
+    return acc
+
+
+@triton.jit
+def _convlora_experts_bwd_kernel(
+    z_ptr, dy_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, dup_ptr, y_ptr, part_ptr,
+    H, W, R, KW,
+    stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
+    DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+):
+    """Expert backward for a block of pixels of one sample (grid as the forward).
+
+    dy: (N*H*W, R) fp32 (= dD); y: (N*H*W, R) rebuilt; dup: (N*H*W, 36, R) dU patches;
+    part: (N*NBLK, KW + R) this program's dEW (flattened like expert_weight[e]) and dEB.
+    """
+    pid = tl.program_id(0)
+    nblk = tl.num_programs(0)
+    n = tl.program_id(1).to(tl.int64)
+    e = tl.load(eidx_ptr + n)
+    s = (e + 1).to(tl.int32)
+    inv_s = tl.load(inv_scale_ptr + e)
+    HW = H * W
+    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pix < HW
+    i = pix // W
+    j = pix % W
+    z_base = z_ptr + n * HW * R
+    dy_base = dy_ptr + n * HW * R
+    usc_base = usc_ptr + n * HW * (36 * R)
+    dup_base = dup_ptr + n * HW * (36 * R)
+    ew_base = ew_ptr + e * stride_ew_e
+    eb_base = eb_ptr + e * stride_eb_e
+    part_row = part_ptr + (n * nblk + pid) * (KW + R)
+    if s % 2 == 0:
+        dv = _expert_bwd_tile(z_base, dy_base, usc_base, dup_base, ew_base, eb_base, part_row,
+                              pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
+                              DEPTHWISE, 4, 8, BLOCK_P, BLOCK_R, PREC)
+    else:
+        dv = _expert_bwd_tile(z_base, dy_base, usc_base, dup_base, ew_base, eb_base, part_row,
+                              pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
+                              DEPTHWISE, 1, 4, BLOCK_P, BLOCK_R, PREC)
+    co = tl.arange(0, BLOCK_R)
+    offs = pix[:, None] * R + co[None, :]
+    m = pmask[:, None] & (co < R)[None, :]
+    zc = tl.load(z_base + offs, mask=m, other=0.0)
+    tl.store(y_ptr + n * HW * R + offs, zc + dv, mask=m)
+
+
+@triton.jit
+def _tap_weight_on(p, target, inv_s, size, s):
+    """Total upsample weight U coordinate ``p`` gives Z coordinate ``target`` (0 if p is padding)."""
+    c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(p, inv_s, size)
+    w = tl.where(c0 == target, w0, 0.0) + tl.where(c1 == target, w1, 0.0)
+    w += tl.where(c2 == target, w2, 0.0) + tl.where(c3 == target, w3, 0.0)
+    return tl.where((p >= 0) & (p < s * size), w, 0.0)
+
+
+@triton.jit
+def _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R,
+                  NT: tl.constexpr, NUP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """T[i, wz, ku] = sum over outputs (i, j) and patch columns lu of the column weight that
+    U column q(j, lu) gives Z column wz, times dU[(i, j), ku, lu]. Outputs reach at most 3
+    columns away (taps i0-1..i0+2 with |i0 - j| <= 1 for s >= 2; s = 1 has weight only on i0)."""
+    NU: tl.constexpr = NT + 2
+    cols = tl.arange(0, NUP * BLOCK_R)  # (ku, ci)
+    ku = cols // BLOCK_R
+    ci = cols % BLOCK_R
+    cmask = (ku < NU) & (ci < R)
+    acc = tl.zeros((pix.shape[0], NUP * BLOCK_R), tl.float32)
+    for dj in tl.static_range(7):
+        j = wz + 3 - dj
+        jvalid = pmask & (j >= 0) & (j < W)
+        ub_j = s * j + (s - NT) // 2 - 1
+        for lu in tl.static_range(NU):
+            cw = _tap_weight_on(ub_j + lu, wz, inv_s, W, s)
+            cw = tl.where(jvalid, cw, 0.0)
+            offs = (i * W + j)[:, None] * (36 * R) + (ku * NU + lu)[None, :] * R + ci[None, :]
+            v = tl.load(dup_base + offs, mask=(cw != 0.0)[:, None] & cmask[None, :], other=0.0)
+            acc += cw[:, None] * v
+    tl.store(t_base + pix[:, None] * (8 * R) + ku[None, :] * R + ci[None, :], acc,
+             mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _convlora_experts_dz_cols_kernel(
+    dup_ptr, eidx_ptr, inv_scale_ptr, t_ptr,
+    H, W, R,
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Column pass of the dZ gather. dup: (N*H*W, 36, R); t: (N*H*W, 8, R), indexed by
+    (output row i, Z column wz). Grid (cdiv(H*W, BLOCK_P), N)."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    e = tl.load(eidx_ptr + n)
+    s = (e + 1).to(tl.int32)
+    inv_s = tl.load(inv_scale_ptr + e)
+    HW = H * W
+    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pix < HW
+    i = pix // W
+    wz = pix % W
+    dup_base = dup_ptr + n * HW * (36 * R)
+    t_base = t_ptr + n * HW * (8 * R)
+    if s % 2 == 0:
+        _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, 4, 8, BLOCK_R)
+    else:
+        _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, 1, 4, BLOCK_R)
+
+
+@triton.jit
+def _convlora_experts_dz_rows_kernel(
+    t_ptr, dy_ptr, dgs_ptr, eidx_ptr, inv_scale_ptr, dz_ptr,
+    H, W, R,
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Row pass of the dZ gather and the assembly dz = dy + dZ + dg / (H*W).
+
+    t: (N*H*W, 8, R); dy, dz: (N*H*W, R) fp32; dgs: (N, R) fp32 = dg / (H*W).
+    Grid (cdiv(H*W, BLOCK_P), N).
+    """
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    e = tl.load(eidx_ptr + n)
+    s = (e + 1).to(tl.int32)
+    inv_s = tl.load(inv_scale_ptr + e)
+    HW = H * W
+    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pix < HW
+    hz = pix // W
+    wz = pix % W
+    t_base = t_ptr + n * HW * (8 * R)
+    co = tl.arange(0, BLOCK_R)
+    comask = co < R
+    m = pmask[:, None] & comask[None, :]
+    acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
+    if s % 2 == 0:
+        acc = _dz_rows_accumulate(acc, t_base, pmask, hz, wz, s, inv_s, H, W, R, co, comask, 4)
+    else:
+        acc = _dz_rows_accumulate(acc, t_base, pmask, hz, wz, s, inv_s, H, W, R, co, comask, 1)
+    offs = n * HW * R + pix[:, None] * R + co[None, :]
+    acc += tl.load(dy_ptr + offs, mask=m, other=0.0)
+    acc += tl.load(dgs_ptr + n * R + co, mask=comask, other=0.0)[None, :]
+    tl.store(dz_ptr + offs, acc, mask=m)
+
+
+@triton.jit
+def _dz_rows_accumulate(acc, t_base, pmask, hz, wz, s, inv_s, H, W, R, co, comask, NT: tl.constexpr):
+    """dZ[hz, wz] = sum over output rows i and patch rows ku of the row weight U row p(i, ku)
+    gives Z row hz, times T[i, wz, ku]."""
+    NU: tl.constexpr = NT + 2
+    for di in tl.static_range(7):
+        i = hz + 3 - di
+        ivalid = pmask & (i >= 0) & (i < H)
+        ub_i = s * i + (s - NT) // 2 - 1
+        for ku in tl.static_range(NU):
+            rw = tl.where(ivalid, _tap_weight_on(ub_i + ku, hz, inv_s, H, s), 0.0)
+            offs = (i * W + wz)[:, None] * (8 * R) + ku * R + co[None, :]
+            v = tl.load(t_base + offs, mask=(rw != 0.0)[:, None] & comask[None, :], other=0.0)
+            acc += rw[:, None] * v
+    return acc
+
+
+@triton.jit
+def _convlora_expert_grad_reduce_kernel(
+    part_ptr, eidx_ptr, out_ptr,
+    NPROG, NBLK, K,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[e, k] = sum over programs p whose sample chose e of part[p, k], in a fixed order.
+
+    part: (NPROG, K) fp32, program p belongs to sample p // NBLK; out: (E, K) fp32. Experts no
+    sample chose get exact zeros. Grid (cdiv(K, BLOCK_K), E).
+    """
+    pk = tl.program_id(0)
+    e = tl.program_id(1)
+    k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < K
+    acc = tl.zeros((BLOCK_K,), tl.float32)
+    for j0 in range(0, NPROG, BLOCK_J):
+        jj = j0 + tl.arange(0, BLOCK_J)
+        jmask = jj < NPROG
+        ej = tl.load(eidx_ptr + jj // NBLK, mask=jmask, other=-1)
+        sel = jmask & (ej == e)
+        v = tl.load(part_ptr + jj.to(tl.int64)[:, None] * K + k[None, :],
+                    mask=sel[:, None] & kmask[None, :], other=0.0)
+        acc += tl.sum(v, axis=0)
+    tl.store(out_ptr + e * K + k, acc, mask=kmask)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a NaN-filled buffer when CONVLORA_TRITON_POISON=1 (tests: an element a
+    kernel fails to write then shows up as NaN)."""
+    if os.environ.get(ENV_POISON, "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
+
+
+def _expert_block_p(r: int, hw: int) -> int:
+    """Pixels per expert program. GPU: the [P, 16*BR] tap operand stays around 8K fp32 values
+    (registers). Interpreter: its cost is per operation, not per element, so one big block."""
+    if _INTERPRET:
+        return max(16, min(256, triton.next_power_of_2(hw)))
+    return max(16, min(64, 8192 // (16 * _block_r(r))))
+
+
+def _gather_block_p(hw: int, gpu_block: int) -> int:
+    """Pixels per program of the dZ gather kernels (see _expert_block_p)."""
+    if _INTERPRET:
+        return max(16, min(256, triton.next_power_of_2(hw)))
+    return gpu_block
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot precision of fp32 operands: exact fp32 for fp32 inputs, tf32 for half inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """Triton's interpreter (3.8) computes bfloat16 tl.dot wrongly: there, the operands go
+    through float32 (the same products, exact in fp32, and fp32 accumulation as on the GPU)."""
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _launch_down(x2d: torch.Tensor, a: torch.Tensor, z: torch.Tensor, gpart: torch.Tensor | None,
+                 n: int, hw: int, scale: float, a_strides: tuple[int, int]) -> None:
+    """z (N*HW, r) fp32 = scale * x2d (N*HW, C) @ A^T with A (r, C) given by ``a_strides``;
+    gpart (N, cdiv(HW, 64), r) fp32 the per-block column sums of z (skipped when None)."""
+    r = z.shape[1]
+    block_m = 64
+    grid = (triton.cdiv(hw, block_m), n)
+    wrap_triton(_convlora_down_fwd_kernel)[grid](
+        x2d, a, z, z if gpart is None else gpart,
+        hw, x2d.shape[1], r,
+        x2d.stride(0), x2d.stride(1), a_strides[0], a_strides[1],
+        scale,
+        WRITE_G=gpart is not None, BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=_block_r(r),
+        PREC=_precision(x2d.dtype), UPCAST_DOT=_upcast_dot(x2d.dtype), num_warps=4,
+    )
+
+
+def _down_blocks(hw: int) -> int:
+    return triton.cdiv(hw, 64)
+
+
+def _launch_up_gemm(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int],
+                    bias: torch.Tensor | None, y: torch.Tensor, b: torch.Tensor,
+                    b_strides: tuple[int, int], scaling: float, out: torch.Tensor) -> None:
+    """out (M, N) = a (M, K) @ w (K, N) + scaling * y (M, r) @ b (r, N) (+ bias (N,)).
+    ``w`` and ``b`` are given by their (k, n) strides so W, W^T, A, B^T need no copy."""
+    m, k = a.shape
+    nn = out.shape[1]
+    r = y.shape[1]
+    half = a.dtype != torch.float32
+    if half:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    else:
+        bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
+    grid = (triton.cdiv(m, bm) * triton.cdiv(nn, bn),)
+    wrap_triton(_convlora_up_gemm_kernel)[grid](
+        a, w, out if bias is None else bias, y, b, out,
+        m, nn, k, r,
+        a.stride(0), a.stride(1), w_strides[0], w_strides[1], y.stride(0), b_strides[0],
+        b_strides[1], out.stride(0), out.stride(1),
+        scaling,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_R=min(32, _block_r(r)), GROUP_M=8,
+        PREC_MAIN=_precision(a.dtype), PREC_EXTRA=_precision(a.dtype),
+        UPCAST_DOT=_upcast_dot(a.dtype), num_warps=warps, num_stages=stages,
+    )
+
+
+def _ew_strides(expert_weight: torch.Tensor) -> tuple[int, int, int]:
+    return expert_weight.stride(0), expert_weight.stride(1), expert_weight.stride(2)
+
+
+def _inv_scales(num_experts: int, device: torch.device) -> torch.Tensor:
+    """float32(1/s) for s = 1..E: the scale PyTorch's bicubic upsample uses for scale_factor=s
+    (rounded from double, so no in-kernel division whose rounding could differ)."""
+    return torch.arange(1, num_experts + 1, device=device, dtype=torch.float64).reciprocal().float()
+
+
+def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor,
+                        expert_bias: torch.Tensor, n: int, h: int, w: int, usc: torch.Tensor,
+                        y: torch.Tensor, prec: str) -> None:
+    """y (N*H*W, r) fp32 = z + D(z); usc (N*H*W, 36, r) fp32 scratch."""
+    r = z.shape[1]
+    bp = _expert_block_p(r, h * w)
+    grid = (triton.cdiv(h * w, bp), n)
+    wrap_triton(_convlora_experts_fwd_kernel)[grid](
+        z, expert_index, _inv_scales(expert_weight.shape[0], z.device), expert_weight, expert_bias,
+        usc, y,
+        h, w, r,
+        *_ew_strides(expert_weight), expert_bias.stride(0),
+        DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_block_r(r), PREC=prec,
+        num_warps=4 if _block_r(r) <= 16 else 8,
+    )
+
+
+def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.Tensor,
+                        expert_weight: torch.Tensor, expert_bias: torch.Tensor, n: int, h: int,
+                        w: int, usc: torch.Tensor, dup: torch.Tensor, y: torch.Tensor,
+                        part: torch.Tensor, prec: str) -> None:
+    """Expert backward: y rebuilt, dup (N*H*W, 36, r) dU patches, part (N*NBLK, KW + r) the
+    per-program dEW / dEB partials (NBLK = cdiv(H*W, _expert_block_p(r, H*W)))."""
+    r = z.shape[1]
+    bp = _expert_block_p(r, h * w)
+    grid = (triton.cdiv(h * w, bp), n)
+    wrap_triton(_convlora_experts_bwd_kernel)[grid](
+        z, dy, expert_index, _inv_scales(expert_weight.shape[0], z.device), expert_weight,
+        expert_bias, usc, dup, y, part,
+        h, w, r, part.shape[1] - r,
+        *_ew_strides(expert_weight), expert_bias.stride(0),
+        DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_block_r(r), PREC=prec,
+        num_warps=4 if _block_r(r) <= 16 else 8,
+    )
+
+
+def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_index: torch.Tensor,
+               num_experts: int, n: int, h: int, w: int, tbuf: torch.Tensor, dz: torch.Tensor) -> None:
+    """dz (N*H*W, r) fp32 = dy + gather of the dU patches + dgs[n] (dg / (H*W)); tbuf
+    (N*H*W, 8, r) fp32 scratch of the column pass."""
+    r = dy.shape[1]
+    inv = _inv_scales(num_experts, dy.device)
+    br = _block_r(r)
+    bp = _gather_block_p(h * w, 32)
+    grid = (triton.cdiv(h * w, bp), n)
+    wrap_triton(_convlora_experts_dz_cols_kernel)[grid](
+        dup, expert_index, inv, tbuf, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
+    )
+    bp = _gather_block_p(h * w, 64)
+    grid = (triton.cdiv(h * w, bp), n)
+    wrap_triton(_convlora_experts_dz_rows_kernel)[grid](
+        tbuf, dy, dgs, expert_index, inv, dz, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
+    )
+
+
+def _launch_expert_reduce(part: torch.Tensor, expert_index: torch.Tensor, nblk: int,
+                          out: torch.Tensor) -> None:
+    """out (E, K) fp32 = per-expert fixed-order sum of part (NPROG, K)."""
+    nprog, k = part.shape
+    block_k = 256
+    grid = (triton.cdiv(k, block_k), out.shape[0])
+    wrap_triton(_convlora_expert_grad_reduce_kernel)[grid](
+        part, expert_index, out, nprog, nblk, k, BLOCK_J=32, BLOCK_K=block_k, num_warps=4,
+    )
+
+
+def _launch_tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float, part: torch.Tensor) -> None:
+    """part (SPLIT, C, r) fp32: scale * x2d^T y over SPLIT chunks of rows (see _tsmm_split)."""
+    m, c = x2d.shape
+    r = y.shape[1]
+    split = part.shape[0]
+    block_m, block_c = 64, 64
+    m_per = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
+    grid = (triton.cdiv(c, block_c), split)
+    wrap_triton(_convlora_tsmm_kernel)[grid](
+        x2d, y, part, m, c, r, m_per, x2d.stride(0), x2d.stride(1), y.stride(0), scale,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=_block_r(r), PREC=_precision(x2d.dtype),
+        num_warps=4,
+    )
+
+
+def _tsmm_split(m: int, c: int) -> int:
+    """Row chunks of the skinny x^T y: about 2 programs per SM of an H100 in total."""
+    return max(1, min(triton.cdiv(m, 256), 264 // max(1, triton.cdiv(c, 64))))
+
+
+def _tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * x2d^T y: (C, r) fp32, deterministic."""
+    part = _empty((_tsmm_split(*x2d.shape), x2d.shape[1], y.shape[1]), torch.float32, y.device)
+    _launch_tsmm(x2d, y, scale, part)
+    return part.sum(0)
+
+
+# ----------------------------------------------------------------------------- ops
+def _fwd_impl(
+    x: torch.Tensor, x_down: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+    lora_A: torch.Tensor, lora_B: torch.Tensor, expert_weight: torch.Tensor,
+    expert_bias: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, scaling: float,
+    expert_index: torch.Tensor | None, noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, h, w, c_in = x.shape
+    hw, m = h * w, n * h * w
+    r = lora_A.shape[0]
+    c_out = weight.shape[0]
+    dev = x.device
+    xd = x if x_down is None else x_down
+    x2d = x.reshape(m, c_in)
+    xd2d = xd.reshape(m, c_in)
+    ew = expert_weight.contiguous()
+    with nvtx_range("convlora.triton.down_proj"):
+        z = _empty((m, r), torch.float32, dev)
+        gpart = _empty((n, _down_blocks(hw), r), torch.float32, dev)
+        _launch_down(xd2d, lora_A, z, gpart, n, hw, 1.0, (lora_A.stride(0), lora_A.stride(1)))
+        g = gpart.sum(1) / hw
+    with nvtx_range("convlora.triton.gate"):
+        index, moe_loss = routing(g, w_gate, w_noise, noise, expert_index)
+        index = index.to(torch.long, copy=True)  # never alias the forced-routing input
+    with nvtx_range("convlora.triton.experts"):
+        usc = _empty((m, _PATCH, r), torch.float32, dev)
+        y = _empty((m, r), torch.float32, dev)
+        _launch_experts_fwd(z, index, ew, expert_bias, n, h, w, usc, y, _precision(x.dtype))
+    with nvtx_range("convlora.triton.up_proj"):
+        out = _empty((m, c_out), x.dtype, dev)
+        _launch_up_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, y, lora_B,
+                        (lora_B.stride(1), lora_B.stride(0)), scaling, out)
+    return out.view(n, h, w, c_out), index, moe_loss.float(), z, g
+
+
+def _bwd_impl(
+    dout: torch.Tensor, x: torch.Tensor, x_down: torch.Tensor | None, weight: torch.Tensor,
+    lora_A: torch.Tensor, lora_B: torch.Tensor, expert_weight: torch.Tensor,
+    expert_bias: torch.Tensor, z: torch.Tensor, dgs: torch.Tensor, expert_index: torch.Tensor,
+    scaling: float, need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, h, w, c_in = x.shape
+    hw, m = h * w, n * h * w
+    r = lora_A.shape[0]
+    c_out = weight.shape[0]
+    num_experts = expert_weight.shape[0]
+    dev = x.device
+    prec = _precision(x.dtype)
+    dout2d = dout.reshape(m, c_out)
+    xd2d = (x if x_down is None else x_down).reshape(m, c_in)
+    ew = expert_weight.contiguous()
+    with nvtx_range("convlora.triton.bwd.dy"):
+        dy = _empty((m, r), torch.float32, dev)
+        _launch_down(dout2d, lora_B, dy, None, n, hw, scaling, (lora_B.stride(1), lora_B.stride(0)))
+    with nvtx_range("convlora.triton.bwd.experts"):
+        nblk = triton.cdiv(hw, _expert_block_p(r, hw))
+        kw = ew[0].numel()
+        usc = _empty((m, _PATCH, r), torch.float32, dev)
+        dup = _empty((m, _PATCH, r), torch.float32, dev)
+        y = _empty((m, r), torch.float32, dev)
+        part = _empty((n * nblk, kw + r), torch.float32, dev)
+        _launch_experts_bwd(z, dy, expert_index, ew, expert_bias, n, h, w, usc, dup, y, part, prec)
+        del usc
+        dz = _empty((m, r), torch.float32, dev)
+        tbuf = _empty((m, _TSLOTS, r), torch.float32, dev)
+        _launch_dz(dup, dy, dgs, expert_index, num_experts, n, h, w, tbuf, dz)
+        del dup, tbuf
+        egrad = _empty((num_experts, kw + r), torch.float32, dev)
+        _launch_expert_reduce(part, expert_index, nblk, egrad)
+        # copies: op outputs may not alias each other
+        d_ew = egrad[:, :kw].reshape(expert_weight.shape).to(expert_weight.dtype, copy=True)
+        d_eb = egrad[:, kw:].to(expert_bias.dtype, copy=True)
+    with nvtx_range("convlora.triton.bwd.dB"):
+        d_b = _tsmm(dout2d, y, scaling).to(lora_B.dtype)
+    with nvtx_range("convlora.triton.bwd.dx"):
+        a_strides = (lora_A.stride(0), lora_A.stride(1))
+        w_strides = (weight.stride(0), weight.stride(1))
+        if not need_dx:
+            dx = x.new_empty((0,))
+        elif x_down is None:
+            dx = _empty((m, c_in), x.dtype, dev)
+            _launch_up_gemm(dout2d, weight, w_strides, None, dz, lora_A, a_strides, 1.0, dx)
+            dx = dx.view(x.shape)
+        else:
+            dx = _empty((m, c_in), x.dtype, dev)
+            _launch_up_gemm(dout2d, weight, w_strides, None, dz[:, :0], lora_A, a_strides, 1.0, dx)
+            dx = dx.view(x.shape)
+        if x_down is None:
+            dx_down = x.new_empty((0,))
+        else:
+            dx_down = _empty((m, c_in), x_down.dtype, dev)
+            # main K segment empty: dx_down = dz A only
+            _launch_up_gemm(dout2d[:, :0], weight, w_strides, None, dz, lora_A, a_strides, 1.0,
+                            dx_down)
+            dx_down = dx_down.view(x_down.shape)
+    with nvtx_range("convlora.triton.bwd.dA"):
+        d_a = _tsmm(xd2d, dz, 1.0).t().contiguous().to(lora_A.dtype)
+    return dx, dx_down, d_a, d_b, d_ew, d_eb
+
+
+def _register(name: str, fn):
+    qualname = f"{_NAMESPACE}::{name}"
+    if _INTERPRET:  # see the module docstring
+        return torch.library.custom_op(qualname, fn, mutates_args=())
+    return triton_op(qualname, fn, mutates_args=())
+
+
+conv_lora_fwd = _register("conv_lora_fwd", _fwd_impl)
+conv_lora_bwd = _register("conv_lora_bwd", _bwd_impl)
+
+
+@conv_lora_fwd.register_fake
+def _fwd_fake(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
+              scaling, expert_index, noise):
+    n, h, w, _ = x.shape
+    r = lora_A.shape[0]
+    return (
+        x.new_empty((n, h, w, weight.shape[0])),
+        x.new_empty((n,), dtype=torch.long),
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((n * h * w, r), dtype=torch.float32),
+        x.new_empty((n, r), dtype=torch.float32),
+    )
+
+
+@conv_lora_bwd.register_fake
+def _bwd_fake(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, dgs,
+              expert_index, scaling, need_dx):
+    return (
+        torch.empty_like(x) if need_dx else x.new_empty((0,)),
+        x.new_empty((0,)) if x_down is None else torch.empty_like(x_down),
+        torch.empty_like(lora_A, memory_format=torch.contiguous_format),
+        torch.empty_like(lora_B, memory_format=torch.contiguous_format),
+        torch.empty_like(expert_weight, memory_format=torch.contiguous_format),
+        torch.empty_like(expert_bias, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
+     scaling, expert_index, noise) = inputs
+    _, index, _, z, g = output
+    ctx.scaling = scaling
+    ctx.routed = expert_index is None
+    ctx.has_x_down = x_down is not None
+    ctx.has_noise = noise is not None
+    # Little more than x and z (r wide): y, U, V are recomputed in the backward.
+    ctx.save_for_backward(x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias,
+                          w_gate, w_noise, noise, z, g, index)
+
+
+def _gate_grads(g, w_gate, w_noise, noise, dmoe):
+    """Gradients of moe_loss w.r.t. (g, w_gate, w_noise), by autograd on the recomputed float32
+    gate graph (it is N x r x E: nothing to fuse)."""
+    with torch.enable_grad():
+        g_ = g.detach().requires_grad_(True)
+        wg = w_gate.detach().requires_grad_(True)
+        wn = w_noise.detach().requires_grad_(True)
+        _, loss = routing(g_, wg, wn, noise, None)
+        if not loss.requires_grad:  # a single expert: the loss is a constant
+            return torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
+        grads = torch.autograd.grad(loss, (g_, wg, wn), dmoe, allow_unused=True)
+    zeros = (torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise))
+    return tuple(zt if gt is None else gt for gt, zt in zip(grads, zeros))
+
+
+def _backward(ctx, dout, d_index, dmoe, d_z, d_g):
+    (x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise, noise, z,
+     g, index) = ctx.saved_tensors
+    n, h, w, _ = x.shape
+    needs = ctx.needs_input_grad
+    if ctx.routed and ctx.has_noise and dmoe is not None:
+        dg, dwg, dwn = _gate_grads(g, w_gate, w_noise, noise, dmoe)
+    else:  # eval or forced routing: the loss counts samples, it has no gradient
+        dg, dwg, dwn = torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
+    if dout is None:
+        dout = x.new_zeros(x.shape[:-1] + (weight.shape[0],))
+    dx, dx_down, d_a, d_b, d_ew, d_eb = conv_lora_bwd(
+        dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z,
+        dg.float() / (h * w), index, ctx.scaling, bool(needs[0]),
+    )
+    d_w = d_bias = None
+    if needs[2] or needs[3]:  # the frozen Linear made trainable: plain PyTorch
+        dout2d = dout.reshape(-1, weight.shape[0])
+        if needs[2]:
+            d_w = (dout2d.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        if needs[3]:
+            d_bias = dout2d.sum(0)
+    return (
+        dx if needs[0] else None,
+        dx_down if ctx.has_x_down and needs[1] else None,
+        d_w, d_bias, d_a, d_b, d_ew, d_eb,
+        dwg.to(w_gate.dtype), dwn.to(w_noise.dtype),
+        None, None, None,
+    )
+
+
+conv_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- backend API
+def conv_lora_forward(
+    x: torch.Tensor,
+    x_down: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    expert_weight: torch.Tensor,
+    expert_bias: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_noise: torch.Tensor,
+    scaling: float,
+    expert_index: torch.Tensor | None,
+    noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's forward (signature of :func:`convlora_kernels.ops.eager.conv_lora_forward`).
+
+    Args:
+        x: (N, H, W, C_in) float32/bfloat16/float16; x_down: x itself, or x after LoRA dropout.
+        weight: (C_out, C_in); bias: (C_out,) or None (same dtype as x, or autocast).
+        lora_A: (r, C_in); lora_B: (C_out, r); expert_weight: (E, r, r|1, 3, 3);
+        expert_bias: (E, r); w_gate, w_noise: (r, E); any floating dtype (float32 inside).
+        scaling: lora_alpha / r.
+        expert_index: (N,) long forced routing, or None to route with the gate.
+        noise: (N, E) standard normal draws for the training-mode gate, or None.
+    Returns:
+        out (N, H, W, C_out) in x's dtype (the autocast dtype under autocast), expert_index (N,)
+        long, moe_loss (0-dim float32).
+    """
+    same = x_down is x
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        x_down = x if same else x_down.to(dtype)
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    out, index, moe_loss, _, _ = conv_lora_fwd(
+        x, None if same else x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
+        w_gate, w_noise, float(scaling), expert_index, noise,
+    )
+    return out, index, moe_loss
+
+
+def unavailable_reason(x: torch.Tensor) -> str | None:
+    """None when these kernels can run ``x``: a float32/bfloat16/float16 tensor on a CUDA
+    device, or on the CPU when Triton's interpreter is active (TRITON_INTERPRET=1 set before
+    triton was imported). float64 is left to the eager backend."""
+    if x.dtype not in _SUPPORTED:
+        return f"the Triton kernels take float32, bfloat16 or float16 inputs, not {x.dtype} (use eager)"
+    if x.device.type == "cuda":
+        return None
+    if x.device.type == "cpu":
+        if _INTERPRET and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return ("Triton kernels need a CUDA device; on the CPU they run only through Triton's "
+                "interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    return f"Triton kernels do not run on {x.device.type} tensors"

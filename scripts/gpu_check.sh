@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The one script a GPU session runs (`make gpu-check`): install, build, GPU tests, regular tests,
+# an ncu check of the profile mode, then the benchmark, all inside one device-command limit.
+#
+# Needs: a CUDA machine with torch, triton, pytest, pytest-benchmark (no internet), and the
+# segment-anything wheel in ./wheelhouse (make it beforehand on a machine with internet:
+#   pip download segment-anything --no-deps -d wheelhouse
+# and, if wheelhouse/ is git-ignored, carry it to the device: carry=["wheelhouse"]).
+#
+# Writes everything under $OUT (default ./gpu_check_out): logs/<stage>.log, bench/ (JSON, text
+# table, PNG), results/<gpu-name>.json (copy it to benchmarks/results/ to commit it), ncu.txt.
+# A failing stage is reported and the next one still runs; every stage has a timeout; the stage
+# summary and the benchmark table are printed last. Exit status 1 if any stage failed.
+#
+# Knobs (environment): CONVLORA_CHECK_BUDGET_S (total seconds, default 570),
+# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,tests,ncu,bench),
+# CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
+# convlora-bench arguments, e.g. "--preset full --sam vit_b,vit_h"), PYTHON.
+set -u
+
+cd "$(dirname "$0")/.." || exit 2
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT/logs"
+PY="${PYTHON:-python}"
+BUDGET_S="${CONVLORA_CHECK_BUDGET_S:-570}"
+STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,tests,ncu,bench},"
+BENCH_MINUTES="${CONVLORA_BENCH_MINUTES:-6}"
+BENCH_ARGS="${CONVLORA_BENCH_ARGS:-}"
+START=$(date +%s)
+SUMMARY=()
+FAILED=0
+
+elapsed() { echo $(( $(date +%s) - START )); }
+remaining() { echo $(( BUDGET_S - $(elapsed) )); }
+wanted() { [[ "$STAGES" == *",$1,"* ]]; }
+
+# stage NAME TIMEOUT_S COMMAND...: run with a timeout (cut to the budget left), log to
+# $OUT/logs/NAME.log, show the log's tail, record the outcome; never stops the script.
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  wanted "$name" || return 0
+  local left
+  left=$(remaining)
+  if (( left < 30 )); then
+    SUMMARY+=("$name: SKIPPED (time budget spent)")
+    return 0
+  fi
+  (( limit > left - 15 )) && limit=$(( left - 15 ))
+  echo "=== [$name] timeout ${limit}s, at $(elapsed)s"
+  local t0 rc
+  t0=$(date +%s)
+  printf '+ %q ' "$@" >"$OUT/logs/$name.log"
+  echo >>"$OUT/logs/$name.log"
+  timeout -k 10 "$limit" "$@" >>"$OUT/logs/$name.log" 2>&1
+  rc=$?
+  tail -n "${TAIL_LINES:-12}" "$OUT/logs/$name.log"
+  local dt=$(( $(date +%s) - t0 ))
+  if (( rc == 0 )); then
+    SUMMARY+=("$name: ok (${dt}s)")
+  elif (( rc == 124 || rc == 137 )); then
+    SUMMARY+=("$name: TIMEOUT after ${limit}s (logs/$name.log)")
+    FAILED=1
+  else
+    SUMMARY+=("$name: FAILED rc=$rc in ${dt}s (logs/$name.log)")
+    FAILED=1
+  fi
+}
+
+# pytest-xdist is optional on the device.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+
+stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'; \
+  command -v nvcc ncu nsys || true"
+
+install_sam() {
+  if "$PY" -c "import segment_anything" 2>/dev/null; then
+    echo "segment_anything already installed"
+    return 0
+  fi
+  local wheels=(wheelhouse/segment_anything-*.whl)
+  if [[ ! -e "${wheels[0]}" ]]; then
+    echo "no wheelhouse/segment_anything-*.whl: run 'pip download segment-anything --no-deps -d wheelhouse'" \
+      "where there is internet, and carry wheelhouse/ to this machine"
+    return 1
+  fi
+  "$PY" -m pip install --no-index --no-deps "${wheels[@]}"
+}
+stage install 120 bash -c "$(declare -f install_sam); PY=$PY install_sam"
+
+# The extension must be compiled here against this machine's torch; sm_90 only, to halve the build.
+build() {
+  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . || return 1
+  "$PY" - <<'EOF'
+import torch
+from convlora_kernels import backends
+x = torch.zeros(1, 2, 2, 8, device="cuda", dtype=torch.bfloat16)
+for name in ("eager", "triton", "cuda"):
+    why = backends.unavailable_reason(name, x)
+    print(f"backend {name}: {'available' if why is None else 'UNAVAILABLE: ' + why}")
+EOF
+}
+stage build 300 bash -c "$(declare -f build); PY=$PY build"
+
+stage gpu-tests 200 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs
+stage tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m "not gpu" -q -p no:cacheprovider "${XDIST[@]}"
+
+# Profile mode under Nsight Compute: only the steady-state iterations are captured, and their
+# kernels carry the NVTX stack (convlora-bench:<row>#i > convlora.<stage>).
+ncu_check() {
+  if ! command -v ncu >/dev/null; then
+    echo "ncu not found: profile mode not checked"
+    return 1
+  fi
+  ncu --profile-from-start off --nvtx --section SpeedOfLight -c 40 \
+    "$PY" -m convlora_kernels.bench --profile --profile-iters 1 --shapes vitb-window-b1 \
+    --providers eager --r 8 --routing 2 --mode fwd --sam none >"$OUT/ncu.txt" 2>&1
+  local rc=$?
+  grep -E "^  [A-Za-z_].*\(|convlora" "$OUT/ncu.txt" | head -n 30
+  local kernels
+  kernels=$(grep -cE "Context [0-9]+, Stream [0-9]+" "$OUT/ncu.txt")
+  echo "ncu captured $kernels kernel(s); NVTX stage ranges seen: $(grep -oE 'convlora\.[a-z_]+' "$OUT/ncu.txt" | sort -u | tr '\n' ' ')"
+  (( rc == 0 && kernels > 0 ))
+}
+stage ncu 120 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
+
+# The benchmark gets what is left (at most CONVLORA_BENCH_MINUTES): --max-minutes stops starting
+# rows in time for the JSON, table and PNG to be written; compile rows run last.
+LEFT=$(remaining)
+MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - 90) / 60)), 1))")
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+stage bench $(( LEFT - 5 )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
+  --no-progress --max-minutes "$MINUTES" $BENCH_ARGS
+
+echo
+echo "=== gpu_check summary ($(elapsed)s, outputs in $OUT)"
+for line in "${SUMMARY[@]}"; do echo "  $line"; done
+if [[ -f "$OUT/bench/convlora-bench.txt" ]]; then
+  echo
+  cat "$OUT/bench/convlora-bench.txt"
+fi
+exit "$FAILED"

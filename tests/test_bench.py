@@ -1,0 +1,160 @@
+"""Fast CPU checks of the benchmark harness (convlora_kernels._bench_core, convlora-bench and
+the pytest benchmarks' collection); they time nothing that matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from convlora_kernels import ConvLoRALinear, _bench_core as core, backends, bench
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--reps", "1", "--warmup", "0", "--no-progress"]
+
+
+def test_cli_quick_writes_json_table_and_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = bench.main(["--quick", "--providers", "linear,lora,reference,eager", "--sam", "tiny",
+                     "--out", str(tmp_path), *TINY])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "NOT kernel performance" in out and "frozen Linear" in out
+    document = json.loads((tmp_path / bench.JSON_NAME).read_text())
+    rows = {r["id"]: r for r in document["rows"]}
+    assert document["meta"]["cpu_figures_are_not_kernel_performance"] is True
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["tiny-global-fp32-fwdbwd-linear"]["ratio_to_linear"] == 1.0
+    ref = rows["tiny-global-fp32-fwdbwd-r8-route-random-reference"]
+    assert ref["speedup_vs_reference"] == 1.0 and ref["bytes"] > 0 and ref["gbps"] is not None and ref["r"] == 8
+    assert {"sam-tiny-b1-fp32-r8-none", "sam-tiny-b1-fp32-r8-reference"} <= set(rows)
+    assert (tmp_path / bench.PNG_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reference" in (tmp_path / bench.TABLE_NAME).read_text()
+
+
+def test_cli_reports_an_unavailable_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, x: "not on this machine")
+    rc = bench.main(["--quick", "--providers", "triton", "--sam", "none", "--out", str(tmp_path), "--no-plot", *TINY])
+    assert rc == 0
+    rows = json.loads((tmp_path / bench.JSON_NAME).read_text())["rows"]
+    triton = [r for r in rows if r["provider"] == "triton"]
+    assert triton and all(r["status"] == "unavailable" and "not on this machine" in r["reason"] for r in triton)
+    assert [r["provider"] for r in rows if r["status"] == "ok"] == ["linear"]  # the floor is always run
+
+
+def test_cli_profile_needs_cuda_and_bad_options_fail(capsys: pytest.CaptureFixture) -> None:
+    assert bench.main(["--profile", "--quick", "--sam", "none", *TINY]) == 2
+    assert bench.main(["--shapes", "vitb-nope", *TINY]) == 2
+    assert "unknown shape" in capsys.readouterr().err
+
+
+def test_time_budget_skips_the_rest() -> None:
+    session = core.Session(torch.device("cpu"), core.TimingConfig(warmup=0, reps=1, flush_l2=False))
+    cases = core.make_grid("cpu", "quick", sam="none").layer_cases()
+    rows = bench.run_rows(session, cases, max_minutes=0.0, progress=False)
+    assert rows and all(r["status"] == "skipped" for r in rows)
+
+
+def test_pytest_benchmarks_collect_without_running() -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_layer[tiny-global-fp32-fwd-linear]" in proc.stdout
+    assert "test_sam_step[sam-tiny-b1-fp32-r8-none]" in proc.stdout
+
+
+def test_grids_dedupe_and_order() -> None:
+    grid = core.default_grid("cuda", "default")
+    cases = grid.layer_cases()
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids))
+    linear = [c for c in cases if c.provider == "linear"]
+    assert len(linear) == len(grid.shapes) * len(grid.dtypes) * len(grid.modes)
+    assert all(c.r is None and c.routing is None for c in linear)
+    assert cases[0].provider == "linear" and cases[-1].provider == "compile"
+    first_ref = ids.index(next(c.id for c in cases if c.provider == "reference"))
+    assert all(ids.index(c.id) > first_ref for c in cases if c.provider in core.FUSED_PROVIDERS)
+    full = core.default_grid("cuda", "full")
+    assert set(full.rs) == {3, 8, 32} and len(full.routings) == 1 + core.NUM_EXPERTS
+    assert {"bf16", "fp16"} == set(full.dtypes) and "vit_h" in full.sam_models
+    assert all(n.startswith("tiny") for n in core.default_grid("cpu", "full").shapes)
+
+
+def test_make_grid_overrides_and_errors() -> None:
+    grid = core.make_grid("cuda", "quick", shapes="vith-window-b1", providers="linear,triton", r="3,32",
+                          routing="all", dtype="fp16", mode="fwd", sam="none")
+    assert grid.shapes == ("vith-window-b1",) and grid.rs == (3, 32) and grid.sam_models == ()
+    assert grid.routings[0] == "random" and grid.routings[-1] == str(core.NUM_EXPERTS)
+    for bad in ({"shapes": "x"}, {"providers": "peft"}, {"routing": "9"}, {"dtype": "fp8"}, {"sam": "vit_x"}):
+        with pytest.raises(ValueError):
+            core.make_grid("cpu", **bad)
+
+
+def test_byte_and_flop_models() -> None:
+    shape = core.LAYER_SHAPES["vitb-global-b4"]
+    m, ci, co = 4 * 64 * 64, 768, 2304
+    fwd = 2 * (m * ci + co * ci + co + m * co)
+    assert core.layer_bytes(shape, "fwd", "bf16", adapter=False) == fwd
+    assert core.layer_bytes(shape, "fwd", "bf16", adapter=True) == fwd + 2 * m * ci
+    bwd = 2 * (m * co + co * ci + m * ci)
+    assert core.layer_bytes(shape, "fwdbwd", "fp16", adapter=False) == fwd + bwd
+    assert core.layer_bytes(shape, "fwdbwd", "fp32", adapter=True) == 2 * (fwd + bwd) + 4 * (2 * m * ci + m * co)
+    assert core.layer_flops(shape, "fwdbwd", None) == 4 * m * ci * co
+
+
+def test_results_file_name_and_path(tmp_path: Path) -> None:
+    assert core.results_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    meta = {"device_name": "NVIDIA H100 80GB HBM3", "torch": "x"}
+    rows = [{**core.layer_row(core.LayerCase(core.LAYER_SHAPES["tiny-global"], "linear", "fp32", "fwd")),
+             "status": "ok", "median_ms": 1.0, "ratio_to_linear": 1.0}]
+    paths = bench.write_outputs(rows, meta, tmp_path / "out", plot=False, results_dir=tmp_path / "results")
+    written = tmp_path / "results" / "nvidia-h100-80gb-hbm3.json"
+    assert written in paths and json.loads(written.read_text())["rows"][0]["median_ms"] == 1.0
+
+
+def test_measure_on_cpu_counts_repetitions() -> None:
+    calls = []
+    timing = core.measure(lambda: calls.append(1), torch.device("cpu"), core.TimingConfig(warmup=2, reps=4))
+    assert len(timing.times_ms) == 4 and len(calls) == 1 + 2 + 4
+    assert timing.peak_mem_mb is None and timing.median_ms >= 0
+
+
+def test_reference_provider_computes_the_layer() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 48, dtype=torch.float64)
+    ref = core.conv_lora_layer(linear, "reference", r=4)
+    eager = ConvLoRALinear.from_linear(linear, r=4, backend="eager")
+    eager.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 6, 6, 16, dtype=torch.float64)
+    index = torch.tensor([0, 3, 7])
+    torch.testing.assert_close(ref(x, index), eager(x, index))
+    assert isinstance(ref, core.ReferenceConvLoRALinear) and ref.moe_loss is not None
+
+
+def test_plain_lora_is_peft_formula() -> None:
+    linear = torch.nn.Linear(8, 24, dtype=torch.float64)
+    lora = core.PlainLoRALinear(linear, r=2)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    expected = linear(x) + lora.scaling * x @ lora.lora_A.weight.t() @ lora.lora_B.weight.t()
+    torch.testing.assert_close(lora(x), expected)
+    assert not linear.weight.requires_grad and lora.lora_B.weight.abs().sum() > 0
+
+
+def test_table_marks_unavailable_and_failures() -> None:
+    shape = core.LAYER_SHAPES["tiny-window"]
+    linear = {**core.layer_row(core.LayerCase(shape, "linear", "fp32", "fwd")), "status": "ok",
+              "median_ms": 2.0, "ratio_to_linear": 1.0}
+    fused = {**core.layer_row(core.LayerCase(shape, "triton", "fp32", "fwd", 8, "random")),
+             "status": "unavailable", "reason": "no GPU"}
+    oom = {**core.layer_row(core.LayerCase(shape, "reference", "fp32", "fwd", 8, "random")),
+           "status": "oom", "reason": "OutOfMemoryError"}
+    text = core.format_table([linear, fused, oom])
+    assert "n/a" in text and "OOM" in text and "2.000 (1.00x)" in text and "no GPU" in text
+    assert "| case |" in core.format_table([linear, fused], markdown=True)
