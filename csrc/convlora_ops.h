@@ -11,10 +11,10 @@
 
 namespace convlora {
 
-// CONVLORA_POISON_OUTPUTS=1 fills every output and scratch buffer with NaN before the kernels
+// CONVLORA_POISON=1 fills every output and scratch buffer with NaN before the kernels
 // run, so a test catches any element a kernel forgets to write. Read per call: no global state.
 inline bool poison_outputs() {
-  const char* v = std::getenv("CONVLORA_POISON_OUTPUTS");
+  const char* v = std::getenv("CONVLORA_POISON");
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 

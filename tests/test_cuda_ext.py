@@ -43,7 +43,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every output and scratch buffer of the ops starts as NaN: unwritten elements show up."""
-    monkeypatch.setenv("CONVLORA_POISON_OUTPUTS", "1")
+    monkeypatch.setenv("CONVLORA_POISON", "1")
 
 
 def test_extension_is_built():

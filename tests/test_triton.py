@@ -3,7 +3,7 @@ depthwise convs, r in {1, 3, 8, 32}, maps 1x1 .. 64x64.
 
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by `make test`), which
 is slow: each case packs all 8 scales into one call (sample n uses expert n), and every buffer the
-kernels write starts out NaN (CONVLORA_TRITON_POISON=1), so an unwritten element fails. Tests
+kernels write starts out NaN (CONVLORA_POISON=1), so an unwritten element fails. Tests
 marked `gpu` run the same checks at SAM shapes on a CUDA device.
 """
 

@@ -44,7 +44,7 @@ __all__ = ["conv_lora_forward", "unavailable_reason", "ENV_POISON"]
 #: Triton decides at decoration time whether kernels run in its interpreter; so do we.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Tests set this to "1": every buffer the kernels write is allocated full of NaN.
-ENV_POISON = "CONVLORA_TRITON_POISON"
+ENV_POISON = "CONVLORA_POISON"
 _NAMESPACE = "convlora_triton"
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 #: U-patch slots per pixel: 6x6 for even s (3x3 for odd s uses the first 9).
@@ -636,7 +636,7 @@ def _convlora_expert_grad_reduce_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, or a NaN-filled buffer when CONVLORA_TRITON_POISON=1 (tests: an element a
+    """torch.empty, or a NaN-filled buffer when CONVLORA_POISON=1 (tests: an element a
     kernel fails to write then shows up as NaN)."""
     if os.environ.get(ENV_POISON, "0") == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
