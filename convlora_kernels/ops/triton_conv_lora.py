@@ -144,7 +144,10 @@ def _u_patch_to_scratch(
     c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
     validc = (q >= 0) & (q < s * W)
     smask = pmask[:, None] & cmask[None, :]
-    for ku in tl.static_range(NU):
+    # A runtime loop (also the forward's tap loop and the dZ gather loops), not tl.static_range:
+    # fully unrolled, the expert forward took ~14 min to compile for sm_90 (LLVM NVPTX codegen
+    # on an 87k-line function) and spilled ~75 KB per thread (scripts/triton_resource_usage.py).
+    for ku in range(NU):
         p = ub_i + ku  # [P] U row
         r0, r1, r2, r3, v0, v1, v2, v3 = _up_taps(p, inv_s, H)
         validr = (p >= 0) & (p < s * H)
@@ -250,8 +253,8 @@ def _expert_fwd_tile(
                                               DEPTHWISE, BLOCK_R)
     lmask = pmask[:, None] & dmask[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
-    for kr in tl.static_range(NT):
-        for kc in tl.static_range(NT):
+    for kr in range(NT):
+        for kc in range(NT):
             ucat = tl.load(usc_base + _ucat_offsets(pix, kr, kc, d, ci, R, NU), mask=lmask, other=0.0)
             pre = tl.dot(ucat, wcat, input_precision=PREC) + bias[None, :]
             wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
@@ -422,6 +425,8 @@ def _expert_bwd_tile(
     acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
     dew = tl.zeros((16 * BLOCK_R, BLOCK_R), tl.float32)
     deb = tl.zeros((BLOCK_R,), tl.float32)
+    # Unrolled, unlike the forward: in a runtime loop Triton keeps Wcat, Wcat^T (64 KB each at
+    # BLOCK_R = 32) and the Ucat tile in shared memory at once, 192 KB > an A100's 163 KB.
     for kr in tl.static_range(NT):
         for kc in tl.static_range(NT):
             offs = _ucat_offsets(pix, kr, kc, d, ci, R, NU)
@@ -514,11 +519,11 @@ def _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R,
     ci = cols % BLOCK_R
     cmask = (ku < NU) & (ci < R)
     acc = tl.zeros((pix.shape[0], NUP * BLOCK_R), tl.float32)
-    for dj in tl.static_range(7):
+    for dj in range(7):
         j = wz + 3 - dj
         jvalid = pmask & (j >= 0) & (j < W)
         ub_j = s * j + (s - NT) // 2 - 1
-        for lu in tl.static_range(NU):
+        for lu in range(NU):
             cw = _tap_weight_on(ub_j + lu, wz, inv_s, W, s)
             cw = tl.where(jvalid, cw, 0.0)
             offs = (i * W + j)[:, None] * (36 * R) + (ku * NU + lu)[None, :] * R + ci[None, :]
@@ -595,11 +600,11 @@ def _dz_rows_accumulate(acc, t_base, pmask, hz, wz, s, inv_s, H, W, R, co, comas
     """dZ[hz, wz] = sum over output rows i and patch rows ku of the row weight U row p(i, ku)
     gives Z row hz, times T[i, wz, ku]."""
     NU: tl.constexpr = NT + 2
-    for di in tl.static_range(7):
+    for di in range(7):
         i = hz + 3 - di
         ivalid = pmask & (i >= 0) & (i < H)
         ub_i = s * i + (s - NT) // 2 - 1
-        for ku in tl.static_range(NU):
+        for ku in range(NU):
             rw = tl.where(ivalid, _tap_weight_on(ub_i + ku, hz, inv_s, H, s), 0.0)
             offs = (i * W + wz)[:, None] * (8 * R) + ku * R + co[None, :]
             v = tl.load(t_base + offs, mask=(rw != 0.0)[:, None] & comask[None, :], other=0.0)
