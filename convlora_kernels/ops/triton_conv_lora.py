@@ -191,6 +191,21 @@ def _ucat_offsets(pix, kr, kc, d, ci, R, NU: tl.constexpr):
     return pix[:, None] * (36 * R) + slot[None, :] * R + ci[None, :]
 
 
+@triton.jit
+def _expert_program(eidx_ptr, inv_scale_ptr, H, W, BLOCK_P: tl.constexpr):
+    """What an expert program of grid (cdiv(H*W, BLOCK_P), N) works on: its sample n (int64),
+    expert e and scale s = e + 1 (read on the device), float32(1/s), and its pixels."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    e = tl.load(eidx_ptr + n)
+    s = (e + 1).to(tl.int32)
+    inv_s = tl.load(inv_scale_ptr + e)
+    HW = H * W
+    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pix < HW
+    return pid, n, e, s, inv_s, HW, pix, pmask, pix // W, pix % W
+
+
 # ----------------------------------------------------------------------------- 1. down
 @triton.jit
 def _convlora_down_fwd_kernel(
@@ -276,16 +291,8 @@ def _convlora_experts_fwd_kernel(
     contiguous in its last 3 dims. Grid (cdiv(H*W, BLOCK_P), N). s = expert_index[n] + 1 is
     read on the device; even and odd s take different static paths (6x6 vs 3x3 U patch).
     """
-    pid = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    e = tl.load(eidx_ptr + n)
-    s = (e + 1).to(tl.int32)
-    inv_s = tl.load(inv_scale_ptr + e)
-    HW = H * W
-    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = pix < HW
-    i = pix // W
-    j = pix % W
+    pid, n, e, s, inv_s, HW, pix, pmask, i, j = _expert_program(
+        eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
     z_base = z_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
     ew_base = ew_ptr + e * stride_ew_e
@@ -465,17 +472,9 @@ def _convlora_experts_bwd_kernel(
     dy: (N*H*W, R) fp32 (= dD); y: (N*H*W, R) rebuilt; dup: (N*H*W, 36, R) dU patches;
     part: (N*NBLK, KW + R) this program's dEW (flattened like expert_weight[e]) and dEB.
     """
-    pid = tl.program_id(0)
     nblk = tl.num_programs(0)
-    n = tl.program_id(1).to(tl.int64)
-    e = tl.load(eidx_ptr + n)
-    s = (e + 1).to(tl.int32)
-    inv_s = tl.load(inv_scale_ptr + e)
-    HW = H * W
-    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = pix < HW
-    i = pix // W
-    j = pix % W
+    pid, n, e, s, inv_s, HW, pix, pmask, i, j = _expert_program(
+        eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
     z_base = z_ptr + n * HW * R
     dy_base = dy_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
