@@ -540,16 +540,8 @@ def _convlora_experts_dz_cols_kernel(
 ):
     """Column pass of the dZ gather. dup: (N*H*W, 36, R); t: (N*H*W, 8, R), indexed by
     (output row i, Z column wz). Grid (cdiv(H*W, BLOCK_P), N)."""
-    pid = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    e = tl.load(eidx_ptr + n)
-    s = (e + 1).to(tl.int32)
-    inv_s = tl.load(inv_scale_ptr + e)
-    HW = H * W
-    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = pix < HW
-    i = pix // W
-    wz = pix % W
+    pid, n, e, s, inv_s, HW, pix, pmask, i, wz = _expert_program(
+        eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
     dup_base = dup_ptr + n * HW * (36 * R)
     t_base = t_ptr + n * HW * (8 * R)
     if s % 2 == 0:
@@ -569,16 +561,8 @@ def _convlora_experts_dz_rows_kernel(
     t: (N*H*W, 8, R); dy, dz: (N*H*W, R) fp32; dgs: (N, R) fp32 = dg / (H*W).
     Grid (cdiv(H*W, BLOCK_P), N).
     """
-    pid = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    e = tl.load(eidx_ptr + n)
-    s = (e + 1).to(tl.int32)
-    inv_s = tl.load(inv_scale_ptr + e)
-    HW = H * W
-    pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = pix < HW
-    hz = pix // W
-    wz = pix % W
+    pid, n, e, s, inv_s, HW, pix, pmask, hz, wz = _expert_program(
+        eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
     t_base = t_ptr + n * HW * (8 * R)
     co = tl.arange(0, BLOCK_R)
     comask = co < R
