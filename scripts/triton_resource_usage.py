@@ -281,7 +281,12 @@ def compile_one(job: tuple[dict, int]) -> dict:
             res.update(_cuobjdump_usage(ck.asm["cubin"]))
         res["error"] = None
     except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
-        res["error"] = f"{type(e).__name__}: {e}"[:4000]
+        # Triton's CompilationError names the call site; the cause (innermost) says why.
+        chain, err = [], e
+        while err is not None and len(chain) < 8:
+            chain.append(f"{type(err).__name__}: {err}")
+            err = err.__cause__ or err.__context__
+        res["error"] = ("\n  caused by ".join(chain))[-6000:]
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
@@ -320,10 +325,12 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def collect(items: list[Item], workers: int = 2, dry_run: bool = False) -> dict:
+def collect(items: list[Item], workers: int = 2, dry_run: bool = False,
+            kernel_filter: str = "") -> dict:
     """Record every case, dedupe the launches per arch by their full specialisation, compile
-    the distinct ones (``workers`` processes) and return {"rows": [...], "unavailable": ...,
-    "kernels": every @triton.jit kernel of the module}."""
+    the distinct ones whose kernel name contains ``kernel_filter`` (``workers`` processes) and
+    return {"rows": [...], "unavailable": ..., "kernels": every @triton.jit kernel of the
+    module}."""
     why = unavailable_reason()
     if why:
         return {"unavailable": why, "rows": []}
@@ -332,7 +339,7 @@ def collect(items: list[Item], workers: int = 2, dry_run: bool = False) -> dict:
     users: dict[str, list[str]] = {}
     for item in items:
         for launch in record_launches(item.case):
-            if launch["kernel"] in HEAVY and not item.heavy:
+            if (launch["kernel"] in HEAVY and not item.heavy) or kernel_filter not in launch["kernel"]:
                 continue
             for arch in item.archs:
                 key = config_key(launch, arch)
@@ -444,6 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--r", default=",".join(map(str, RANKS)), help="comma list of ranks")
     p.add_argument("--arch", default="90,80", help="comma list of compute capabilities")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--kernel", default="", help="only kernels whose name contains this")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
     p.add_argument("--dry-run", action="store_true",
@@ -461,7 +469,7 @@ def main(argv=None) -> int:
         if "TRITON_CACHE_DIR" not in os.environ:  # a fresh cache: really compile, run ptxas -v
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="convlora-aot-"))
             os.environ["TRITON_CACHE_DIR"] = tmp
-        result = collect(items, a.workers, a.dry_run)
+        result = collect(items, a.workers, a.dry_run, a.kernel)
     if a.dry_run:
         for kernel, arch, case in result["jobs"]:
             print(f"{kernel:40s} sm_{arch}  {case}")

@@ -49,6 +49,8 @@ _NAMESPACE = "convlora_triton"
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 #: U-patch slots per pixel: 6x6 for even s (3x3 for odd s uses the first 9).
 _PATCH = 36
+#: dpre slots per pixel in the expert backward: 4x4 V taps for even s (1 for odd s).
+_TAPS = 16
 #: Slots per pixel of the column-pass scratch in the dZ gather (6 U rows, padded to 8).
 _TSLOTS = 8
 
@@ -113,82 +115,101 @@ def _gelu_and_grad(x):
 
 
 @triton.jit
-def _z_row_interp(z_base, zr, wr, c0, c1, c2, c3, w0, w1, w2, w3, ci, m, W, R):
-    """wr * sum_b w_b Z[zr, c_b] for a [P, X] block (zr, wr: [P]; c_b, w_b, ci, m: [P, X])."""
-    row = (zr * W)[:, None]
-    v = tl.zeros(c0.shape, tl.float32)
+def _z_row_interp(z_base, zr, wr, c0, c1, c2, c3, w0, w1, w2, w3, co, m, W, R):
+    """wr * sum_b w_b Z[zr, c_b, :] for each pixel: [P, BR] (zr, wr, c_b, w_b: [P]; co: [BR]).
+    Zero weights skip their load (s = 1 has a single non-zero tap per axis)."""
+    row = zr * W
     rmask = m & (wr != 0.0)[:, None]
-    v += w0 * tl.load(z_base + (row + c0) * R + ci, mask=rmask & (w0 != 0.0), other=0.0)
-    v += w1 * tl.load(z_base + (row + c1) * R + ci, mask=rmask & (w1 != 0.0), other=0.0)
-    v += w2 * tl.load(z_base + (row + c2) * R + ci, mask=rmask & (w2 != 0.0), other=0.0)
-    v += w3 * tl.load(z_base + (row + c3) * R + ci, mask=rmask & (w3 != 0.0), other=0.0)
+    v = w0[:, None] * tl.load(z_base + ((row + c0) * R)[:, None] + co[None, :],
+                              mask=rmask & (w0 != 0.0)[:, None], other=0.0)
+    v += w1[:, None] * tl.load(z_base + ((row + c1) * R)[:, None] + co[None, :],
+                               mask=rmask & (w1 != 0.0)[:, None], other=0.0)
+    v += w2[:, None] * tl.load(z_base + ((row + c2) * R)[:, None] + co[None, :],
+                               mask=rmask & (w2 != 0.0)[:, None], other=0.0)
+    v += w3[:, None] * tl.load(z_base + ((row + c3) * R)[:, None] + co[None, :],
+                               mask=rmask & (w3 != 0.0)[:, None], other=0.0)
     return wr[:, None] * v
 
 
 @triton.jit
-def _u_patch_to_scratch(
-    z_base, usc_base, dup_base, pix, pmask, ub_i, ub_j, s, inv_s, H, W, R,
-    NU: tl.constexpr, NUP: tl.constexpr, BLOCK_R: tl.constexpr, ZERO_DUP: tl.constexpr,
-):
+def _slot_ptrs(base, pix, slot, co, SLOTS: tl.constexpr, R):
+    """Pointers to slot ``slot`` (all channels) of each pixel's scratch row: [P, BR]."""
+    return base + (pix * (SLOTS * R) + slot * R)[:, None] + co[None, :]
+
+
+@triton.jit
+def _u_patch_to_scratch(z_base, usc_base, pix, m, ub_i, ub_j, s, inv_s, H, W, R, co,
+                        NU: tl.constexpr):
     """U patch (NU x NU, all channels) of each pixel into its scratch slots ``ku*NU + lu``.
 
-    Computed once per pixel and read back by the tap loop (L1/L2 resident): the conv reads each
-    U value for up to 9 taps. Zero padding of the conv lives in the U grid: U outside
-    [0, sH) x [0, sW) is stored as 0. With ZERO_DUP the dU slots are cleared as well.
+    Computed once per pixel and read back by the conv (L1/L2 resident): each U value feeds up
+    to 9 conv taps of up to 4 V taps. Zero padding of the conv lives in the U grid: U outside
+    [0, sH) x [0, sW) is stored as 0. ``m``: [P, BR] pixel & channel mask.
     """
-    cols = tl.arange(0, NUP * BLOCK_R)  # (lu, ci)
-    lu = cols // BLOCK_R
-    ci = cols % BLOCK_R
-    cmask = (lu < NU) & (ci < R)
-    q = ub_j[:, None] + lu[None, :]  # [P, NUP*BR] U column
-    c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
-    validc = (q >= 0) & (q < s * W)
-    smask = pmask[:, None] & cmask[None, :]
-    # A runtime loop (also the forward's tap loop and the dZ gather loops), not tl.static_range:
-    # fully unrolled, the expert forward took ~14 min to compile for sm_90 (LLVM NVPTX codegen
-    # on an 87k-line function) and spilled ~75 KB per thread (scripts/triton_resource_usage.py).
+    # Runtime loops throughout the expert kernels, never tl.static_range: fully unrolled, the
+    # first expert forward took ~14 min to compile for sm_90 (LLVM NVPTX codegen on an
+    # 87k-line function) and spilled ~75 KB per thread (scripts/triton_resource_usage.py).
     for ku in range(NU):
         p = ub_i + ku  # [P] U row
         r0, r1, r2, r3, v0, v1, v2, v3 = _up_taps(p, inv_s, H)
         validr = (p >= 0) & (p < s * H)
-        m = smask & validc & validr[:, None]
-        u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, ci[None, :], m, W, R)
-        u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, ci[None, :], m, W, R)
-        u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, ci[None, :], m, W, R)
-        u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, ci[None, :], m, W, R)
-        offs = pix[:, None] * (36 * R) + (ku * NU + lu)[None, :] * R + ci[None, :]
-        tl.store(usc_base + offs, u, mask=smask)
-        if ZERO_DUP:
-            tl.store(dup_base + offs, tl.zeros_like(u), mask=smask)
+        for lu in range(NU):
+            q = ub_j + lu  # [P] U column
+            c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
+            mm = m & (validr & (q >= 0) & (q < s * W))[:, None]
+            u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
+            u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
+            u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
+            u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
+            tl.store(_slot_ptrs(usc_base, pix, ku * NU + lu, co, 36, R), u, mask=m)
 
 
 @triton.jit
-def _conv_operands(ew_base, eb_base, R, stride_ew_o, stride_ew_i,
-                   DEPTHWISE: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The expert's 3x3 conv as one [16*BR, BR] matrix Wcat[d*BR + ci, co] = W[co, ci, d]
-    (d = dy*3 + dx < 9; depthwise: diagonal in (ci, co)), its bias and the Ucat column indices."""
-    k9 = tl.arange(0, 16 * BLOCK_R)
-    d = k9 // BLOCK_R
-    ci = k9 % BLOCK_R
-    dmask = (d < 9) & (ci < R)
-    co = tl.arange(0, BLOCK_R)
-    comask = co < R
-    wmask = dmask[:, None] & comask[None, :]
+def _conv_weight(ew_base, d, co, R, stride_ew_o, stride_ew_i,
+                 TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr):
+    """Conv offset d = dy*3 + dx of the expert as a float32 operand.
+
+    Full: [BR, BR], Wd[ci, co] = W[co, ci, d] (TRANSPOSED: Wd^T[co, ci]), so that
+    ``pre += U_d @ Wd`` and ``dU_d = dpre @ Wd^T``. Depthwise: [BR], w[c] = W[c, 0, d].
+    """
+    cm = co < R
     if DEPTHWISE:
-        wptr = ew_base + co[None, :] * stride_ew_o + d[:, None]
-        wmask = wmask & (ci[:, None] == co[None, :])
+        w = tl.load(ew_base + co * stride_ew_o + d, mask=cm, other=0.0)
+    elif TRANSPOSED:
+        w = tl.load(ew_base + co[:, None] * stride_ew_o + co[None, :] * stride_ew_i + d,
+                    mask=cm[:, None] & cm[None, :], other=0.0)
     else:
-        wptr = ew_base + co[None, :] * stride_ew_o + ci[:, None] * stride_ew_i + d[:, None]
-    wcat = tl.load(wptr, mask=wmask, other=0.0).to(tl.float32)
-    bias = tl.load(eb_base + co, mask=comask, other=0.0).to(tl.float32)
-    return wcat, bias, d, ci, dmask
+        w = tl.load(ew_base + co[None, :] * stride_ew_o + co[:, None] * stride_ew_i + d,
+                    mask=cm[:, None] & cm[None, :], other=0.0)
+    return w.to(tl.float32)
 
 
 @triton.jit
-def _ucat_offsets(pix, kr, kc, d, ci, R, NU: tl.constexpr):
-    """Scratch offsets of the 9 U values tap (kr, kc) reads: [P, 16*BR] in Wcat's K order."""
-    slot = (kr + d // 3) * NU + (kc + d % 3)
-    return pix[:, None] * (36 * R) + slot[None, :] * R + ci[None, :]
+def _conv_mac(acc, t, wd, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
+    """acc + t @ wd (full) or acc + t * wd (depthwise, per channel): t, acc [P, BR]."""
+    if DEPTHWISE:
+        acc = acc + t * wd[None, :]
+    else:
+        acc = tl.dot(t, wd, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew_i, co,
+              NU: tl.constexpr, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
+    """pre = conv3x3(U) + b at V tap (kr, kc) of each pixel's patch: [P, BR].
+
+    One [P, BR] x [BR, BR] product per conv offset rather than one im2col product with
+    K = 9*BR: the [P, 16*BR] im2col tile (and, in the backward, its dEW and dU twins) held
+    255 registers and spilled 20 KB per thread (scripts/triton_resource_usage.py, sm_90).
+    """
+    pre = tl.zeros(m.shape, tl.float32) + bias[None, :]
+    for d in range(9):
+        u = tl.load(_slot_ptrs(usc_base, pix, (kr + d // 3) * NU + kc + d % 3, co, 36, R),
+                    mask=m, other=0.0)
+        wd = _conv_weight(ew_base, d, co, R, stride_ew_o, stride_ew_i, False, DEPTHWISE)
+        pre = _conv_mac(pre, u, wd, DEPTHWISE, PREC)
+    return pre
 
 
 @triton.jit
@@ -254,27 +275,26 @@ def _convlora_down_fwd_kernel(
 def _expert_fwd_tile(
     z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
     stride_ew_o, stride_ew_i,
-    DEPTHWISE: tl.constexpr, NT: tl.constexpr, NUP: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+    DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """D = downsample(GELU(conv(U) + b)) at the NT x NT V taps of each pixel: [P, BR]."""
     NU: tl.constexpr = NT + 2
     vb_i = s * i + (s - NT) // 2  # first V row the downsample reads (s - NT is even)
     vb_j = s * j + (s - NT) // 2
-    _u_patch_to_scratch(z_base, usc_base, usc_base, pix, pmask, vb_i - 1, vb_j - 1, s, inv_s,
-                        H, W, R, NU, NUP, BLOCK_R, False)
+    co = tl.arange(0, BLOCK_R)
+    m = pmask[:, None] & (co < R)[None, :]
+    _u_patch_to_scratch(z_base, usc_base, pix, m, vb_i - 1, vb_j - 1, s, inv_s, H, W, R, co, NU)
     tl.debug_barrier()  # the scratch written by other threads of this program
-    wcat, bias, d, ci, dmask = _conv_operands(ew_base, eb_base, R, stride_ew_o, stride_ew_i,
-                                              DEPTHWISE, BLOCK_R)
-    lmask = pmask[:, None] & dmask[None, :]
-    acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
-    for kr in range(NT):
-        for kc in range(NT):
-            ucat = tl.load(usc_base + _ucat_offsets(pix, kr, kc, d, ci, R, NU), mask=lmask, other=0.0)
-            pre = tl.dot(ucat, wcat, input_precision=PREC) + bias[None, :]
-            wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
-            v, _ = _gelu_and_grad(pre)
-            acc += wd[:, None] * v
+    bias = tl.load(eb_base + co, mask=co < R, other=0.0).to(tl.float32)
+    acc = tl.zeros(m.shape, tl.float32)
+    for t in range(NT * NT):
+        kr = t // NT
+        kc = t % NT
+        pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew_i,
+                        co, NU, DEPTHWISE, PREC)
+        wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
+        v, _ = _gelu_and_grad(pre)
+        acc += wd[:, None] * v
     return acc
 
 
@@ -300,11 +320,11 @@ def _convlora_experts_fwd_kernel(
     if s % 2 == 0:
         dv = _expert_fwd_tile(z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s,
                               H, W, R, stride_ew_o, stride_ew_i,
-                              DEPTHWISE, 4, 8, BLOCK_P, BLOCK_R, PREC)
+                              DEPTHWISE, 4, BLOCK_R, PREC)
     else:
         dv = _expert_fwd_tile(z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s,
                               H, W, R, stride_ew_o, stride_ew_i,
-                              DEPTHWISE, 1, 4, BLOCK_P, BLOCK_R, PREC)
+                              DEPTHWISE, 1, BLOCK_R, PREC)
     co = tl.arange(0, BLOCK_R)
     offs = pix[:, None] * R + co[None, :]
     m = pmask[:, None] & (co < R)[None, :]
@@ -407,69 +427,91 @@ def _convlora_tsmm_kernel(
 
 @triton.jit
 def _expert_bwd_tile(
-    z_base, dy_base, usc_base, dup_base, ew_base, eb_base, part_row,
+    z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
     pix, pmask, i, j, s, inv_s, H, W, R, KW,
     stride_ew_o, stride_ew_i,
-    DEPTHWISE: tl.constexpr, NT: tl.constexpr, NUP: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+    DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """Backward of the expert at the NT x NT V taps of each pixel. Returns D [P, BR] (so y can be
-    rebuilt for dB), accumulates the U-patch gradient into the dU scratch and writes this
-    program's dEW, dEB partials."""
+    rebuilt for dB), writes this program's dEW, dEB partials, and leaves each pixel's dU patch in
+    its U-patch scratch slots (``usc``, overwritten).
+
+    Three phases over per-pixel scratch, each slot written once (no read-modify-write):
+    1. U patch; at every V tap: pre, D, dpre = wd * dD * GELU'(pre) into ``dps`` (16 slots);
+    2. dEW[d] = sum over taps of U_{tap+d}^T dpre_tap (one [BR, BR] accumulator per offset d);
+    3. dU[slot] = sum over the taps reading it of dpre_tap @ W_d^T (the conv's transpose).
+    """
     NU: tl.constexpr = NT + 2
     vb_i = s * i + (s - NT) // 2
     vb_j = s * j + (s - NT) // 2
-    _u_patch_to_scratch(z_base, usc_base, dup_base, pix, pmask, vb_i - 1, vb_j - 1, s, inv_s,
-                        H, W, R, NU, NUP, BLOCK_R, True)
-    tl.debug_barrier()
-    wcat, bias, d, ci, dmask = _conv_operands(ew_base, eb_base, R, stride_ew_o, stride_ew_i,
-                                              DEPTHWISE, BLOCK_R)
-    lmask = pmask[:, None] & dmask[None, :]
     co = tl.arange(0, BLOCK_R)
     comask = co < R
-    dyv = tl.load(dy_base + pix[:, None] * R + co[None, :],
-                  mask=pmask[:, None] & comask[None, :], other=0.0)
-    acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
-    dew = tl.zeros((16 * BLOCK_R, BLOCK_R), tl.float32)
+    m = pmask[:, None] & comask[None, :]
+    _u_patch_to_scratch(z_base, usc_base, pix, m, vb_i - 1, vb_j - 1, s, inv_s, H, W, R, co, NU)
+    tl.debug_barrier()
+    bias = tl.load(eb_base + co, mask=comask, other=0.0).to(tl.float32)
+    dyv = tl.load(dy_base + pix[:, None] * R + co[None, :], mask=m, other=0.0)
+    acc = tl.zeros(m.shape, tl.float32)
     deb = tl.zeros((BLOCK_R,), tl.float32)
-    # Unrolled, unlike the forward: in a runtime loop Triton keeps Wcat, Wcat^T (64 KB each at
-    # BLOCK_R = 32) and the Ucat tile in shared memory at once, 192 KB > an A100's 163 KB.
-    for kr in tl.static_range(NT):
-        for kc in tl.static_range(NT):
-            offs = _ucat_offsets(pix, kr, kc, d, ci, R, NU)
-            ucat = tl.load(usc_base + offs, mask=lmask, other=0.0)
-            pre = tl.dot(ucat, wcat, input_precision=PREC) + bias[None, :]
-            wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
-            v, dv = _gelu_and_grad(pre)
-            acc += wd[:, None] * v
-            dpre = (wd[:, None] * dyv) * dv  # zero on masked pixels / channels (dyv = 0)
-            deb += tl.sum(dpre, axis=0)
-            dew = tl.dot(tl.trans(ucat), dpre, dew, input_precision=PREC)
-            du = tl.dot(dpre, tl.trans(wcat), input_precision=PREC)  # [P, 16*BR]
-            # The 9 slots of one tap are distinct: a plain read-modify-write, no atomics; the
-            # barrier orders it against the next tap's (other threads may own those slots).
-            old = tl.load(dup_base + offs, mask=lmask, other=0.0)
-            tl.store(dup_base + offs, old + du, mask=lmask)
-            tl.debug_barrier()
-    wmask = dmask[:, None] & comask[None, :]
-    if DEPTHWISE:
-        tl.store(part_row + co[None, :] * 9 + d[:, None], dew, mask=wmask & (ci[:, None] == co[None, :]))
-    else:
-        tl.store(part_row + co[None, :] * (R * 9) + ci[:, None] * 9 + d[:, None], dew, mask=wmask)
+    for t in range(NT * NT):  # 1. V taps
+        kr = t // NT
+        kc = t % NT
+        pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew_i,
+                        co, NU, DEPTHWISE, PREC)
+        wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
+        v, dv = _gelu_and_grad(pre)
+        acc += wd[:, None] * v
+        dpre = (wd[:, None] * dyv) * dv  # zero on masked pixels / channels (dyv = 0)
+        deb += tl.sum(dpre, axis=0)
+        tl.store(_slot_ptrs(dps_base, pix, t, co, 16, R), dpre, mask=m)
     tl.store(part_row + KW + co, deb, mask=comask)
+    tl.debug_barrier()  # dpre slots written by other threads
+    for d in range(9):  # 2. dEW, one conv offset at a time
+        if DEPTHWISE:
+            dw = tl.zeros((BLOCK_R,), tl.float32)
+        else:
+            dw = tl.zeros((BLOCK_R, BLOCK_R), tl.float32)
+        for t in range(NT * NT):
+            u = tl.load(_slot_ptrs(usc_base, pix, (t // NT + d // 3) * NU + t % NT + d % 3, co, 36, R),
+                        mask=m, other=0.0)
+            dp = tl.load(_slot_ptrs(dps_base, pix, t, co, 16, R), mask=m, other=0.0)
+            if DEPTHWISE:
+                dw += tl.sum(u * dp, axis=0)
+            else:
+                dw = tl.dot(tl.trans(u), dp, dw, input_precision=PREC)  # [ci, co]
+        if DEPTHWISE:
+            tl.store(part_row + co * 9 + d, dw, mask=comask)
+        else:
+            tl.store(part_row + co[None, :] * (R * 9) + co[:, None] * 9 + d, dw,
+                     mask=comask[:, None] & comask[None, :])
+    tl.debug_barrier()  # phase 3 overwrites U slots other threads read in phase 2
+    for slot in range(NU * NU):  # 3. dU patch
+        a = slot // NU
+        b = slot % NU
+        du = tl.zeros(m.shape, tl.float32)
+        # Only the offsets d = (a - kr, b - kc) of taps inside the NT x NT grid.
+        for dy in range(tl.maximum(a - NT + 1, 0), tl.minimum(a, 2) + 1):
+            for dx in range(tl.maximum(b - NT + 1, 0), tl.minimum(b, 2) + 1):
+                dp = tl.load(_slot_ptrs(dps_base, pix, (a - dy) * NT + b - dx, co, 16, R),
+                             mask=m, other=0.0)
+                wt = _conv_weight(ew_base, dy * 3 + dx, co, R, stride_ew_o, stride_ew_i, True,
+                                  DEPTHWISE)
+                du = _conv_mac(du, dp, wt, DEPTHWISE, PREC)
+        tl.store(_slot_ptrs(usc_base, pix, slot, co, 36, R), du, mask=m)
     return acc
 
 
 @triton.jit
 def _convlora_experts_bwd_kernel(
-    z_ptr, dy_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, dup_ptr, y_ptr, part_ptr,
+    z_ptr, dy_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, dps_ptr, y_ptr, part_ptr,
     H, W, R, KW,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """Expert backward for a block of pixels of one sample (grid as the forward).
 
-    dy: (N*H*W, R) fp32 (= dD); y: (N*H*W, R) rebuilt; dup: (N*H*W, 36, R) dU patches;
+    dy: (N*H*W, R) fp32 (= dD); y: (N*H*W, R) rebuilt; usc: (N*H*W, 36, R) scratch, left
+    holding the dU patches; dps: (N*H*W, 16, R) scratch (dpre at each V tap);
     part: (N*NBLK, KW + R) this program's dEW (flattened like expert_weight[e]) and dEB.
     """
     nblk = tl.num_programs(0)
@@ -478,18 +520,18 @@ def _convlora_experts_bwd_kernel(
     z_base = z_ptr + n * HW * R
     dy_base = dy_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
-    dup_base = dup_ptr + n * HW * (36 * R)
+    dps_base = dps_ptr + n * HW * (16 * R)
     ew_base = ew_ptr + e * stride_ew_e
     eb_base = eb_ptr + e * stride_eb_e
     part_row = part_ptr + (n * nblk + pid) * (KW + R)
     if s % 2 == 0:
-        dv = _expert_bwd_tile(z_base, dy_base, usc_base, dup_base, ew_base, eb_base, part_row,
+        dv = _expert_bwd_tile(z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
                               pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
-                              DEPTHWISE, 4, 8, BLOCK_P, BLOCK_R, PREC)
+                              DEPTHWISE, 4, BLOCK_R, PREC)
     else:
-        dv = _expert_bwd_tile(z_base, dy_base, usc_base, dup_base, ew_base, eb_base, part_row,
+        dv = _expert_bwd_tile(z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
                               pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
-                              DEPTHWISE, 1, 4, BLOCK_P, BLOCK_R, PREC)
+                              DEPTHWISE, 1, BLOCK_R, PREC)
     co = tl.arange(0, BLOCK_R)
     offs = pix[:, None] * R + co[None, :]
     m = pmask[:, None] & (co < R)[None, :]
@@ -636,11 +678,14 @@ def _block_r(r: int) -> int:
 
 
 def _expert_block_p(r: int, hw: int) -> int:
-    """Pixels per expert program. GPU: the [P, 16*BR] tap operand stays around 8K fp32 values
-    (registers). Interpreter: its cost is per operation, not per element, so one big block."""
+    """Pixels per expert program. GPU: 32, with 4 warps at BLOCK_R 16 and 8 at 32 (about 4 tile
+    elements per thread): 96-168 registers and no spills on sm_90 at SAM shapes, where 64
+    pixels took 150-255 registers and 128 spilled up to 3 KB per thread
+    (scripts/triton_resource_usage.py). Interpreter: its cost is per operation, not per
+    element, so one big block."""
     if _INTERPRET:
         return max(16, min(256, triton.next_power_of_2(hw)))
-    return max(16, min(64, 8192 // (16 * _block_r(r))))
+    return 32
 
 
 def _gather_block_p(hw: int, gpu_block: int) -> int:
@@ -738,16 +783,17 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
 
 def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.Tensor,
                         expert_weight: torch.Tensor, expert_bias: torch.Tensor, n: int, h: int,
-                        w: int, usc: torch.Tensor, dup: torch.Tensor, y: torch.Tensor,
+                        w: int, usc: torch.Tensor, dps: torch.Tensor, y: torch.Tensor,
                         part: torch.Tensor, prec: str) -> None:
-    """Expert backward: y rebuilt, dup (N*H*W, 36, r) dU patches, part (N*NBLK, KW + r) the
-    per-program dEW / dEB partials (NBLK = cdiv(H*W, _expert_block_p(r, H*W)))."""
+    """Expert backward: y rebuilt, usc (N*H*W, 36, r) left holding the dU patches, dps
+    (N*H*W, 16, r) scratch, part (N*NBLK, KW + r) the per-program dEW / dEB partials
+    (NBLK = cdiv(H*W, _expert_block_p(r, H*W)))."""
     r = z.shape[1]
     bp = _expert_block_p(r, h * w)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_bwd_kernel)[grid](
         z, dy, expert_index, _inv_scales(expert_weight.shape[0], z.device), expert_weight,
-        expert_bias, usc, dup, y, part,
+        expert_bias, usc, dps, y, part,
         h, w, r, part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_block_r(r), PREC=prec,
@@ -869,12 +915,12 @@ def _bwd_impl(
     with nvtx_range("convlora.triton.bwd.experts"):
         nblk = triton.cdiv(hw, _expert_block_p(r, hw))
         kw = ew[0].numel()
-        usc = _empty((m, _PATCH, r), torch.float32, dev)
-        dup = _empty((m, _PATCH, r), torch.float32, dev)
+        dup = _empty((m, _PATCH, r), torch.float32, dev)  # U patches, then dU patches
+        dps = _empty((m, _TAPS, r), torch.float32, dev)
         y = _empty((m, r), torch.float32, dev)
         part = _empty((n * nblk, kw + r), torch.float32, dev)
-        _launch_experts_bwd(z, dy, expert_index, ew, expert_bias, n, h, w, usc, dup, y, part, prec)
-        del usc
+        _launch_experts_bwd(z, dy, expert_index, ew, expert_bias, n, h, w, dup, dps, y, part, prec)
+        del dps
         dz = _empty((m, r), torch.float32, dev)
         tbuf = _empty((m, _TSLOTS, r), torch.float32, dev)
         _launch_dz(dup, dy, dgs, expert_index, num_experts, n, h, w, tbuf, dz)
