@@ -161,6 +161,8 @@ def record_launches(case: Case) -> list[dict]:
 
     import torch
 
+    from triton.runtime.autotuner import Autotuner
+
     mod = importlib.import_module(MODULE)
     assert not mod._INTERPRET, "record in a process without TRITON_INTERPRET=1"
     launches: list[dict] = []
@@ -171,9 +173,18 @@ def record_launches(case: Case) -> list[dict]:
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append({"kernel": self.fn.__name__, "args": [_encode(a) for a in args],
-                                 "kwargs": {k: _encode(v) for k, v in kwargs.items()},
-                                 "grid": [int(g) for g in grid]})
+                # An autotuned kernel is recorded once per configuration it may pick.
+                fn, configs = self.fn, [None]
+                if isinstance(fn, Autotuner):
+                    fn, configs = fn.fn, fn.configs
+                for cfg in configs:
+                    kw = dict(kwargs)
+                    if cfg is not None:
+                        kw.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    g = grid(kw) if callable(grid) else grid
+                    launches.append({"kernel": fn.__name__, "args": [_encode(a) for a in args],
+                                     "kwargs": {k: _encode(v) for k, v in kw.items()},
+                                     "grid": [int(v) for v in g]})
             return launch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
@@ -198,11 +209,12 @@ def record_launches(case: Case) -> list[dict]:
     mod.wrap_triton = _Recorder
     mod.routing = lambda g, wg, wn, noise, idx: (idx, g.new_zeros((), dtype=torch.float32))
     try:
-        _, idx, _, z, _ = mod._fwd_impl(x, x_down, weight, bias, lora_a, lora_b, ew, eb, w_gate,
+        _, idx, _, z, _, y = mod._fwd_impl(x, x_down, weight, bias, lora_a, lora_b, ew, eb, w_gate,
                                           w_noise, scaling, index, None)
         dout = torch.empty(n, h, w, C_OUT, dtype=dt, **meta)
         dgs = torch.empty(n, r, dtype=torch.float32, **meta)
-        mod._bwd_impl(dout, x, x_down, weight, lora_a, lora_b, ew, eb, z, dgs, idx, scaling, True)
+        mod._bwd_impl(dout, x, x_down, weight, lora_a, lora_b, ew, eb, z, y, dgs, idx, scaling,
+                      True)
     finally:
         mod.wrap_triton, mod.routing = saved
     return launches

@@ -244,9 +244,10 @@ def test_opcheck_forward():
 
 def test_opcheck_backward():
     args = _small_op_args(requires_grad=False, gated=False)
-    out, index, _, z, g = T.conv_lora_fwd(*args)
+    out, index, _, z, g, y = T.conv_lora_fwd(*args)
     x, _, weight, _, A, B, ew, eb = args[:8]
-    bwd_args = (torch.randn_like(out), x, None, weight, A, B, ew, eb, z, torch.randn_like(g), index, 2.5, True)
+    bwd_args = (torch.randn_like(out), x, None, weight, A, B, ew, eb, z, y, torch.randn_like(g),
+                index, 2.5, True)
     torch.library.opcheck(T.conv_lora_bwd, bwd_args)
 
 

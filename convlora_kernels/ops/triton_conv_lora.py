@@ -9,14 +9,15 @@ forward  ``convlora_triton::conv_lora_fwd``
   4. ``_convlora_up_gemm_kernel``      out = x W^T + b + scaling * y B^T (extra K segment)
 
 backward ``convlora_triton::conv_lora_bwd`` (gate gradients by autograd on a recomputed float32
-gate graph, in the autograd glue)
-  1. dy = scaling * dout B                       (down kernel on dout)
-  2. ``_convlora_experts_bwd_kernel``  recompute U patch / pre / y; dU patches; dEW, dEB partials
-  3. dB = scaling * dout^T y                     (``_convlora_tsmm_kernel`` + fixed-order sum)
-  4. ``_convlora_experts_dz_cols_kernel`` / ``_convlora_experts_dz_rows_kernel``:
+gate graph, in the autograd glue; y saved by the forward, r wide)
+  1. ``_convlora_dy_db_kernel``        dy = scaling * dout B and dB partials = dout^T y: one read
+                                       of dout for both (fixed-order sum of the partials)
+  2. ``_convlora_experts_bwd_kernel``  recompute U patch / pre; dpre; dU patches; dEW, dEB partials
+  3. ``_convlora_experts_dz_cols_kernel`` / ``_convlora_experts_dz_rows_kernel``:
      dZ gathered from the neighbours' dU patches (separable, no atomics); dz = dy + dZ + dg/(HW)
-  5. ``_convlora_expert_grad_reduce_kernel``     per-expert fixed-order sum of the partials
-  6. dx = dout W + dz A                          (the up-GEMM kernel again); dA = dz^T x_down
+  4. ``_convlora_expert_grad_reduce_kernel``     per-expert fixed-order sum of the partials
+  5. dx = dout W + dz A                          (the up-GEMM kernel again); dA = dz^T x_down
+                                                 (``_convlora_tsmm_kernel`` + fixed-order sum)
 
 Everything is deterministic (no atomics), free of host syncs and CUDA-graph capturable.
 Intermediates are float32. Inputs may be float32, bfloat16 or float16 (float64 goes to eager).
@@ -39,7 +40,7 @@ from torch.library import triton_op, wrap_triton
 from .._nvtx import nvtx_range
 from ..gate import routing
 
-__all__ = ["conv_lora_forward", "unavailable_reason", "ENV_POISON"]
+__all__ = ["ENV_AUTOTUNE", "ENV_POISON", "conv_lora_forward", "unavailable_reason"]
 
 #: Triton decides at decoration time whether kernels run in its interpreter; so do we.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -213,6 +214,36 @@ def _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew
 
 
 @triton.jit
+def _expert_tile_setup(z_base, usc_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
+                       NT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Shared start of the expert forward and backward tiles: the first V row / column the
+    downsample reads (s - NT is even), channel arange and [P, BR] mask, the U patches in the
+    scratch (barrier included) and the expert's bias."""
+    vb_i = s * i + (s - NT) // 2
+    vb_j = s * j + (s - NT) // 2
+    co = tl.arange(0, BLOCK_R)
+    m = pmask[:, None] & (co < R)[None, :]
+    _u_patch_to_scratch(z_base, usc_base, pix, m, vb_i - 1, vb_j - 1, s, inv_s, H, W, R, co,
+                        NT + 2)
+    tl.debug_barrier()  # the scratch written by other threads of this program
+    bias = tl.load(eb_base + co, mask=co < R, other=0.0).to(tl.float32)
+    return vb_i, vb_j, co, m, bias
+
+
+@triton.jit
+def _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R, stride_ew_o, stride_ew_i,
+           co, NT: tl.constexpr, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
+    """V tap t (row-major in NT x NT) of each pixel: conv pre-activation [P, BR] and the
+    downsample weight [P] of that tap."""
+    kr = t // NT
+    kc = t % NT
+    pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew_i, co,
+                    NT + 2, DEPTHWISE, PREC)
+    wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
+    return pre, wd
+
+
+@triton.jit
 def _expert_program(eidx_ptr, inv_scale_ptr, H, W, BLOCK_P: tl.constexpr):
     """What an expert program of grid (cdiv(H*W, BLOCK_P), N) works on: its sample n (int64),
     expert e and scale s = e + 1 (read on the device), float32(1/s), and its pixels."""
@@ -233,11 +264,10 @@ def _convlora_down_fwd_kernel(
     x_ptr, a_ptr, z_ptr, gpart_ptr,
     HW, C, R,
     stride_xm, stride_xc, stride_ar, stride_ac,
-    scale,
-    WRITE_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """z[m, :] = scale * x[m, :] A^T for the tokens of one sample, plus their column sums.
+    """z[m, :] = x[m, :] A^T for the tokens of one sample, plus their column sums.
 
     x: (N*HW, C) any strides; A: (R, C) via strides; z: (N*HW, R) fp32 contiguous;
     gpart: (N, NBLK, R) fp32. Grid (NBLK = cdiv(HW, BLOCK_M), N): a block never straddles two
@@ -263,11 +293,9 @@ def _convlora_down_fwd_kernel(
             xt = xt.to(tl.float32)
             at = at.to(tl.float32)
         acc = tl.dot(xt, at, acc, input_precision=PREC)
-    acc = acc * scale
     tl.store(z_ptr + rows[:, None] * R + rr[None, :], acc, mask=lmask[:, None] & rmask[None, :])
-    if WRITE_G:
-        nblk = tl.num_programs(0)
-        tl.store(gpart_ptr + (n * nblk + pb) * R + rr, tl.sum(acc, axis=0), mask=rmask)
+    nblk = tl.num_programs(0)
+    tl.store(gpart_ptr + (n * nblk + pb) * R + rr, tl.sum(acc, axis=0), mask=rmask)
 
 
 # ----------------------------------------------------------------------------- 3. experts fwd
@@ -278,21 +306,12 @@ def _expert_fwd_tile(
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """D = downsample(GELU(conv(U) + b)) at the NT x NT V taps of each pixel: [P, BR]."""
-    NU: tl.constexpr = NT + 2
-    vb_i = s * i + (s - NT) // 2  # first V row the downsample reads (s - NT is even)
-    vb_j = s * j + (s - NT) // 2
-    co = tl.arange(0, BLOCK_R)
-    m = pmask[:, None] & (co < R)[None, :]
-    _u_patch_to_scratch(z_base, usc_base, pix, m, vb_i - 1, vb_j - 1, s, inv_s, H, W, R, co, NU)
-    tl.debug_barrier()  # the scratch written by other threads of this program
-    bias = tl.load(eb_base + co, mask=co < R, other=0.0).to(tl.float32)
+    vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, eb_base, pix, pmask, i, j, s,
+                                                 inv_s, H, W, R, NT, BLOCK_R)
     acc = tl.zeros(m.shape, tl.float32)
     for t in range(NT * NT):
-        kr = t // NT
-        kc = t % NT
-        pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew_i,
-                        co, NU, DEPTHWISE, PREC)
-        wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
+        pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R,
+                         stride_ew_o, stride_ew_i, co, NT, DEPTHWISE, PREC)
         v, _ = _gelu_and_grad(pre)
         acc += wd[:, None] * v
     return acc
@@ -393,6 +412,51 @@ def _convlora_up_gemm_kernel(
 
 # ----------------------------------------------------------------------------- backward kernels
 @triton.jit
+def _convlora_dy_db_kernel(
+    dout_ptr, b_ptr, y_ptr, dy_ptr, part_ptr,
+    M, N, R,
+    stride_dm, stride_dn, stride_bn, stride_br,
+    scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """One pass over dout for both products it feeds:
+    dy[m, :] = scaling * dout[m, :] B and part[pid, n, :] = sum_{m in block} dout[m, n] y[m, :].
+
+    dout: (M, N) any strides; B: (N, R) via strides; y, dy: (M, R) fp32 contiguous;
+    part: (NBLK, N, R) fp32, summed over NBLK afterwards in a fixed order (dB = scaling * sum).
+    Grid (NBLK = cdiv(M, BLOCK_M),): each program streams its rows of dout once.
+    """
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * N can exceed 2^31
+    mmask = rows < M
+    rr = tl.arange(0, BLOCK_R)
+    rmask = rr < R
+    yt = tl.load(y_ptr + rows[:, None] * R + rr[None, :], mask=mmask[:, None] & rmask[None, :],
+                 other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    part_base = part_ptr + pid.to(tl.int64) * N * R
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        nmask = nn < N
+        dt = tl.load(dout_ptr + rows[:, None] * stride_dm + nn[None, :] * stride_dn,
+                     mask=mmask[:, None] & nmask[None, :], other=0.0)
+        # B in dout's dtype, as autocast would round it; the products accumulate in fp32.
+        bt = tl.load(b_ptr + nn[:, None] * stride_bn + rr[None, :] * stride_br,
+                     mask=nmask[:, None] & rmask[None, :], other=0.0).to(dt.dtype)
+        if UPCAST_DOT:  # see _upcast_dot
+            acc = tl.dot(dt.to(tl.float32), bt.to(tl.float32), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(dt, bt, acc, input_precision=PREC)
+        # y is fp32: dout goes to fp32 too (tf32 products for half inputs).
+        pb = tl.dot(tl.trans(dt.to(tl.float32)), yt, input_precision=PREC)
+        tl.store(part_base + nn[:, None] * R + rr[None, :], pb,
+                 mask=nmask[:, None] & rmask[None, :])
+    tl.store(dy_ptr + rows[:, None] * R + rr[None, :], acc * scaling,
+             mask=mmask[:, None] & rmask[None, :])
+
+
+@triton.jit
 def _convlora_tsmm_kernel(
     x_ptr, y_ptr, part_ptr,
     M, C, R, M_PER_SPLIT,
@@ -432,35 +496,25 @@ def _expert_bwd_tile(
     stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Backward of the expert at the NT x NT V taps of each pixel. Returns D [P, BR] (so y can be
-    rebuilt for dB), writes this program's dEW, dEB partials, and leaves each pixel's dU patch in
-    its U-patch scratch slots (``usc``, overwritten).
+    """Backward of the expert at the NT x NT V taps of each pixel: writes this program's dEW,
+    dEB partials and leaves each pixel's dU patch in its U-patch scratch slots (``usc``,
+    overwritten).
 
     Three phases over per-pixel scratch, each slot written once (no read-modify-write):
-    1. U patch; at every V tap: pre, D, dpre = wd * dD * GELU'(pre) into ``dps`` (16 slots);
+    1. U patch; at every V tap: pre, dpre = wd * dD * GELU'(pre) into ``dps`` (16 slots);
     2. dEW[d] = sum over taps of U_{tap+d}^T dpre_tap (one [BR, BR] accumulator per offset d);
     3. dU[slot] = sum over the taps reading it of dpre_tap @ W_d^T (the conv's transpose).
     """
     NU: tl.constexpr = NT + 2
-    vb_i = s * i + (s - NT) // 2
-    vb_j = s * j + (s - NT) // 2
-    co = tl.arange(0, BLOCK_R)
+    vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, eb_base, pix, pmask, i, j, s,
+                                                 inv_s, H, W, R, NT, BLOCK_R)
     comask = co < R
-    m = pmask[:, None] & comask[None, :]
-    _u_patch_to_scratch(z_base, usc_base, pix, m, vb_i - 1, vb_j - 1, s, inv_s, H, W, R, co, NU)
-    tl.debug_barrier()
-    bias = tl.load(eb_base + co, mask=comask, other=0.0).to(tl.float32)
     dyv = tl.load(dy_base + pix[:, None] * R + co[None, :], mask=m, other=0.0)
-    acc = tl.zeros(m.shape, tl.float32)
     deb = tl.zeros((BLOCK_R,), tl.float32)
     for t in range(NT * NT):  # 1. V taps
-        kr = t // NT
-        kc = t % NT
-        pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew_i,
-                        co, NU, DEPTHWISE, PREC)
-        wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
-        v, dv = _gelu_and_grad(pre)
-        acc += wd[:, None] * v
+        pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R,
+                         stride_ew_o, stride_ew_i, co, NT, DEPTHWISE, PREC)
+        _, dv = _gelu_and_grad(pre)
         dpre = (wd[:, None] * dyv) * dv  # zero on masked pixels / channels (dyv = 0)
         deb += tl.sum(dpre, axis=0)
         tl.store(_slot_ptrs(dps_base, pix, t, co, 16, R), dpre, mask=m)
@@ -498,19 +552,18 @@ def _expert_bwd_tile(
                                   DEPTHWISE)
                 du = _conv_mac(du, dp, wt, DEPTHWISE, PREC)
         tl.store(_slot_ptrs(usc_base, pix, slot, co, 36, R), du, mask=m)
-    return acc
 
 
 @triton.jit
 def _convlora_experts_bwd_kernel(
-    z_ptr, dy_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, dps_ptr, y_ptr, part_ptr,
+    z_ptr, dy_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, dps_ptr, part_ptr,
     H, W, R, KW,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """Expert backward for a block of pixels of one sample (grid as the forward).
 
-    dy: (N*H*W, R) fp32 (= dD); y: (N*H*W, R) rebuilt; usc: (N*H*W, 36, R) scratch, left
+    dy: (N*H*W, R) fp32 (= dD); usc: (N*H*W, 36, R) scratch, left
     holding the dU patches; dps: (N*H*W, 16, R) scratch (dpre at each V tap);
     part: (N*NBLK, KW + R) this program's dEW (flattened like expert_weight[e]) and dEB.
     """
@@ -525,18 +578,13 @@ def _convlora_experts_bwd_kernel(
     eb_base = eb_ptr + e * stride_eb_e
     part_row = part_ptr + (n * nblk + pid) * (KW + R)
     if s % 2 == 0:
-        dv = _expert_bwd_tile(z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
-                              pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
-                              DEPTHWISE, 4, BLOCK_R, PREC)
+        _expert_bwd_tile(z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
+                         pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
+                         DEPTHWISE, 4, BLOCK_R, PREC)
     else:
-        dv = _expert_bwd_tile(z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
-                              pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
-                              DEPTHWISE, 1, BLOCK_R, PREC)
-    co = tl.arange(0, BLOCK_R)
-    offs = pix[:, None] * R + co[None, :]
-    m = pmask[:, None] & (co < R)[None, :]
-    zc = tl.load(z_base + offs, mask=m, other=0.0)
-    tl.store(y_ptr + n * HW * R + offs, zc + dv, mask=m)
+        _expert_bwd_tile(z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
+                         pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
+                         DEPTHWISE, 1, BLOCK_R, PREC)
 
 
 @triton.jit
@@ -706,19 +754,18 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
-def _launch_down(x2d: torch.Tensor, a: torch.Tensor, z: torch.Tensor, gpart: torch.Tensor | None,
-                 n: int, hw: int, scale: float, a_strides: tuple[int, int]) -> None:
-    """z (N*HW, r) fp32 = scale * x2d (N*HW, C) @ A^T with A (r, C) given by ``a_strides``;
-    gpart (N, cdiv(HW, 64), r) fp32 the per-block column sums of z (skipped when None)."""
+def _launch_down(x2d: torch.Tensor, lora_A: torch.Tensor, z: torch.Tensor, gpart: torch.Tensor,
+                 n: int, hw: int) -> None:
+    """z (N*HW, r) fp32 = x2d (N*HW, C) @ A^T (A: (r, C), any strides); gpart
+    (N, cdiv(HW, 64), r) fp32 the per-block column sums of z."""
     r = z.shape[1]
     block_m = 64
     grid = (triton.cdiv(hw, block_m), n)
     wrap_triton(_convlora_down_fwd_kernel)[grid](
-        x2d, a, z, z if gpart is None else gpart,
+        x2d, lora_A, z, gpart,
         hw, x2d.shape[1], r,
-        x2d.stride(0), x2d.stride(1), a_strides[0], a_strides[1],
-        scale,
-        WRITE_G=gpart is not None, BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=_block_r(r),
+        x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
+        BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=_block_r(r),
         PREC=_precision(x2d.dtype), UPCAST_DOT=_upcast_dot(x2d.dtype), num_warps=4,
     )
 
@@ -727,30 +774,60 @@ def _down_blocks(hw: int) -> int:
     return triton.cdiv(hw, 64)
 
 
+def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                         num_warps=warps, num_stages=stages)
+
+
+#: Up-GEMM tiles the autotuner tries on the GPU; the first of each list is the fixed
+#: configuration used with CONVLORA_AUTOTUNE=0 (and under the interpreter). BLOCK_K is the same
+#: within a list, so every tile accumulates K in the same chunk order.
+#: Left out because they spill on sm_90 with the bias epilogue (resource script): 128x128 at 4
+#: warps (192 B/thread), 256x128 at 8 warps (80 B), fp32 128x64 at 4 warps (48 B).
+_GEMM_CONFIGS = {
+    "half": [_gemm_config(*c) for c in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))],
+    "fp32": [_gemm_config(*c) for c in ((64, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                                        (128, 128, 32, 8, 3))],
+}
+#: Read once at import: the autotuned kernels are built here, not per call.
+ENV_AUTOTUNE = "CONVLORA_AUTOTUNE"
+_AUTOTUNE = not _INTERPRET and os.environ.get(ENV_AUTOTUNE, "1") != "0"
+if _AUTOTUNE:
+    _up_gemm_tuned = {
+        kind: triton.autotune(configs, key=["M", "N", "K", "R"])(_convlora_up_gemm_kernel)
+        for kind, configs in _GEMM_CONFIGS.items()
+    }
+
+
 def _launch_up_gemm(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int],
                     bias: torch.Tensor | None, y: torch.Tensor, b: torch.Tensor,
                     b_strides: tuple[int, int], scaling: float, out: torch.Tensor) -> None:
     """out (M, N) = a (M, K) @ w (K, N) + scaling * y (M, r) @ b (r, N) (+ bias (N,)).
-    ``w`` and ``b`` are given by their (k, n) strides so W, W^T, A, B^T need no copy."""
+    ``w`` and ``b`` are given by their (k, n) strides so W, W^T, A, B^T need no copy.
+    On the GPU the tile is autotuned per (M, N, K, r) and dtype (see _GEMM_CONFIGS)."""
     m, k = a.shape
     nn = out.shape[1]
     r = y.shape[1]
-    half = a.dtype != torch.float32
-    if half:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    kind = "fp32" if a.dtype == torch.float32 else "half"
+    if _AUTOTUNE:
+        kernel, tile = _up_gemm_tuned[kind], {}
     else:
-        bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
-    grid = (triton.cdiv(m, bm) * triton.cdiv(nn, bn),)
-    wrap_triton(_convlora_up_gemm_kernel)[grid](
+        kernel, cfg = _convlora_up_gemm_kernel, _GEMM_CONFIGS[kind][0]
+        tile = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nn, meta["BLOCK_N"]),)
+
+    wrap_triton(kernel)[grid](
         a, w, out if bias is None else bias, y, b, out,
         m, nn, k, r,
         a.stride(0), a.stride(1), w_strides[0], w_strides[1], y.stride(0), b_strides[0],
         b_strides[1], out.stride(0), out.stride(1),
         scaling,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        BLOCK_R=min(32, _block_r(r)), GROUP_M=8,
+        HAS_BIAS=bias is not None, BLOCK_R=min(32, _block_r(r)), GROUP_M=8,
         PREC_MAIN=_precision(a.dtype), PREC_EXTRA=_precision(a.dtype),
-        UPCAST_DOT=_upcast_dot(a.dtype), num_warps=warps, num_stages=stages,
+        UPCAST_DOT=_upcast_dot(a.dtype), **tile,
     )
 
 
@@ -783,9 +860,9 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
 
 def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.Tensor,
                         expert_weight: torch.Tensor, expert_bias: torch.Tensor, n: int, h: int,
-                        w: int, usc: torch.Tensor, dps: torch.Tensor, y: torch.Tensor,
-                        part: torch.Tensor, prec: str) -> None:
-    """Expert backward: y rebuilt, usc (N*H*W, 36, r) left holding the dU patches, dps
+                        w: int, usc: torch.Tensor, dps: torch.Tensor, part: torch.Tensor,
+                        prec: str) -> None:
+    """Expert backward: usc (N*H*W, 36, r) left holding the dU patches, dps
     (N*H*W, 16, r) scratch, part (N*NBLK, KW + r) the per-program dEW / dEB partials
     (NBLK = cdiv(H*W, _expert_block_p(r, H*W)))."""
     r = z.shape[1]
@@ -793,7 +870,7 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_bwd_kernel)[grid](
         z, dy, expert_index, _inv_scales(expert_weight.shape[0], z.device), expert_weight,
-        expert_bias, usc, dps, y, part,
+        expert_bias, usc, dps, part,
         h, w, r, part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_block_r(r), PREC=prec,
@@ -831,6 +908,37 @@ def _launch_expert_reduce(part: torch.Tensor, expert_index: torch.Tensor, nblk: 
     )
 
 
+def _dy_db_block_m(r: int) -> int:
+    """Rows per program of the dy/dB pass. The dB partials take 4 * M * C_out * r / BLOCK_M
+    bytes, written then read by the sum: with BLOCK_M = 4 * BLOCK_R that traffic equals one
+    read of 16-bit dout at r = 32, half of one at r = 8 and a fifth at r = 3 (the alternative,
+    a separate dB pass, reads dout again). Larger blocks would leave SMs idle at SAM shapes."""
+    return min(256, 4 * _block_r(r))
+
+
+def _dy_db(dout2d: torch.Tensor, lora_B: torch.Tensor, y: torch.Tensor,
+           scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy = scaling * dout B (M, r) fp32 and dB = scaling * dout^T y (C_out, r) fp32 from one
+    read of dout (M, C_out); deterministic."""
+    m, c_out = dout2d.shape
+    r = y.shape[1]
+    block_m = _dy_db_block_m(r)
+    nblk = triton.cdiv(m, block_m)
+    dy = _empty((m, r), torch.float32, y.device)
+    part = _empty((nblk, c_out, r), torch.float32, y.device)
+    wrap_triton(_convlora_dy_db_kernel)[(nblk,)](
+        dout2d, lora_B, y, dy, part,
+        m, c_out, r,
+        dout2d.stride(0), dout2d.stride(1), lora_B.stride(0), lora_B.stride(1),
+        scaling,
+        # fp32 tiles at BLOCK_N 64 spill on sm_80 (2 KB/thread at r = 32; resource script).
+        BLOCK_M=block_m, BLOCK_N=32 if dout2d.dtype == torch.float32 else 64,
+        BLOCK_R=_block_r(r), PREC=_precision(dout2d.dtype),
+        UPCAST_DOT=_upcast_dot(dout2d.dtype), num_warps=4 if block_m <= 64 else 8,
+    )
+    return dy, part.sum(0) * scaling
+
+
 def _launch_tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float, part: torch.Tensor) -> None:
     """part (SPLIT, C, r) fp32: scale * x2d^T y over SPLIT chunks of rows (see _tsmm_split)."""
     m, c = x2d.shape
@@ -864,7 +972,8 @@ def _fwd_impl(
     lora_A: torch.Tensor, lora_B: torch.Tensor, expert_weight: torch.Tensor,
     expert_bias: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, scaling: float,
     expert_index: torch.Tensor | None, noise: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     n, h, w, c_in = x.shape
     hw, m = h * w, n * h * w
     r = lora_A.shape[0]
@@ -877,7 +986,7 @@ def _fwd_impl(
     with nvtx_range("convlora.triton.down_proj"):
         z = _empty((m, r), torch.float32, dev)
         gpart = _empty((n, _down_blocks(hw), r), torch.float32, dev)
-        _launch_down(xd2d, lora_A, z, gpart, n, hw, 1.0, (lora_A.stride(0), lora_A.stride(1)))
+        _launch_down(xd2d, lora_A, z, gpart, n, hw)
         g = gpart.sum(1) / hw
     with nvtx_range("convlora.triton.gate"):
         index, moe_loss = routing(g, w_gate, w_noise, noise, expert_index)
@@ -890,14 +999,14 @@ def _fwd_impl(
         out = _empty((m, c_out), x.dtype, dev)
         _launch_up_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, y, lora_B,
                         (lora_B.stride(1), lora_B.stride(0)), scaling, out)
-    return out.view(n, h, w, c_out), index, moe_loss.float(), z, g
+    return out.view(n, h, w, c_out), index, moe_loss.float(), z, g, y
 
 
 def _bwd_impl(
     dout: torch.Tensor, x: torch.Tensor, x_down: torch.Tensor | None, weight: torch.Tensor,
     lora_A: torch.Tensor, lora_B: torch.Tensor, expert_weight: torch.Tensor,
-    expert_bias: torch.Tensor, z: torch.Tensor, dgs: torch.Tensor, expert_index: torch.Tensor,
-    scaling: float, need_dx: bool,
+    expert_bias: torch.Tensor, z: torch.Tensor, y: torch.Tensor, dgs: torch.Tensor,
+    expert_index: torch.Tensor, scaling: float, need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, h, w, c_in = x.shape
     hw, m = h * w, n * h * w
@@ -909,17 +1018,16 @@ def _bwd_impl(
     dout2d = dout.reshape(m, c_out)
     xd2d = (x if x_down is None else x_down).reshape(m, c_in)
     ew = expert_weight.contiguous()
-    with nvtx_range("convlora.triton.bwd.dy"):
-        dy = _empty((m, r), torch.float32, dev)
-        _launch_down(dout2d, lora_B, dy, None, n, hw, scaling, (lora_B.stride(1), lora_B.stride(0)))
+    with nvtx_range("convlora.triton.bwd.dy_dB"):
+        dy, d_b = _dy_db(dout2d, lora_B, y, scaling)
+        d_b = d_b.to(lora_B.dtype)
     with nvtx_range("convlora.triton.bwd.experts"):
         nblk = triton.cdiv(hw, _expert_block_p(r, hw))
         kw = ew[0].numel()
         dup = _empty((m, _PATCH, r), torch.float32, dev)  # U patches, then dU patches
         dps = _empty((m, _TAPS, r), torch.float32, dev)
-        y = _empty((m, r), torch.float32, dev)
         part = _empty((n * nblk, kw + r), torch.float32, dev)
-        _launch_experts_bwd(z, dy, expert_index, ew, expert_bias, n, h, w, dup, dps, y, part, prec)
+        _launch_experts_bwd(z, dy, expert_index, ew, expert_bias, n, h, w, dup, dps, part, prec)
         del dps
         dz = _empty((m, r), torch.float32, dev)
         tbuf = _empty((m, _TSLOTS, r), torch.float32, dev)
@@ -930,8 +1038,6 @@ def _bwd_impl(
         # copies: op outputs may not alias each other
         d_ew = egrad[:, :kw].reshape(expert_weight.shape).to(expert_weight.dtype, copy=True)
         d_eb = egrad[:, kw:].to(expert_bias.dtype, copy=True)
-    with nvtx_range("convlora.triton.bwd.dB"):
-        d_b = _tsmm(dout2d, y, scaling).to(lora_B.dtype)
     with nvtx_range("convlora.triton.bwd.dx"):
         a_strides = (lora_A.stride(0), lora_A.stride(1))
         w_strides = (weight.stride(0), weight.stride(1))
@@ -980,11 +1086,12 @@ def _fwd_fake(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bia
         x.new_empty((), dtype=torch.float32),
         x.new_empty((n * h * w, r), dtype=torch.float32),
         x.new_empty((n, r), dtype=torch.float32),
+        x.new_empty((n * h * w, r), dtype=torch.float32),
     )
 
 
 @conv_lora_bwd.register_fake
-def _bwd_fake(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, dgs,
+def _bwd_fake(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
               expert_index, scaling, need_dx):
     return (
         torch.empty_like(x) if need_dx else x.new_empty((0,)),
@@ -999,14 +1106,15 @@ def _bwd_fake(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bia
 def _setup_context(ctx, inputs, output):
     (x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
      scaling, expert_index, noise) = inputs
-    _, index, _, z, g = output
+    _, index, _, z, g, y = output
     ctx.scaling = scaling
     ctx.routed = expert_index is None
     ctx.has_x_down = x_down is not None
     ctx.has_noise = noise is not None
-    # Little more than x and z (r wide): y, U, V are recomputed in the backward.
+    # Little more than x: z and y are r wide (fp32); U, V are recomputed in the backward. y is
+    # kept so that dy and dB come from one read of dout before the expert backward runs.
     ctx.save_for_backward(x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias,
-                          w_gate, w_noise, noise, z, g, index)
+                          w_gate, w_noise, noise, z, g, y, index)
 
 
 def _gate_grads(g, w_gate, w_noise, noise, dmoe):
@@ -1024,9 +1132,9 @@ def _gate_grads(g, w_gate, w_noise, noise, dmoe):
     return tuple(zt if gt is None else gt for gt, zt in zip(grads, zeros))
 
 
-def _backward(ctx, dout, d_index, dmoe, d_z, d_g):
+def _backward(ctx, dout, d_index, dmoe, d_z, d_g, d_y):
     (x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise, noise, z,
-     g, index) = ctx.saved_tensors
+     g, y, index) = ctx.saved_tensors
     n, h, w, _ = x.shape
     needs = ctx.needs_input_grad
     if ctx.routed and ctx.has_noise and dmoe is not None:
@@ -1036,7 +1144,7 @@ def _backward(ctx, dout, d_index, dmoe, d_z, d_g):
     if dout is None:
         dout = x.new_zeros(x.shape[:-1] + (weight.shape[0],))
     dx, dx_down, d_a, d_b, d_ew, d_eb = conv_lora_bwd(
-        dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z,
+        dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y,
         dg.float() / (h * w), index, ctx.scaling, bool(needs[0]),
     )
     d_w = d_bias = None
@@ -1099,7 +1207,7 @@ def conv_lora_forward(
         bias = bias.to(x.dtype)
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    out, index, moe_loss, _, _ = conv_lora_fwd(
+    out, index, moe_loss, _, _, _ = conv_lora_fwd(
         x, None if same else x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
         w_gate, w_noise, float(scaling), expert_index, noise,
     )
