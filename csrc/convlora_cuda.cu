@@ -188,6 +188,32 @@ __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, 
   }
 }
 
+// Work item k of the tap loop shared by forward and backward: pixel p of the tile, channel c,
+// V tap (a, b), the pixel's taps t and the conv pre-activation there.
+template <typename T>
+struct TapWork {
+  int p, c, a, b;
+  PixelTaps<T> t;
+  T pre;
+};
+
+template <typename T>
+__device__ __forceinline__ TapWork<T> tap_work(int k, int nt1, int pix0, int s, const ExpertGeom& g,
+                                              const T* up, const T* ew_e, const T* eb_e) {
+  const int ntap = nt1 * nt1;
+  TapWork<T> w;
+  w.p = k / (g.r * ntap);
+  w.c = (k / ntap) % g.r;
+  const int tap = k % ntap;
+  const int pix = pix0 + w.p;
+  pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, w.t);
+  w.a = tap / nt1;
+  w.b = tap % nt1;
+  w.pre = pre_value<T, T>(up + static_cast<size_t>(w.p) * g.r * kPatchArea, ew_e, eb_e, g.r,
+                          g.depthwise, w.c, w.t, w.a, w.b);
+  return w;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     convlora_experts_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
@@ -210,14 +236,8 @@ __global__ void __launch_bounds__(kThreads)
   const int nt1 = (s % 2 == 1) ? 1 : kTaps;
   const int ntap = nt1 * nt1;
   for (int k = threadIdx.x; k < npix * g.r * ntap; k += blockDim.x) {
-    const int p = k / (g.r * ntap), c = (k / ntap) % g.r, tap = k % ntap;
-    const int pix = pix0 + p;
-    PixelTaps<T> t;
-    pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
-    const int a = tap / nt1, b = tap % nt1;
-    pre[(p * g.r + c) * kTapArea + a * kTaps + b] = pre_value<T, T>(
-        up + static_cast<size_t>(p) * g.r * kPatchArea, ew + e * wsize, eb + e * g.r, g.r,
-        g.depthwise, c, t, a, b);
+    const TapWork<T> w = tap_work<T>(k, nt1, pix0, s, g, up, ew + e * wsize, eb + e * g.r);
+    pre[(w.p * g.r + w.c) * kTapArea + w.a * kTaps + w.b] = w.pre;
   }
   __syncthreads();
   for (int k = threadIdx.x; k < npix * g.r; k += blockDim.x) {
@@ -258,15 +278,10 @@ __global__ void __launch_bounds__(kThreads)
   const int nt1 = (s % 2 == 1) ? 1 : kTaps;
   const int ntap = nt1 * nt1;
   for (int k = threadIdx.x; k < npix * g.r * ntap; k += blockDim.x) {
-    const int p = k / (g.r * ntap), c = (k / ntap) % g.r, tap = k % ntap;
-    const int pix = pix0 + p;
-    PixelTaps<T> t;
-    pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
-    const int a = tap / nt1, b = tap % nt1;
-    const T pre = pre_value<T, T>(up + static_cast<size_t>(p) * g.r * kPatchArea, ew_e,
-                                  eb + e * g.r, g.r, g.depthwise, c, t, a, b);
-    const int64_t m = static_cast<int64_t>(n) * hw + pix;
-    dpre[(p * g.r + c) * kTapArea + a * kTaps + b] = tap_grad<T>(pre, dy[m * g.r + c], t, a, b);
+    const TapWork<T> w = tap_work<T>(k, nt1, pix0, s, g, up, ew_e, eb + e * g.r);
+    const int64_t m = static_cast<int64_t>(n) * hw + pix0 + w.p;
+    dpre[(w.p * g.r + w.c) * kTapArea + w.a * kTaps + w.b] =
+        tap_grad<T>(w.pre, dy[m * g.r + w.c], w.t, w.a, w.b);
   }
   __syncthreads();
   const int side = patch_side(s);
