@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
+from .memory import saved_activation_bytes
 from .modules import ConvLoRALinear
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -511,6 +512,8 @@ class Runner:
 
     fn: Callable[[], Any]
     keep: tuple[Any, ...] = ()
+    #: Bytes one forward saves for backward beyond inputs and parameters (None: not measured).
+    saved_bytes: Callable[[], int] | None = None
 
 
 def _seed(seed: int) -> None:
@@ -579,6 +582,13 @@ def build_layer_runner(case: LayerCase, device: torch.device, seed: int = 0) -> 
                 outputs.append(loss)
                 grads.append(torch.ones_like(loss))
             return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+
+        if case.provider != "compile":  # saved-tensor hooks would change what dynamo traces
+            def saved_bytes() -> int:
+                exclude = [x_grad, *module.parameters(), *module.buffers()]
+                return saved_activation_bytes(lambda: forward(x_grad), exclude)[0]
+
+            return Runner(fn, (module, call, x, grad_out), saved_bytes)
 
     return Runner(fn, (module, call, x, grad_out))
 
@@ -809,13 +819,20 @@ class Session:
         self.seed = seed
         self._floors: dict[tuple[str, str, str], float] = {}
         self._references: dict[tuple[Any, ...], float] = {}
+        self._reference_saved: dict[tuple[Any, ...], int] = {}
         self._no_adapter: dict[tuple[str, int, str], float] = {}
         self.timings: dict[str, Timing] = {}
 
     def _time(self, build: Callable[[], Runner]) -> Timing:
+        return self._measure(build)[0]
+
+    def _measure(self, build: Callable[[], Runner]) -> tuple[Timing, int | None]:
+        """Timing of the runner, then (outside the timed calls) its saved-for-backward bytes."""
         runner = build()
         try:
-            return measure(runner.fn, self.device, self.timing)
+            timing = measure(runner.fn, self.device, self.timing)
+            saved = None if runner.saved_bytes is None else runner.saved_bytes()
+            return timing, saved
         finally:
             del runner
             _release(self.device)
@@ -832,7 +849,7 @@ class Session:
         """Measure one layer row. Status "ok", "unavailable" (reason), "oom" or "error"."""
         row = layer_row(case)
         try:
-            timing = self._time(lambda: build_layer_runner(case, self.device, self.seed))
+            timing, saved = self._measure(lambda: build_layer_runner(case, self.device, self.seed))
         except ProviderUnavailable as exc:
             return {**row, "status": "unavailable", "reason": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a row's failure must not end the run
@@ -844,8 +861,11 @@ class Session:
             self._floors.setdefault(_floor_key(case), median)
         if case.provider == "reference":
             self._references[_ref_key(case)] = median
+            if saved is not None:
+                self._reference_saved[_ref_key(case)] = saved
         floor = self.floor_ms(case.shape, case.dtype, case.mode)
         reference_ms = self._references.get(_ref_key(case))
+        reference_saved = self._reference_saved.get(_ref_key(case))
         adapter = case.provider != "linear"
         nbytes = layer_bytes(case.shape, case.mode, case.dtype, adapter)
         return {
@@ -864,6 +884,10 @@ class Session:
             "tflops": _round(layer_flops(case.shape, case.mode, case.r) / (median * 1e-3) / 1e12, 4),
             "peak_mem_mb": _round(timing.peak_mem_mb, 1),
             "work_mem_mb": _round(timing.work_mem_mb, 1),
+            # Activations one forward keeps for the backward beyond x and the parameters.
+            "saved_mb": None if saved is None else _round(saved / 2**20, 3),
+            "saved_vs_reference": (None if saved is None or not reference_saved
+                                   else _round(saved / reference_saved, 4)),
         }
 
     def run_sam(self, case: SamCase) -> dict[str, Any]:

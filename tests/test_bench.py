@@ -31,6 +31,11 @@ def test_cli_quick_writes_json_table_and_png(tmp_path: Path, capsys: pytest.Capt
     assert rows["tiny-global-fp32-fwdbwd-linear"]["ratio_to_linear"] == 1.0
     ref = rows["tiny-global-fp32-fwdbwd-r8-route-random-reference"]
     assert ref["speedup_vs_reference"] == 1.0 and ref["bytes"] > 0 and ref["gbps"] is not None and ref["r"] == 8
+    # Activations kept for the backward beyond x and the parameters: none for the frozen Linear.
+    assert rows["tiny-global-fp32-fwdbwd-linear"]["saved_mb"] == 0
+    assert ref["saved_mb"] > 0 and ref["saved_vs_reference"] == 1.0
+    eager = rows["tiny-global-fp32-fwdbwd-r8-route-random-eager"]
+    assert eager["saved_vs_reference"] > 1  # every expert on every sample, masked
     assert {"sam-tiny-b1-fp32-r8-none", "sam-tiny-b1-fp32-r8-reference"} <= set(rows)
     assert (tmp_path / bench.PNG_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "reference" in (tmp_path / bench.TABLE_NAME).read_text()
