@@ -109,17 +109,20 @@ stage gpu-tests 200 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p n
 stage tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m "not gpu" --ignore=tests/test_triton_aot.py -q -p no:cacheprovider "${XDIST[@]}"
 
 # Profile mode under Nsight Compute: only the steady-state iterations are captured, and their
-# kernels carry the NVTX stack (convlora-bench:<row>#i > convlora.<stage>).
+# kernels carry the NVTX stack (convlora-bench:<row>#i > convlora.<stage>). One Triton
+# forward+backward of ViT-B's windowed qkv (100 windows, r = 8, random routing): the per-kernel
+# table (scripts/ncu_summary.py) says which kernel to work on next.
 ncu_check() {
   if ! command -v ncu >/dev/null; then
     echo "ncu not found: profile mode not checked"
     return 1
   fi
-  ncu --profile-from-start off --nvtx --section SpeedOfLight -c 40 \
-    "$PY" -m convlora_kernels.bench --profile --profile-iters 1 --shapes vitb-window-b1 \
-    --providers eager --r 8 --routing 2 --mode fwd --sam none >"$OUT/ncu.txt" 2>&1
+  ncu --profile-from-start off --nvtx --section SpeedOfLight -c 80 \
+    "$PY" -m convlora_kernels.bench --profile --profile-iters 1 --shapes vitb-window-b4 \
+    --providers triton --dtype bf16 --r 8 --routing random --mode fwdbwd --sam none \
+    >"$OUT/ncu.txt" 2>&1
   local rc=$?
-  grep -E "^  [A-Za-z_].*\(|convlora" "$OUT/ncu.txt" | head -n 30
+  "$PY" scripts/ncu_summary.py "$OUT/ncu.txt" | tee "$OUT/ncu_summary.txt" | head -n 40
   local kernels
   kernels=$(grep -cE "Context [0-9]+, Stream [0-9]+" "$OUT/ncu.txt")
   echo "ncu captured $kernels kernel(s); NVTX stage ranges seen: $(grep -oE 'convlora\.[a-z_]+' "$OUT/ncu.txt" | sort -u | tr '\n' ' ')"
