@@ -151,11 +151,14 @@ def test_large_map(r, depthwise, h, w, experts):
     check_against_reference(case, torch.tensor(experts, device=DEVICE), rtol=3e-5)
 
 
-def test_gpu_block_sizes(monkeypatch):
-    """The GPU's small pixel blocks (several programs per sample, partial last block)."""
+@pytest.mark.parametrize("r, h, w", [(3, 11, 12), (8, 8, 9), (16, 5, 7)])
+def test_gpu_block_sizes(monkeypatch, r, h, w):
+    """The GPU's pixel blocks (two programs per sample, partial last block) for each channel
+    tile: CUDA-core conv at BLOCK_R 4 and 8, tl.dot at 16."""
     monkeypatch.setattr(T, "_INTERPRET", False)  # only changes the block-size rules
-    case = make_case(4, 5, 7, 8, 8, False, seed=5)
-    check_against_reference(case, torch.tensor([0, 3, 4, 7], device=DEVICE))
+    assert T._expert_block_p(r, h * w) < h * w <= 2 * T._expert_block_p(r, h * w)
+    case = make_case(2, h, w, r, 8, False, seed=5)
+    check_against_reference(case, torch.tensor([1, 6], device=DEVICE))  # s = 2 and 7
 
 
 def test_dropout_separate_x_down():

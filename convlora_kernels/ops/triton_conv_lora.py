@@ -187,11 +187,17 @@ def _conv_weight(ew_base, d, co, R, stride_ew_o, stride_ew_i,
 
 @triton.jit
 def _conv_mac(acc, t, wd, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
-    """acc + t @ wd (full) or acc + t * wd (depthwise, per channel): t, acc [P, BR]."""
+    """acc + t @ wd (full) or acc + t * wd (depthwise, per channel): t, acc [P, BR].
+
+    BLOCK_R < 16 (r <= 8) multiplies on the CUDA cores ([P, BR, BR] broadcast, summed in fp32):
+    tl.dot needs BR >= 16, and padding r = 3 or 8 to 16 channels would mask most of every
+    [P, BR] tile's lanes in the loads that dominate the expert kernels."""
     if DEPTHWISE:
         acc = acc + t * wd[None, :]
-    else:
+    elif t.shape[1] >= 16:
         acc = tl.dot(t, wd, acc, input_precision=PREC)
+    else:
+        acc = acc + tl.sum(t[:, :, None] * wd[None, :, :], axis=1)
     return acc
 
 
@@ -523,16 +529,22 @@ def _expert_bwd_tile(
     for d in range(9):  # 2. dEW, one conv offset at a time
         if DEPTHWISE:
             dw = tl.zeros((BLOCK_R,), tl.float32)
-        else:
+        elif BLOCK_R >= 16:
             dw = tl.zeros((BLOCK_R, BLOCK_R), tl.float32)
+        else:  # CUDA-core outer products (see _conv_mac), summed over pixels once per d
+            dw3 = tl.zeros((pix.shape[0], BLOCK_R, BLOCK_R), tl.float32)
         for t in range(NT * NT):
             u = tl.load(_slot_ptrs(usc_base, pix, (t // NT + d // 3) * NU + t % NT + d % 3, co, 36, R),
                         mask=m, other=0.0)
             dp = tl.load(_slot_ptrs(dps_base, pix, t, co, 16, R), mask=m, other=0.0)
             if DEPTHWISE:
                 dw += tl.sum(u * dp, axis=0)
-            else:
+            elif BLOCK_R >= 16:
                 dw = tl.dot(tl.trans(u), dp, dw, input_precision=PREC)  # [ci, co]
+            else:
+                dw3 += u[:, :, None] * dp[:, None, :]
+        if not DEPTHWISE and BLOCK_R < 16:
+            dw = tl.sum(dw3, axis=0)  # [ci, co]
         if DEPTHWISE:
             tl.store(part_row + co * 9 + d, dw, mask=comask)
         else:
@@ -721,26 +733,45 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+#: Smallest channel tile of the expert-stage kernels. 2 (v3): r <= 8 convolves on the CUDA cores
+#: in tiles of r rounded up to a power of two; 16 restores v2 (tl.dot for every r, r padded).
+_EXPERT_MIN_BLOCK_R = 2
+
+
+def _expert_block_r(r: int) -> int:
+    """Channel tile of the expert-stage kernels: r rounded up to a power of two. Below 16 the
+    conv runs on the CUDA cores (see _conv_mac); from 16 on it uses tl.dot."""
+    return max(_EXPERT_MIN_BLOCK_R, triton.next_power_of_2(r))
+
+
+def _expert_warps(r: int) -> int:
+    return 4 if _expert_block_r(r) <= 16 else 8
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
 
 
 def _expert_block_p(r: int, hw: int) -> int:
-    """Pixels per expert program. GPU: 32, with 4 warps at BLOCK_R 16 and 8 at 32 (about 4 tile
-    elements per thread): 96-168 registers and no spills on sm_90 at SAM shapes, where 64
-    pixels took 150-255 registers and 128 spilled up to 3 KB per thread
-    (scripts/triton_resource_usage.py). Interpreter: its cost is per operation, not per
-    element, so one big block."""
+    """Pixels per expert program: about 4 elements of a [P, BLOCK_R] tile per thread (32 pixels
+    at BLOCK_R 16 with 4 warps, 64 at 8, 128 at 4; 32 at BLOCK_R 32 with 8 warps). At 32 pixels
+    and BLOCK_R 16 the v2 kernels take 96-168 registers without spills on sm_90 at SAM shapes;
+    64 pixels took up to 255 and 128 spilled 3 KB per thread (scripts/triton_resource_usage.py).
+    Interpreter: its cost is per operation, not per element, so one big block."""
     if _INTERPRET:
         return max(16, min(256, triton.next_power_of_2(hw)))
-    return 32
+    return _pixels_per_program(r, 128 * _expert_warps(r))
 
 
-def _gather_block_p(hw: int, gpu_block: int) -> int:
-    """Pixels per program of the dZ gather kernels (see _expert_block_p)."""
+def _pixels_per_program(r: int, elements: int) -> int:
+    return max(16, min(128, elements // _expert_block_r(r)))
+
+
+def _gather_block_p(r: int, hw: int, elements: int) -> int:
+    """Pixels per program of the dZ gather kernels (4 warps; see _expert_block_p)."""
     if _INTERPRET:
         return max(16, min(256, triton.next_power_of_2(hw)))
-    return gpu_block
+    return _pixels_per_program(r, elements)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -853,8 +884,8 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
         usc, y,
         h, w, r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
-        DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_block_r(r), PREC=prec,
-        num_warps=4 if _block_r(r) <= 16 else 8,
+        DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
+        PREC=prec, num_warps=_expert_warps(r),
     )
 
 
@@ -873,8 +904,8 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
         expert_bias, usc, dps, part,
         h, w, r, part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
-        DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_block_r(r), PREC=prec,
-        num_warps=4 if _block_r(r) <= 16 else 8,
+        DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
+        PREC=prec, num_warps=_expert_warps(r),
     )
 
 
@@ -884,13 +915,13 @@ def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_in
     (N*H*W, 8, r) fp32 scratch of the column pass."""
     r = dy.shape[1]
     inv = _inv_scales(num_experts, dy.device)
-    br = _block_r(r)
-    bp = _gather_block_p(h * w, 32)
+    br = _expert_block_r(r)
+    bp = _gather_block_p(r, h * w, 512)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_dz_cols_kernel)[grid](
         dup, expert_index, inv, tbuf, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
-    bp = _gather_block_p(h * w, 64)
+    bp = _gather_block_p(r, h * w, 1024)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_dz_rows_kernel)[grid](
         tbuf, dy, dgs, expert_index, inv, dz, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
