@@ -8,7 +8,10 @@ PYTEST_ARGS ?= -n 2 -q
 .PHONY: install test bench bench-pytest gpu-check clean
 
 # torch first (the CUDA extension's build imports it), then the package and its test tools.
+# --no-build-isolation builds with this environment's setuptools: editable wheels need >= 70.1
+# (a venv's bundled 65.x has no bdist_wheel; installing torch upgrades it, an existing torch not).
 install:
+	$(PIP) install "setuptools>=70.1"
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch>=2.6" "torchvision"
 	$(PYTHON) -c "import torchvision" 2>/dev/null || $(PIP) install "torchvision"
 	$(PIP) install --no-build-isolation -e ".[test,bench]"
