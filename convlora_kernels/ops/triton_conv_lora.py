@@ -622,16 +622,29 @@ def _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R,
     cmask = co < R
     for ku in range(NU):
         acc = tl.zeros((pix.shape[0], BLOCK_R), tl.float32)
-        for dj in range(7):
-            j = wz + 3 - dj
-            jvalid = pmask & (j >= 0) & (j < W)
-            ub_j = s * j + (s - NT) // 2 - 1
-            for lu in range(NU):
-                cw = tl.where(jvalid, _tap_weight_on(ub_j + lu, wz, inv_s, W, s), 0.0)
-                v = tl.load(_slot_ptrs(dup_base, i * W + j, ku * NU + lu, co, 36, R),
-                            mask=(cw != 0.0)[:, None] & cmask[None, :], other=0.0)
-                acc += cw[:, None] * v
+        acc = _dz_gather_axis(acc, dup_base, i * W, 1, wz, W, ku * NU, s, inv_s, pmask, co, cmask,
+                              R, 36, NT)
         tl.store(_slot_ptrs(t_base, pix, ku, co, 8, R), acc, mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _dz_gather_axis(acc, base, fixed, stride_k, c, size, slot0, s, inv_s, pmask, co, cmask, R,
+                    SLOTS: tl.constexpr, NT: tl.constexpr):
+    """acc + sum over the outputs k = c-3..c+3 along one axis and the patch positions l < NU of
+    the upsample weight U coordinate q(k, l) gives Z coordinate c, times the scratch slot
+    ``slot0 + l`` of pixel ``fixed + k * stride_k``: the transpose of one axis of the upsample
+    (the column pass reads dU patches, the row pass the column pass's T)."""
+    NU: tl.constexpr = NT + 2
+    for d in range(7):
+        k = c + 3 - d
+        kvalid = pmask & (k >= 0) & (k < size)
+        ub = s * k + (s - NT) // 2 - 1
+        for l in range(NU):
+            w = tl.where(kvalid, _tap_weight_on(ub + l, c, inv_s, size, s), 0.0)
+            v = tl.load(_slot_ptrs(base, fixed + k * stride_k, slot0 + l, co, SLOTS, R),
+                        mask=(w != 0.0)[:, None] & cmask[None, :], other=0.0)
+            acc += w[:, None] * v
+    return acc
 
 
 @triton.jit
@@ -670,31 +683,16 @@ def _convlora_experts_dz_rows_kernel(
     comask = co < R
     m = pmask[:, None] & comask[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
+    # dZ[hz, wz] = sum over output rows i and patch rows ku of the row weight U row p(i, ku)
+    # gives Z row hz, times T[i, wz, ku].
     if s % 2 == 0:
-        acc = _dz_rows_accumulate(acc, t_base, pmask, hz, wz, s, inv_s, H, W, R, co, comask, 4)
+        acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, 8, 4)
     else:
-        acc = _dz_rows_accumulate(acc, t_base, pmask, hz, wz, s, inv_s, H, W, R, co, comask, 1)
+        acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, 8, 1)
     offs = n * HW * R + pix[:, None] * R + co[None, :]
     acc += tl.load(dy_ptr + offs, mask=m, other=0.0)
     acc += tl.load(dgs_ptr + n * R + co, mask=comask, other=0.0)[None, :]
     tl.store(dz_ptr + offs, acc, mask=m)
-
-
-@triton.jit
-def _dz_rows_accumulate(acc, t_base, pmask, hz, wz, s, inv_s, H, W, R, co, comask, NT: tl.constexpr):
-    """dZ[hz, wz] = sum over output rows i and patch rows ku of the row weight U row p(i, ku)
-    gives Z row hz, times T[i, wz, ku]."""
-    NU: tl.constexpr = NT + 2
-    for di in range(7):
-        i = hz + 3 - di
-        ivalid = pmask & (i >= 0) & (i < H)
-        ub_i = s * i + (s - NT) // 2 - 1
-        for ku in range(NU):
-            rw = tl.where(ivalid, _tap_weight_on(ub_i + ku, hz, inv_s, H, s), 0.0)
-            offs = (i * W + wz)[:, None] * (8 * R) + ku * R + co[None, :]
-            v = tl.load(t_base + offs, mask=(rw != 0.0)[:, None] & comask[None, :], other=0.0)
-            acc += rw[:, None] * v
-    return acc
 
 
 @triton.jit
