@@ -52,7 +52,8 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _PATCH = 36
 #: dpre slots per pixel in the expert backward: 4x4 V taps for even s (1 for odd s).
 _TAPS = 16
-#: Slots per pixel of the column-pass scratch in the dZ gather (6 U rows, padded to 8).
+#: Slots per pixel of the separable U-patch pass (7 Z columns) and of the dZ gather's column
+#: pass (6 U rows), padded to 8.
 _TSLOTS = 8
 
 
@@ -71,14 +72,20 @@ def _cubic_weights(t):
 
 
 @triton.jit
+def _up_floor_weights(p, inv_s):
+    """First-but-one tap i0 = floor(src) (unclamped, int32) and the 4 bicubic weights of
+    U coordinate ``p``, for the taps i0-1..i0+2."""
+    src = (p.to(tl.float32) + 0.5) * inv_s - 0.5
+    f = tl.floor(src)
+    w0, w1, w2, w3 = _cubic_weights(src - f)
+    return f.to(tl.int32), w0, w1, w2, w3
+
+
+@triton.jit
 def _up_taps(p, inv_s, size):
     """Bicubic upsample taps of U coordinate ``p`` (any shape, int32): 4 clamped Z indices and
     4 weights. ``inv_s`` is float32(1/s), the scale PyTorch uses for ``scale_factor=s``."""
-    src = (p.to(tl.float32) + 0.5) * inv_s - 0.5
-    f = tl.floor(src)
-    t = src - f
-    i0 = f.to(tl.int32)
-    w0, w1, w2, w3 = _cubic_weights(t)
+    i0, w0, w1, w2, w3 = _up_floor_weights(p, inv_s)
     c0 = tl.minimum(tl.maximum(i0 - 1, 0), size - 1)
     c1 = tl.minimum(tl.maximum(i0, 0), size - 1)
     c2 = tl.minimum(tl.maximum(i0 + 1, 0), size - 1)
@@ -119,17 +126,19 @@ def _gelu_and_grad(x):
 def _z_row_interp(z_base, zr, wr, c0, c1, c2, c3, w0, w1, w2, w3, co, m, W, R):
     """wr * sum_b w_b Z[zr, c_b, :] for each pixel: [P, BR] (zr, wr, c_b, w_b: [P]; co: [BR]).
     Zero weights skip their load (s = 1 has a single non-zero tap per axis)."""
-    row = zr * W
     rmask = m & (wr != 0.0)[:, None]
-    v = w0[:, None] * tl.load(z_base + ((row + c0) * R)[:, None] + co[None, :],
-                              mask=rmask & (w0 != 0.0)[:, None], other=0.0)
-    v += w1[:, None] * tl.load(z_base + ((row + c1) * R)[:, None] + co[None, :],
-                               mask=rmask & (w1 != 0.0)[:, None], other=0.0)
-    v += w2[:, None] * tl.load(z_base + ((row + c2) * R)[:, None] + co[None, :],
-                               mask=rmask & (w2 != 0.0)[:, None], other=0.0)
-    v += w3[:, None] * tl.load(z_base + ((row + c3) * R)[:, None] + co[None, :],
-                               mask=rmask & (w3 != 0.0)[:, None], other=0.0)
+    v = _z_weighted(z_base, zr, c0, w0, co, rmask, W, R)
+    v += _z_weighted(z_base, zr, c1, w1, co, rmask, W, R)
+    v += _z_weighted(z_base, zr, c2, w2, co, rmask, W, R)
+    v += _z_weighted(z_base, zr, c3, w3, co, rmask, W, R)
     return wr[:, None] * v
+
+
+@triton.jit
+def _z_weighted(z_base, zr, zc, wgt, co, m, W, R):
+    """wgt * Z[zr, zc, :] for each pixel: [P, BR] (zr, zc, wgt: [P]); a zero weight skips the load."""
+    return wgt[:, None] * tl.load(z_base + ((zr * W + zc) * R)[:, None] + co[None, :],
+                                  mask=m & (wgt != 0.0)[:, None], other=0.0)
 
 
 @triton.jit
@@ -139,13 +148,20 @@ def _slot_ptrs(base, pix, slot, co, SLOTS: tl.constexpr, R):
 
 
 @triton.jit
-def _u_patch_to_scratch(z_base, usc_base, pix, m, ub_i, ub_j, s, inv_s, H, W, R, co,
+def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, inv_s, H, W, R, co,
                         NU: tl.constexpr):
     """U patch (NU x NU, all channels) of each pixel into its scratch slots ``ku*NU + lu``.
 
     Computed once per pixel and read back by the conv (L1/L2 resident): each U value feeds up
     to 9 conv taps of up to 4 V taps. Zero padding of the conv lives in the U grid: U outside
-    [0, sH) x [0, sW) is stored as 0. ``m``: [P, BR] pixel & channel mask.
+    [0, sH) x [0, sW) is stored as 0. ``m``: [P, BR] pixel & channel mask; ``j``: [P] pixel
+    column; ``tsc``: 8 scratch slots per pixel for the separable pass.
+
+    Even s (NU = 6), separably: every patch column's taps fall in the 7 Z columns j-3..j+3
+    (i0(q) - j is in [-2, 1]), so each patch row first interpolates those 7 columns
+    vertically (28 loads), then each U value combines 4 of them (4 loads): 6 * (28 + 24)
+    loads per pixel instead of 36 * 16. Odd s (NU = 3): direct, 16 loads per U value (s = 1:
+    one, the other weights are 0), which the separable pass would not beat.
     """
     # Runtime loops throughout the expert kernels, never tl.static_range: fully unrolled, the
     # first expert forward took ~14 min to compile for sm_90 (LLVM NVPTX codegen on an
@@ -154,15 +170,34 @@ def _u_patch_to_scratch(z_base, usc_base, pix, m, ub_i, ub_j, s, inv_s, H, W, R,
         p = ub_i + ku  # [P] U row
         r0, r1, r2, r3, v0, v1, v2, v3 = _up_taps(p, inv_s, H)
         validr = (p >= 0) & (p < s * H)
+        if NU == 6:
+            for o in range(7):  # T[o] = sum_a v_a Z[r_a, clamp(j + o - 3)]
+                cz = tl.minimum(tl.maximum(j + o - 3, 0), W - 1)
+                t = _z_weighted(z_base, r0, cz, v0, co, m, W, R)
+                t += _z_weighted(z_base, r1, cz, v1, co, m, W, R)
+                t += _z_weighted(z_base, r2, cz, v2, co, m, W, R)
+                t += _z_weighted(z_base, r3, cz, v3, co, m, W, R)
+                tl.store(_slot_ptrs(tsc_base, pix, o, co, 8, R), t, mask=m)
+            tl.debug_barrier()  # T slots written by other threads
         for lu in range(NU):
             q = ub_j + lu  # [P] U column
-            c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
             mm = m & (validr & (q >= 0) & (q < s * W))[:, None]
-            u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
-            u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
-            u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
-            u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
+            if NU == 6:
+                i0, w0, w1, w2, w3 = _up_floor_weights(q, inv_s)
+                o0 = i0 - j + 2  # T slot of tap i0 - 1
+                u = w0[:, None] * tl.load(_slot_ptrs(tsc_base, pix, o0, co, 8, R), mask=mm, other=0.0)
+                u += w1[:, None] * tl.load(_slot_ptrs(tsc_base, pix, o0 + 1, co, 8, R), mask=mm, other=0.0)
+                u += w2[:, None] * tl.load(_slot_ptrs(tsc_base, pix, o0 + 2, co, 8, R), mask=mm, other=0.0)
+                u += w3[:, None] * tl.load(_slot_ptrs(tsc_base, pix, o0 + 3, co, 8, R), mask=mm, other=0.0)
+            else:
+                c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
+                u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
+                u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
+                u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
+                u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
             tl.store(_slot_ptrs(usc_base, pix, ku * NU + lu, co, 36, R), u, mask=m)
+        if NU == 6:
+            tl.debug_barrier()  # the next patch row overwrites the T slots
 
 
 @triton.jit
@@ -220,7 +255,7 @@ def _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew
 
 
 @triton.jit
-def _expert_tile_setup(z_base, usc_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
+def _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
                        NT: tl.constexpr, BLOCK_R: tl.constexpr):
     """Shared start of the expert forward and backward tiles: the first V row / column the
     downsample reads (s - NT is even), channel arange and [P, BR] mask, the U patches in the
@@ -229,8 +264,8 @@ def _expert_tile_setup(z_base, usc_base, eb_base, pix, pmask, i, j, s, inv_s, H,
     vb_j = s * j + (s - NT) // 2
     co = tl.arange(0, BLOCK_R)
     m = pmask[:, None] & (co < R)[None, :]
-    _u_patch_to_scratch(z_base, usc_base, pix, m, vb_i - 1, vb_j - 1, s, inv_s, H, W, R, co,
-                        NT + 2)
+    _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, vb_i - 1, vb_j - 1, s, inv_s, H,
+                        W, R, co, NT + 2)
     tl.debug_barrier()  # the scratch written by other threads of this program
     bias = tl.load(eb_base + co, mask=co < R, other=0.0).to(tl.float32)
     return vb_i, vb_j, co, m, bias
@@ -307,13 +342,13 @@ def _convlora_down_fwd_kernel(
 # ----------------------------------------------------------------------------- 3. experts fwd
 @triton.jit
 def _expert_fwd_tile(
-    z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
+    z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
     stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """D = downsample(GELU(conv(U) + b)) at the NT x NT V taps of each pixel: [P, BR]."""
-    vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, eb_base, pix, pmask, i, j, s,
-                                                 inv_s, H, W, R, NT, BLOCK_R)
+    vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask,
+                                                 i, j, s, inv_s, H, W, R, NT, BLOCK_R)
     acc = tl.zeros(m.shape, tl.float32)
     for t in range(NT * NT):
         pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R,
@@ -325,14 +360,15 @@ def _expert_fwd_tile(
 
 @triton.jit
 def _convlora_experts_fwd_kernel(
-    z_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, y_ptr,
+    z_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, y_ptr,
     H, W, R,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """y = z + D(z) for a block of BLOCK_P pixels of one sample, all r channels.
 
-    z, y: (N*H*W, R) fp32; usc: (N*H*W, 36, R) fp32 scratch; expert_weight (E, R, R|1, 3, 3)
+    z, y: (N*H*W, R) fp32; usc: (N*H*W, 36, R), tsc: (N*H*W, 8, R) fp32 scratch (U patches,
+    their separable pass); expert_weight (E, R, R|1, 3, 3)
     contiguous in its last 3 dims. Grid (cdiv(H*W, BLOCK_P), N). s = expert_index[n] + 1 is
     read on the device; even and odd s take different static paths (6x6 vs 3x3 U patch).
     """
@@ -340,15 +376,16 @@ def _convlora_experts_fwd_kernel(
         eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
     z_base = z_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
+    tsc_base = tsc_ptr + n * HW * (8 * R)
     ew_base = ew_ptr + e * stride_ew_e
     eb_base = eb_ptr + e * stride_eb_e
     if s % 2 == 0:
-        dv = _expert_fwd_tile(z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s,
-                              H, W, R, stride_ew_o, stride_ew_i,
+        dv = _expert_fwd_tile(z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s,
+                              inv_s, H, W, R, stride_ew_o, stride_ew_i,
                               DEPTHWISE, 4, BLOCK_R, PREC)
     else:
-        dv = _expert_fwd_tile(z_base, usc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s,
-                              H, W, R, stride_ew_o, stride_ew_i,
+        dv = _expert_fwd_tile(z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s,
+                              inv_s, H, W, R, stride_ew_o, stride_ew_i,
                               DEPTHWISE, 1, BLOCK_R, PREC)
     co = tl.arange(0, BLOCK_R)
     offs = pix[:, None] * R + co[None, :]
@@ -497,7 +534,7 @@ def _convlora_tsmm_kernel(
 
 @triton.jit
 def _expert_bwd_tile(
-    z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
+    z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base, part_row,
     pix, pmask, i, j, s, inv_s, H, W, R, KW,
     stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
@@ -512,8 +549,8 @@ def _expert_bwd_tile(
     3. dU[slot] = sum over the taps reading it of dpre_tap @ W_d^T (the conv's transpose).
     """
     NU: tl.constexpr = NT + 2
-    vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, eb_base, pix, pmask, i, j, s,
-                                                 inv_s, H, W, R, NT, BLOCK_R)
+    vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask,
+                                                 i, j, s, inv_s, H, W, R, NT, BLOCK_R)
     comask = co < R
     dyv = tl.load(dy_base + pix[:, None] * R + co[None, :], mask=m, other=0.0)
     deb = tl.zeros((BLOCK_R,), tl.float32)
@@ -568,7 +605,7 @@ def _expert_bwd_tile(
 
 @triton.jit
 def _convlora_experts_bwd_kernel(
-    z_ptr, dy_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, dps_ptr, part_ptr,
+    z_ptr, dy_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, dps_ptr, part_ptr,
     H, W, R, KW,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
@@ -576,7 +613,8 @@ def _convlora_experts_bwd_kernel(
     """Expert backward for a block of pixels of one sample (grid as the forward).
 
     dy: (N*H*W, R) fp32 (= dD); usc: (N*H*W, 36, R) scratch, left
-    holding the dU patches; dps: (N*H*W, 16, R) scratch (dpre at each V tap);
+    holding the dU patches; tsc: (N*H*W, 8, R) scratch of the U patches' separable pass;
+    dps: (N*H*W, 16, R) scratch (dpre at each V tap);
     part: (N*NBLK, KW + R) this program's dEW (flattened like expert_weight[e]) and dEB.
     """
     nblk = tl.num_programs(0)
@@ -585,18 +623,19 @@ def _convlora_experts_bwd_kernel(
     z_base = z_ptr + n * HW * R
     dy_base = dy_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
+    tsc_base = tsc_ptr + n * HW * (8 * R)
     dps_base = dps_ptr + n * HW * (16 * R)
     ew_base = ew_ptr + e * stride_ew_e
     eb_base = eb_ptr + e * stride_eb_e
     part_row = part_ptr + (n * nblk + pid) * (KW + R)
     if s % 2 == 0:
-        _expert_bwd_tile(z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
-                         pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
-                         DEPTHWISE, 4, BLOCK_R, PREC)
+        _expert_bwd_tile(z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base,
+                         part_row, pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o,
+                         stride_ew_i, DEPTHWISE, 4, BLOCK_R, PREC)
     else:
-        _expert_bwd_tile(z_base, dy_base, usc_base, dps_base, ew_base, eb_base, part_row,
-                         pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o, stride_ew_i,
-                         DEPTHWISE, 1, BLOCK_R, PREC)
+        _expert_bwd_tile(z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base,
+                         part_row, pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o,
+                         stride_ew_i, DEPTHWISE, 1, BLOCK_R, PREC)
 
 
 @triton.jit
@@ -872,14 +911,14 @@ def _inv_scales(num_experts: int, device: torch.device) -> torch.Tensor:
 
 def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor,
                         expert_bias: torch.Tensor, n: int, h: int, w: int, usc: torch.Tensor,
-                        y: torch.Tensor, prec: str) -> None:
-    """y (N*H*W, r) fp32 = z + D(z); usc (N*H*W, 36, r) fp32 scratch."""
+                        tsc: torch.Tensor, y: torch.Tensor, prec: str) -> None:
+    """y (N*H*W, r) fp32 = z + D(z); usc (N*H*W, 36, r), tsc (N*H*W, 8, r) fp32 scratch."""
     r = z.shape[1]
     bp = _expert_block_p(r, h * w)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_fwd_kernel)[grid](
         z, expert_index, _inv_scales(expert_weight.shape[0], z.device), expert_weight, expert_bias,
-        usc, y,
+        usc, tsc, y,
         h, w, r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
@@ -889,9 +928,9 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
 
 def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.Tensor,
                         expert_weight: torch.Tensor, expert_bias: torch.Tensor, n: int, h: int,
-                        w: int, usc: torch.Tensor, dps: torch.Tensor, part: torch.Tensor,
-                        prec: str) -> None:
-    """Expert backward: usc (N*H*W, 36, r) left holding the dU patches, dps
+                        w: int, usc: torch.Tensor, tsc: torch.Tensor, dps: torch.Tensor,
+                        part: torch.Tensor, prec: str) -> None:
+    """Expert backward: usc (N*H*W, 36, r) left holding the dU patches, tsc (N*H*W, 8, r) and dps
     (N*H*W, 16, r) scratch, part (N*NBLK, KW + r) the per-program dEW / dEB partials
     (NBLK = cdiv(H*W, _expert_block_p(r, H*W)))."""
     r = z.shape[1]
@@ -899,7 +938,7 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_bwd_kernel)[grid](
         z, dy, expert_index, _inv_scales(expert_weight.shape[0], z.device), expert_weight,
-        expert_bias, usc, dps, part,
+        expert_bias, usc, tsc, dps, part,
         h, w, r, part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
@@ -1022,8 +1061,10 @@ def _fwd_impl(
         index = index.to(torch.long, copy=True)  # never alias the forced-routing input
     with nvtx_range("convlora.triton.experts"):
         usc = _empty((m, _PATCH, r), torch.float32, dev)
+        tsc = _empty((m, _TSLOTS, r), torch.float32, dev)
         y = _empty((m, r), torch.float32, dev)
-        _launch_experts_fwd(z, index, ew, expert_bias, n, h, w, usc, y, _precision(x.dtype))
+        _launch_experts_fwd(z, index, ew, expert_bias, n, h, w, usc, tsc, y, _precision(x.dtype))
+        del usc, tsc
     with nvtx_range("convlora.triton.up_proj"):
         out = _empty((m, c_out), x.dtype, dev)
         _launch_up_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, y, lora_B,
@@ -1056,10 +1097,12 @@ def _bwd_impl(
         dup = _empty((m, _PATCH, r), torch.float32, dev)  # U patches, then dU patches
         dps = _empty((m, _TAPS, r), torch.float32, dev)
         part = _empty((n * nblk, kw + r), torch.float32, dev)
-        _launch_experts_bwd(z, dy, expert_index, ew, expert_bias, n, h, w, dup, dps, part, prec)
+        # tbuf: the U patches' separable pass here, then the dZ gather's column pass.
+        tbuf = _empty((m, _TSLOTS, r), torch.float32, dev)
+        _launch_experts_bwd(z, dy, expert_index, ew, expert_bias, n, h, w, dup, tbuf, dps, part,
+                            prec)
         del dps
         dz = _empty((m, r), torch.float32, dev)
-        tbuf = _empty((m, _TSLOTS, r), torch.float32, dev)
         _launch_dz(dup, dy, dgs, expert_index, num_experts, n, h, w, tbuf, dz)
         del dup, tbuf
         egrad = _empty((num_experts, kw + r), torch.float32, dev)
