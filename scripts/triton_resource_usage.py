@@ -391,7 +391,7 @@ def module_kernels() -> list[str]:
 # ----------------------------------------------------------------------------- table
 _SHORT = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK", "BLOCK_R": "BR", "BLOCK_P": "BP",
           "BLOCK_C": "BC", "BLOCK_J": "BJ", "GROUP_M": "GM", "DEPTHWISE": "DW",
-          "PREC_MAIN": "PREC", "PREC_EXTRA": "PREC_X", "WRITE_G": "G", "HAS_BIAS": "BIAS",
+          "PREC_MAIN": "PREC", "PREC_EXTRA": "PREC_X", "HAS_BIAS": "BIAS",
           "UPCAST_DOT": "UPC"}
 _PTR = {"*fp32": "f", "*bf16": "b", "*fp16": "h", "*i64": "l", "*i32": "i"}
 
