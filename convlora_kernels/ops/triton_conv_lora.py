@@ -148,6 +148,12 @@ def _slot_ptrs(base, pix, slot, co, SLOTS: tl.constexpr, R):
 
 
 @triton.jit
+def _t_weighted(tsc_base, pix, slot, wgt, co, m, R):
+    """wgt * T[slot] of each pixel's separable-pass scratch: [P, BR] (slot, wgt: [P])."""
+    return wgt[:, None] * tl.load(_slot_ptrs(tsc_base, pix, slot, co, 8, R), mask=m, other=0.0)
+
+
+@triton.jit
 def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, inv_s, H, W, R, co,
                         NU: tl.constexpr):
     """U patch (NU x NU, all channels) of each pixel into its scratch slots ``ku*NU + lu``.
@@ -185,10 +191,10 @@ def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, in
             if NU == 6:
                 i0, w0, w1, w2, w3 = _up_floor_weights(q, inv_s)
                 o0 = i0 - j + 2  # T slot of tap i0 - 1
-                u = w0[:, None] * tl.load(_slot_ptrs(tsc_base, pix, o0, co, 8, R), mask=mm, other=0.0)
-                u += w1[:, None] * tl.load(_slot_ptrs(tsc_base, pix, o0 + 1, co, 8, R), mask=mm, other=0.0)
-                u += w2[:, None] * tl.load(_slot_ptrs(tsc_base, pix, o0 + 2, co, 8, R), mask=mm, other=0.0)
-                u += w3[:, None] * tl.load(_slot_ptrs(tsc_base, pix, o0 + 3, co, 8, R), mask=mm, other=0.0)
+                u = _t_weighted(tsc_base, pix, o0, w0, co, mm, R)
+                u += _t_weighted(tsc_base, pix, o0 + 1, w1, co, mm, R)
+                u += _t_weighted(tsc_base, pix, o0 + 2, w2, co, mm, R)
+                u += _t_weighted(tsc_base, pix, o0 + 3, w3, co, mm, R)
             else:
                 c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
                 u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
