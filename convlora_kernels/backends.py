@@ -61,7 +61,9 @@ def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
 
 
 def resolve(name: str, x: torch.Tensor) -> str:
-    """The concrete backend that runs ``x``: ``name`` itself, or the fastest one for "auto".
+    """The concrete backend that runs ``x``: ``name`` itself, or for "auto" eager on the CPU
+    and for float64, else the first available of triton and cuda (a fixed preference: no GPU
+    benchmark has ranked them yet, see NOTES.md).
 
     Raises:
         BackendUnavailableError: an explicit backend that cannot run ``x``, with what is
