@@ -799,22 +799,17 @@ def _expert_block_p(r: int, hw: int) -> int:
     """Pixels per expert program: about 4 elements of a [P, BLOCK_R] tile per thread (32 pixels
     at BLOCK_R 16 with 4 warps, 64 at 8, 128 at 4; 32 at BLOCK_R 32 with 8 warps). At 32 pixels
     and BLOCK_R 16 the v2 kernels take 96-168 registers without spills on sm_90 at SAM shapes;
-    64 pixels took up to 255 and 128 spilled 3 KB per thread (scripts/triton_resource_usage.py).
-    Interpreter: its cost is per operation, not per element, so one big block."""
+    64 pixels took up to 255 and 128 spilled 3 KB per thread (scripts/triton_resource_usage.py)."""
+    return _block_p(r, hw, 128 * _expert_warps(r))
+
+
+def _block_p(r: int, hw: int, elements: int) -> int:
+    """Pixels per program of an expert-stage kernel holding ``elements`` of each [P, BLOCK_R]
+    tile (the dZ gather kernels: 512 and 1024 with 4 warps). Interpreter: its cost is per
+    operation, not per element, so one big block."""
     if _INTERPRET:
         return max(16, min(256, triton.next_power_of_2(hw)))
-    return _pixels_per_program(r, 128 * _expert_warps(r))
-
-
-def _pixels_per_program(r: int, elements: int) -> int:
     return max(16, min(128, elements // _expert_block_r(r)))
-
-
-def _gather_block_p(r: int, hw: int, elements: int) -> int:
-    """Pixels per program of the dZ gather kernels (4 warps; see _expert_block_p)."""
-    if _INTERPRET:
-        return max(16, min(256, triton.next_power_of_2(hw)))
-    return _pixels_per_program(r, elements)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -959,12 +954,12 @@ def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_in
     r = dy.shape[1]
     inv = _inv_scales(num_experts, dy.device)
     br = _expert_block_r(r)
-    bp = _gather_block_p(r, h * w, 512)
+    bp = _block_p(r, h * w, 512)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_dz_cols_kernel)[grid](
         dup, expert_index, inv, tbuf, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
-    bp = _gather_block_p(r, h * w, 1024)
+    bp = _block_p(r, h * w, 1024)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_dz_rows_kernel)[grid](
         tbuf, dy, dgs, expert_index, inv, dz, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
