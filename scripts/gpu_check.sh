@@ -67,10 +67,6 @@ stage() {
   fi
 }
 
-# pytest-xdist is optional on the device.
-XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-
 stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
   $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'; \
   command -v nvcc ncu nsys || true"
@@ -90,6 +86,20 @@ install_sam() {
 }
 stage install 120 bash -c "$(declare -f install_sam); PY=$PY install_sam"
 
+# pytest-xdist (wheelhouse/ carries it and execnet: the device lacks it) runs test files in
+# parallel; on the GPU that mostly parallelises Triton's JIT compiles, the bulk of the tests'
+# time. Optional: without it the tests run serially.
+if ! "$PY" -c "import xdist" 2>/dev/null; then
+  "$PY" -m pip install --no-index --no-deps wheelhouse/execnet-*.whl wheelhouse/pytest_xdist-*.whl \
+    >"$OUT/logs/xdist.log" 2>&1 || echo "pytest-xdist not installed (logs/xdist.log): tests run serially"
+fi
+XDIST=()
+GPU_XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n 8)
+  GPU_XDIST=(-n 4)  # four processes share the one GPU: compile-bound, not GPU-bound
+fi
+
 # The extension must be compiled here against this machine's torch; sm_90 only, to halve the build.
 build() {
   TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
@@ -105,7 +115,7 @@ EOF
 }
 stage build 300 bash -c "$(declare -f build); PY=$PY build"
 
-stage gpu-tests 200 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs
+stage gpu-tests 200 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs "${GPU_XDIST[@]}"
 stage tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m "not gpu" --ignore=tests/test_triton_aot.py -q -p no:cacheprovider "${XDIST[@]}"
 
 # Profile mode under Nsight Compute: only the steady-state iterations are captured, and their
