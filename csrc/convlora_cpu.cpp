@@ -129,15 +129,22 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x, const at::Tensor& lora_A) {
-  check_down_inputs(x, lora_A);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x,
+                                                            const at::Tensor& lora_A,
+                                                            int64_t cat_cols) {
+  check_down_inputs(x, lora_A, cat_cols);
   check_cpu(x, "x");
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), r = lora_A.size(0);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   // float32/float64 GEMM on the CPU; low-precision storage is widened first (z is never rounded).
   at::Tensor z = at::matmul(x.reshape({N * H * W, C}).to(acc), lora_A.to(acc).t());
   at::Tensor g = z.view({N, H * W, r}).mean(1);
-  return {z.view({N, H, W, r}), g};
+  at::Tensor xcat = x.new_empty({0});
+  if (cat_cols > 0) {
+    xcat = at::zeros({N, H, W, cat_cols}, x.options());
+    xcat.narrow(3, 0, C).copy_(x);
+  }
+  return {z.view({N, H, W, r}), g, xcat};
 }
 
 at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,

@@ -1,7 +1,8 @@
 // CUDA kernels of the convlora_cuda ops. The per-element arithmetic is convlora_math.h (tested on
 // the CPU in CI); this file decides the parallel decomposition (docs/DESIGN.md):
 //
-//   convlora_down_proj_kernel        four threads per token: z = x A^T, float32 accumulation
+//   convlora_down_proj_kernel        four threads per token: z = x A^T, float32 accumulation,
+//                                    optionally copying x into the up-projection's [x | y | 0]
 //   convlora_experts_fwd_kernel      one block per (sample, tile of output pixels): U patches and
 //                                    the tap pre-activations in shared memory, y = z + D
 //   convlora_experts_bwd_kernel      same tiling: per-pixel U-patch gradients to a scratch buffer
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "convlora_math.h"
 #include "convlora_ops.h"
@@ -57,7 +59,11 @@ constexpr int kDownSmemBytes = 32 * 1024;
 template <typename scalar_t, typename acc_t, int RMAX, int VEC>
 __global__ void __launch_bounds__(kThreads)
     convlora_down_proj_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ a,
-                              int64_t M, int C, int r, int kc, acc_t* __restrict__ z) {
+                              int64_t M, int C, int r, int kc, int64_t ldc,
+                              acc_t* __restrict__ z, scalar_t* __restrict__ xcat) {
+  // xcat (M, ldc) or null: columns [0, C) get x, [C, ldc) zeros (y is written there later).
+  // Writing the copy here, from the registers that already hold x, costs one write of x; a
+  // separate concatenation would read x again as well (SAM ViT-B windows, bf16: 30 MB, ~10 us).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* a_s = reinterpret_cast<acc_t*>(smem_raw);  // (r, kc): columns [c_base, c_base + kc) of A
   struct alignas(sizeof(scalar_t) * VEC) Vec { scalar_t v[VEC]; };
@@ -78,6 +84,7 @@ __global__ void __launch_bounds__(kThreads)
     if (active) {
       for (int c = q * VEC; c < width; c += kThreadsPerToken * VEC) {
         const Vec xv = *reinterpret_cast<const Vec*>(xm + c_base + c);
+        if (xcat != nullptr) *reinterpret_cast<Vec*>(xcat + m * ldc + c_base + c) = xv;
 #pragma unroll
         for (int u = 0; u < VEC; ++u) {
           const acc_t xf = static_cast<acc_t>(xv.v[u]);
@@ -100,14 +107,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < RMAX; ++k)
       if (k < r) z[m * r + k] = acc[k];
   }
+  if (active && xcat != nullptr)
+    for (int64_t c = C + q; c < ldc; c += kThreadsPerToken) xcat[m * ldc + c] = scalar_t(0);
 }
 
 template <typename scalar_t, typename acc_t, int RMAX>
-void launch_down_proj(const at::Tensor& x, const at::Tensor& a, at::Tensor& z) {
+void launch_down_proj(const at::Tensor& x, const at::Tensor& a, at::Tensor& z, at::Tensor& xcat) {
   const int64_t M = x.numel() / x.size(3);
   const int C = static_cast<int>(x.size(3)), r = static_cast<int>(a.size(0));
+  const bool cat = xcat.numel() > 0;
+  const int64_t ldc = cat ? xcat.size(3) : 0;
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const bool vec_ok = C % VEC == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  const bool vec_ok = C % VEC == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                      (!cat || (ldc % VEC == 0 && reinterpret_cast<uintptr_t>(xcat.data_ptr()) % 16 == 0));
   const int vec = vec_ok ? VEC : 1;
   // Widest chunk of A's columns that fits the budget, a multiple of the vector width.
   const int fit = static_cast<int>(kDownSmemBytes / (static_cast<size_t>(r) * sizeof(acc_t)));
@@ -119,17 +131,20 @@ void launch_down_proj(const at::Tensor& x, const at::Tensor& a, at::Tensor& z) {
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
   acc_t* zp = z.data_ptr<acc_t>();
+  scalar_t* cp = cat ? xcat.data_ptr<scalar_t>() : nullptr;
   if (vec_ok)
     convlora_down_proj_kernel<scalar_t, acc_t, RMAX, VEC>
-        <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(xp, ap, M, C, r, kc, zp);
+        <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(xp, ap, M, C, r, kc, ldc, zp, cp);
   else
     convlora_down_proj_kernel<scalar_t, acc_t, RMAX, 1>
-        <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(xp, ap, M, C, r, kc, zp);
+        <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(xp, ap, M, C, r, kc, ldc, zp, cp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> down_proj_cuda(const at::Tensor& x_in, const at::Tensor& a_in) {
-  check_down_inputs(x_in, a_in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> down_proj_cuda(const at::Tensor& x_in,
+                                                             const at::Tensor& a_in,
+                                                             int64_t cat_cols) {
+  check_down_inputs(x_in, a_in, cat_cols);
   check_cuda(x_in, "x");
   const int64_t r = a_in.size(0);
   TORCH_CHECK(r <= kMaxRank, "convlora: the CUDA down-projection supports r <= ", kMaxRank,
@@ -139,18 +154,21 @@ std::tuple<at::Tensor, at::Tensor> down_proj_cuda(const at::Tensor& x_in, const 
   const at::Tensor x = x_in.contiguous(), a = a_in.contiguous();
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2);
   at::Tensor z = new_output({N, H, W, r}, x.options().dtype(acc_dtype(x.scalar_type())));
+  const std::vector<int64_t> cat_sizes =
+      cat_cols > 0 ? std::vector<int64_t>{N, H, W, cat_cols} : std::vector<int64_t>{0};
+  at::Tensor xcat = new_output(cat_sizes, x.options());
   if (z.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                     "convlora_down_proj_cuda", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      if (r <= 8) launch_down_proj<scalar_t, acc_t, 8>(x, a, z);
-      else if (r <= 32) launch_down_proj<scalar_t, acc_t, 32>(x, a, z);
-      else launch_down_proj<scalar_t, acc_t, kMaxRank>(x, a, z);
+      if (r <= 8) launch_down_proj<scalar_t, acc_t, 8>(x, a, z, xcat);
+      else if (r <= 32) launch_down_proj<scalar_t, acc_t, 32>(x, a, z, xcat);
+      else launch_down_proj<scalar_t, acc_t, kMaxRank>(x, a, z, xcat);
     });
   }
   // The mean over the map: a fixed-order ATen reduction of the r-wide z (deterministic, cheap).
   at::Tensor g = z.view({N, H * W, r}).mean(1);
-  return {z, g};
+  return {z, g, xcat};
 }
 
 // ----------------------------------------------------------------------------- experts

@@ -77,7 +77,8 @@ inline bool check_experts_inputs(const at::Tensor& z, const at::Tensor& expert_i
   return expert_weight.size(2) == 1;
 }
 
-inline void check_down_inputs(const at::Tensor& x, const at::Tensor& lora_A) {
+// cat_cols: 0, or the width (>= C_in) of the [x | y | 0] operand down_proj also writes.
+inline void check_down_inputs(const at::Tensor& x, const at::Tensor& lora_A, int64_t cat_cols) {
   TORCH_CHECK(x.dim() == 4, "convlora: x must be (N, H, W, C_in), got shape ", x.sizes());
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(3),
               "convlora: lora_A must be (r, C_in) with C_in = ", x.size(3), ", got ",
@@ -89,18 +90,18 @@ inline void check_down_inputs(const at::Tensor& x, const at::Tensor& lora_A) {
               " (cast them first; under autocast the Python side casts both)");
   check_same_device(x, lora_A, "x", "lora_A");
   TORCH_CHECK(x.size(1) * x.size(2) > 0, "convlora: empty token map ", x.sizes());
+  TORCH_CHECK(cat_cols == 0 || cat_cols >= x.size(3), "convlora: cat_cols must be 0 or >= C_in = ",
+              x.size(3), ", got ", cat_cols);
 }
 
 // CPU kernels (convlora_cpu.cpp).
-std::tuple<at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x, const at::Tensor& lora_A);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x,
+                                                            const at::Tensor& lora_A,
+                                                            int64_t cat_cols);
 at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
                            const at::Tensor& expert_weight, const at::Tensor& expert_bias);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
     const at::Tensor& expert_bias, const at::Tensor& dy);
-
-// Device-agnostic (ATen GEMMs; ops.cpp).
-at::Tensor lora_up(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, const at::Tensor& lora_B, double scaling);
 
 }  // namespace convlora

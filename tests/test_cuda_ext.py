@@ -221,7 +221,7 @@ def _op_samples(dtype=torch.float64, device="cpu"):
         down=(rnd(8, 5, 7, 6), rnd(3, 6)),
         experts=(z, torch.arange(8, device=device), rnd(8, 3, 3, 3, 3), rnd(8, 3)),
         experts_dw=(z, torch.arange(8, device=device), rnd(8, 3, 1, 3, 3), rnd(8, 3)),
-        up=(rnd(8, 5, 7, 6), rnd(8, 5, 7, 3), rnd(10, 6), rnd(10), rnd(10, 3), 1.5),
+        down_cat=(rnd(8, 5, 7, 6), rnd(3, 6), 16),
     )
 
 
@@ -232,7 +232,7 @@ def _requires_grad(args):
     )
 
 
-@pytest.mark.parametrize("which", ["down", "experts", "experts_dw", "up", "experts_bwd"])
+@pytest.mark.parametrize("which", ["down", "down_cat", "experts", "experts_dw", "experts_bwd"])
 def test_opcheck_cpu(which):
     ops = torch.ops.convlora_cuda
     s = _op_samples()
@@ -240,9 +240,46 @@ def test_opcheck_cpu(which):
         z, idx, ew, eb = s["experts"]
         torch.library.opcheck(ops.experts_bwd, (z, idx, ew, eb, torch.randn_like(z)))
         return
-    op = {"down": ops.down_proj, "experts": ops.experts_fwd, "experts_dw": ops.experts_fwd, "up": ops.lora_up}[which]
-    torch.library.opcheck(op, s[which])
-    torch.library.opcheck(op, _requires_grad(s[which]))
+    if which.startswith("down"):  # a building block of the layer op, which owns the autograd
+        torch.library.opcheck(ops.down_proj, s[which])
+        return
+    torch.library.opcheck(ops.experts_fwd, s[which])
+    torch.library.opcheck(ops.experts_fwd, _requires_grad(s[which]))
+
+
+def _layer_op_args(requires_grad, gated, x_down=False):
+    inputs = _layer_inputs(4, 2, 3, 6, 10, 3, False, torch.float64, num_experts=4, seed=5)
+    p = {k: v.clone().requires_grad_(requires_grad) for k, v in inputs.items()}
+    noise = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    xd = (p["x"] * 0.5).detach().requires_grad_(requires_grad) if x_down else None
+    return (p["x"], xd, p["weight"], p["bias"], p["lora_A"], p["lora_B"], p["expert_weight"],
+            p["expert_bias"], p["w_gate"], p["w_noise"], 1.5,
+            None if gated else torch.tensor([0, 3, 1, 2]), noise if gated else None)
+
+
+@pytest.mark.parametrize("x_down", [False, True], ids=["x", "x_down"])
+def test_opcheck_layer_ops(x_down):
+    """The layer op pair: schema, fakes (dx's strided layout included), autograd registration."""
+    torch.library.opcheck(cc.conv_lora_fwd, _layer_op_args(True, gated=True, x_down=x_down))
+    args = _layer_op_args(False, gated=False, x_down=x_down)
+    out, index, _, z, g, y = cc.conv_lora_fwd(*args)
+    x, xd, weight, _, a, b, ew, eb = args[:8]
+    for need_dx in (True, False):
+        torch.library.opcheck(cc.conv_lora_bwd, (torch.randn_like(out), x, xd, weight, a, b, ew,
+                                                 eb, z, y, torch.randn_like(g), index, 1.5,
+                                                 need_dx))
+
+
+def test_down_proj_writes_the_gemm_operand():
+    """cat_cols > 0: x in the first C_in columns, zeros after, z and g unchanged."""
+    x, a, cols = _op_samples()["down_cat"]
+    z, g, xcat = torch.ops.convlora_cuda.down_proj(x, a, cols)
+    z0, g0, empty = torch.ops.convlora_cuda.down_proj(x, a)
+    assert empty.shape == (0,) and xcat.shape == x.shape[:3] + (cols,)
+    assert torch.equal(z, z0) and torch.equal(g, g0)
+    assert torch.equal(xcat[..., :6], x) and torch.equal(xcat[..., 6:], torch.zeros_like(xcat[..., 6:]))
+    with pytest.raises(RuntimeError, match="cat_cols must be 0 or >= C_in"):
+        torch.ops.convlora_cuda.down_proj(x, a, 5)
 
 
 def test_ops_low_precision_inputs_cpu():
@@ -250,7 +287,7 @@ def test_ops_low_precision_inputs_cpu():
     s = _op_samples()
     x, a = s["down"]
     for dtype in (torch.bfloat16, torch.float16):
-        z, g = torch.ops.convlora_cuda.down_proj(x.to(dtype), a.to(dtype))
+        z, g, _ = torch.ops.convlora_cuda.down_proj(x.to(dtype), a.to(dtype))
         assert z.dtype == g.dtype == torch.float32
         want = x.to(dtype).double() @ a.to(dtype).double().t()
         torch.testing.assert_close(z.double(), want, rtol=1e-5, atol=1e-5)
@@ -335,9 +372,13 @@ def test_gpu_kernels_match_cpu_kernels_float64(depthwise):
     )
     for a, b in zip(cpu, gpu_):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-12, atol=1e-12)
-    x, a = _op_samples()["down"]
-    for got, want in zip(ops.down_proj(x.cuda(), a.cuda()), ops.down_proj(x, a)):
+    x, a, cols = _op_samples()["down_cat"]
+    for got, want in zip(ops.down_proj(x.cuda(), a.cuda(), cols), ops.down_proj(x, a, cols)):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+    for dtype in (torch.bfloat16, torch.float16):  # the vectorised copy path of xcat
+        xl, al = (t.to(dtype).cuda() for t in (x, a))
+        got = ops.down_proj(xl, al, cols)[2]
+        assert torch.equal(got[..., :6], xl) and not got[..., 6:].any()
 
 
 @gpu
@@ -353,8 +394,9 @@ def test_gpu_deterministic_and_opcheck():
         assert torch.equal(a[3][name], b[3][name]), name
     ops = torch.ops.convlora_cuda
     s = _op_samples(torch.float32, "cuda")
-    torch.library.opcheck(ops.down_proj, _requires_grad(s["down"]))
+    torch.library.opcheck(ops.down_proj, s["down_cat"])
     torch.library.opcheck(ops.experts_fwd, _requires_grad(s["experts"]))
-    torch.library.opcheck(ops.lora_up, _requires_grad(s["up"]))
+    args = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in _layer_op_args(True, gated=True))
+    torch.library.opcheck(cc.conv_lora_fwd, args)
     z, idx, ew, eb = s["experts"]
     torch.library.opcheck(ops.experts_bwd, (z, idx, ew, eb, torch.randn_like(z)))

@@ -1,22 +1,31 @@
 """``backend="cuda"``: the Conv-LoRA layer on the compiled extension ``convlora_kernels._C``.
 
-The extension registers four dispatcher ops in the namespace ``convlora_cuda`` (schemas in
+The extension registers three dispatcher ops in the namespace ``convlora_cuda`` (schemas in
 ``csrc/ops.cpp``), each with a CUDA kernel and a CPU kernel built from the same per-element
 arithmetic (``csrc/convlora_math.h``):
 
-- ``down_proj(x, lora_A) -> (z, g)``: ``z = x A^T`` (N, H, W, r) and ``g = mean_{H,W} z`` (N, r),
-  both float32 (float64 for float64 x) whatever x's dtype.
+- ``down_proj(x, lora_A, cat_cols=0) -> (z, g, xcat)``: ``z = x A^T`` (N, H, W, r) and
+  ``g = mean_{H,W} z`` (N, r), both float32 (float64 for float64 x) whatever x's dtype; with
+  ``cat_cols > 0`` it also writes the up-projection's ``[x | 0]`` operand (N, H, W, cat_cols) from
+  the x it reads anyway.
 - ``experts_fwd(z, expert_index, expert_weight, expert_bias) -> y``: ``y = z + D(z)`` computing
-  only the V samples the downsample reads.
+  only the V samples the downsample reads (differentiable: its backward is ``experts_bwd``).
 - ``experts_bwd(z, expert_index, expert_weight, expert_bias, dy) -> (dz, dweight, dbias)``:
   deterministic (no floating-point atomics), residual included in dz.
-- ``lora_up(x, y, weight, bias, lora_B, scaling) -> out``: ``x W^T + b + scaling y B^T``.
 
-This module adds their fake (meta) implementations and their autograd formulas with
-``torch.library``, so each op works under autograd, ``torch.compile`` and
-``torch.library.opcheck``; the layer's forward is a plain composition of the ops and the shared
-float32 gate (:func:`convlora_kernels.gate.routing`), whose gradient PyTorch's autograd takes
-through ``g`` (no gate recomputation needed, since the gate is ordinary PyTorch code here).
+The layer is the op pair ``convlora_cuda_layer::conv_lora_fwd`` / ``conv_lora_bwd``
+(:mod:`convlora_kernels.ops._layer_op`: the same signatures, fakes and autograd as the Triton
+backend) built from those ops, the shared float32 gate and cuBLAS GEMMs (through ATen):
+
+- forward: ``out = [x | y | 0] [W | s B | 0]^T + b``, one GEMM with K = C_in + r rounded up to 8
+  (tensor-core alignment), whose left operand down_proj wrote (one extra write of x, no extra
+  read). When C_in > C_out the copy of x costs more than it saves: ``x W^T + b`` then
+  ``out += s y B^T`` (a second pass over out).
+- backward: ``[dx | dy | .] = dout [W | B | 0]`` (one GEMM reads dout for both), the expert
+  backward, then ``dx += dz A`` in place (beta = 1: one read and write of dx instead of a second
+  dx tensor and autograd's sum of the two, 60 MB less at SAM ViT-B's windowed shape in bf16);
+  dB = dout^T y (the second read of dout); dA = dz^T x. dx is a column slice of the first GEMM's
+  output: row stride C_in + r rounded up to 8 (the fake declares it).
 
 The CPU kernels exist for testing (CI has no GPU) and are correct but not fast; ``"auto"`` picks
 the eager backend on the CPU.
@@ -28,6 +37,7 @@ import torch
 
 from .._nvtx import nvtx_range
 from ..gate import routing
+from ._layer_op import define_layer_ops, prepare_inputs
 
 _BUILD_HINT = (
     "build it with `CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST='8.0;9.0' "
@@ -71,6 +81,41 @@ def _no_autocast(device_type: str) -> torch.autocast:
     return torch.autocast(device_type, enabled=False)
 
 
+def _round_up(v: int, k: int) -> int:
+    return (v + k - 1) // k * k
+
+
+def _gemm_cols(c_in: int, r: int) -> int:
+    """Width of the [x | y | 0] and [dx | dy | 0] GEMM operands: 16-byte aligned rows."""
+    return _round_up(c_in + r, 8)
+
+
+def _up_proj(x2d: torch.Tensor, xcat: torch.Tensor | None, y: torch.Tensor,
+             weight: torch.Tensor, bias: torch.Tensor | None, lora_B: torch.Tensor,
+             scaling: float) -> torch.Tensor:
+    """out = x W^T + b + scaling y B^T, (M, C_out) in x's dtype.
+
+    x2d: (M, C_in); xcat: (M, _gemm_cols) with x in its first C_in columns and zeros after, or
+    None; y: (M, r) float32/64, rounded to x's dtype for the GEMM as eager autocast code would.
+    """
+    m, c_in = x2d.shape
+    c_out, r = lora_B.shape
+    y_low = y.to(x2d.dtype)
+    b_low = lora_B.to(x2d.dtype)
+    if c_in > c_out:  # the copy of x would cost more than a second pass over out
+        out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        return out.addmm_(y_low, b_low.t(), beta=1, alpha=scaling)
+    cols = _gemm_cols(c_in, r)
+    if xcat is None:  # x_down differs from x (dropout): down_proj could not write the copy
+        xcat = x2d.new_zeros((m, cols))
+        xcat[:, :c_in] = x2d
+    xcat[:, c_in:c_in + r] = y_low
+    wcat = weight.new_zeros((c_out, cols))
+    wcat[:, :c_in] = weight
+    wcat[:, c_in:c_in + r] = b_low * scaling
+    return torch.addmm(bias, xcat, wcat.t()) if bias is not None else xcat @ wcat.t()
+
+
 if _LOAD_ERROR is None:
     _ops = torch.ops.convlora_cuda
 
@@ -79,11 +124,12 @@ if _LOAD_ERROR is None:
 
     # ------------------------------------------------------------------ fake implementations
     @torch.library.register_fake("convlora_cuda::down_proj")
-    def _down_proj_fake(x, lora_A):
+    def _down_proj_fake(x, lora_A, cat_cols=0):
         n, h, w, _ = x.shape
         r = lora_A.shape[0]
         acc = _acc_dtype(x.dtype)
-        return x.new_empty((n, h, w, r), dtype=acc), x.new_empty((n, r), dtype=acc)
+        xcat = x.new_empty((n, h, w, cat_cols) if cat_cols > 0 else (0,))
+        return x.new_empty((n, h, w, r), dtype=acc), x.new_empty((n, r), dtype=acc), xcat
 
     @torch.library.register_fake("convlora_cuda::experts_fwd")
     def _experts_fwd_fake(z, expert_index, expert_weight, expert_bias):
@@ -96,37 +142,6 @@ if _LOAD_ERROR is None:
             torch.empty_like(expert_weight, memory_format=torch.contiguous_format),
             torch.empty_like(expert_bias, memory_format=torch.contiguous_format),
         )
-
-    @torch.library.register_fake("convlora_cuda::lora_up")
-    def _lora_up_fake(x, y, weight, bias, lora_B, scaling):
-        n, h, w, _ = x.shape
-        return x.new_empty((n, h, w, weight.shape[0]))
-
-    # ------------------------------------------------------------------ autograd
-    def _down_proj_setup(ctx, inputs, output):
-        x, lora_A = inputs
-        ctx.save_for_backward(x, lora_A)
-
-    def _down_proj_backward(ctx, dz, dg):
-        x, lora_A = ctx.saved_tensors
-        n, h, w, c_in = x.shape
-        r = lora_A.shape[0]
-        acc = _acc_dtype(x.dtype)
-        dzt = torch.zeros((n, h, w, r), dtype=acc, device=x.device) if dz is None else dz
-        if dg is not None:  # g = mean over the map: each token gets dg / (H*W)
-            dzt = dzt + (dg / (h * w)).view(n, 1, 1, r)
-        dzt = dzt.reshape(n * h * w, r).to(x.dtype)
-        dx = d_a = None
-        with _no_autocast(x.device.type):
-            if ctx.needs_input_grad[0]:
-                dx = (dzt @ lora_A).view(n, h, w, c_in)
-            if ctx.needs_input_grad[1]:
-                d_a = dzt.t() @ x.reshape(n * h * w, c_in)
-        return dx, d_a
-
-    torch.library.register_autograd(
-        "convlora_cuda::down_proj", _down_proj_backward, setup_context=_down_proj_setup
-    )
 
     def _experts_fwd_setup(ctx, inputs, output):
         z, expert_index, expert_weight, expert_bias = inputs
@@ -143,44 +158,71 @@ if _LOAD_ERROR is None:
         "convlora_cuda::experts_fwd", _experts_fwd_backward, setup_context=_experts_fwd_setup
     )
 
-    def _lora_up_setup(ctx, inputs, output):
-        x, y, weight, bias, lora_B, scaling = inputs
-        ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, y, weight, lora_B)
-
-    def _lora_up_backward(ctx, dout):
-        x, y, weight, lora_B = ctx.saved_tensors
+    # ------------------------------------------------------------------ the layer
+    def _fwd_impl(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate,
+                  w_noise, scaling, expert_index, noise):
         n, h, w, c_in = x.shape
-        c_out, r = lora_B.shape
         m = n * h * w
-        need_x, need_y, need_w, need_b, need_lb = ctx.needs_input_grad[:5]
-        d2 = dout.reshape(m, c_out).to(x.dtype)
-        dx = dy = dw = db = dlb = None
-        with _no_autocast(x.device.type):
-            if need_x and need_y:
-                # dx and dy in one pass over dout: dout [W | B | 0] (padded so rows stay aligned).
-                pad = (-(c_in + r)) % 8
-                cols = [weight, lora_B] + ([weight.new_zeros(c_out, pad)] if pad else [])
-                both = d2 @ torch.cat(cols, dim=1)
-                dx = both[:, :c_in].view(n, h, w, c_in)
-                dy = both[:, c_in : c_in + r]
-            elif need_x:
-                dx = (d2 @ weight).view(n, h, w, c_in)
-            elif need_y:
-                dy = d2 @ lora_B
-            if dy is not None:
-                dy = (dy.to(y.dtype) * ctx.scaling).view(n, h, w, r)
-            if need_w:
-                dw = d2.t() @ x.reshape(m, c_in)
-            if need_b and ctx.has_bias:
-                db = d2.sum(0)
-            if need_lb:
-                dlb = (d2.t() @ y.reshape(m, r).to(x.dtype)) * ctx.scaling
-        return dx, dy, dw, db, dlb, None
+        r = lora_A.shape[0]
+        c_out = weight.shape[0]
+        fold = x_down is None and c_in <= c_out  # down_proj writes [x | 0] for the up GEMM
+        xd = x if x_down is None else x_down
+        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.down_proj"):
+            z, g, xcat = _ops.down_proj(xd.contiguous(), lora_A.to(x.dtype).contiguous(),
+                                        _gemm_cols(c_in, r) if fold else 0)
+        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.gate"):
+            index, moe_loss = routing(g, w_gate, w_noise, noise, expert_index)
+            index = index.to(torch.long, copy=True)  # never alias the forced-routing input
+        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.experts"):
+            y = _ops.experts_fwd(z, index, expert_weight, expert_bias)
+        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.up_proj"):
+            out = _up_proj(x.reshape(m, c_in), xcat.view(m, -1) if fold else None,
+                           y.view(m, r), weight, bias, lora_B, scaling)
+        return (out.view(n, h, w, c_out), index, moe_loss.to(z.dtype), z.view(m, r), g,
+                y.view(m, r))
 
-    torch.library.register_autograd(
-        "convlora_cuda::lora_up", _lora_up_backward, setup_context=_lora_up_setup
+    def _bwd_impl(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y,
+                  dgs, expert_index, scaling, need_dx):
+        n, h, w, c_in = x.shape
+        m = n * h * w
+        r = lora_A.shape[0]
+        c_out = weight.shape[0]
+        d2 = dout.reshape(m, c_out).to(x.dtype)
+        a_low, b_low = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.dx_dy"):
+            if need_dx:  # dx and dy from one read of dout
+                cols = _gemm_cols(c_in, r)
+                wcat = weight.new_zeros((c_out, cols))
+                wcat[:, :c_in] = weight
+                wcat[:, c_in:c_in + r] = b_low
+                both = d2 @ wcat
+                dx, dy = both[:, :c_in], both[:, c_in:c_in + r]
+            else:
+                dx, dy = x.new_empty((0,)), d2 @ b_low
+            dy = (dy.to(z.dtype) * scaling).view(n, h, w, r)
+        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.experts"):
+            dz, d_ew, d_eb = _ops.experts_bwd(z.view(n, h, w, r), expert_index, expert_weight,
+                                              expert_bias, dy)
+            dz = (dz + dgs.view(n, 1, 1, r)).view(m, r)  # g = mean: each token gets dg / HW
+            dz_low = dz.to(x.dtype)
+        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.dx"):
+            if x_down is None:
+                if need_dx:
+                    dx.addmm_(dz_low, a_low)  # in place, beta = 1: no second dx, no sum
+                dx_down = x.new_empty((0,))
+            else:
+                dx_down = (dz_low @ a_low).view(x_down.shape)
+            if need_dx:
+                dx = dx.view(n, h, w, c_in)
+        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.dA_dB"):
+            xd2d = (x if x_down is None else x_down).reshape(m, c_in)
+            d_a = (dz_low.t() @ xd2d).to(lora_A.dtype)
+            d_b = ((d2.t() @ y.to(x.dtype)) * scaling).to(lora_B.dtype)
+        return dx, dx_down, d_a, d_b, d_ew, d_eb
+
+    conv_lora_fwd, conv_lora_bwd = define_layer_ops(
+        "convlora_cuda_layer", _fwd_impl, _bwd_impl,
+        dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r),
     )
 
 
@@ -214,28 +256,18 @@ def conv_lora_forward(
     Returns:
         out (N, H, W, C_out), expert_index (N,) long, moe_loss (0-dim, float32 or float64).
 
-    Under autocast the GEMM operands (x, x_down, weight, bias, lora_A, lora_B) are cast to the
-    autocast dtype, as F.linear would; z, y and the expert arithmetic stay float32.
+    Under autocast the GEMM operands (x, x_down, weight, bias; lora_A and lora_B inside the op)
+    are cast to the autocast dtype, as F.linear would; z, y and the expert arithmetic stay
+    float32.
     """
     why = unavailable_reason(x)
     if why is not None:
         raise RuntimeError(f"convlora cuda backend: {why}")
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, x_down, weight, lora_A, lora_B = (
-            t.to(dtype) for t in (x, x_down, weight, lora_A, lora_B)
-        )
-        bias = None if bias is None else bias.to(dtype)
+    x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
     if expert_index is not None:
         expert_index = expert_index.long()
-    with _no_autocast(device_type):
-        with nvtx_range("convlora.down_proj"):
-            z, g = _ops.down_proj(x_down.contiguous(), lora_A.contiguous())
-        with nvtx_range("convlora.gate"):
-            expert_index, moe_loss = routing(g, w_gate, w_noise, noise, expert_index)
-        with nvtx_range("convlora.experts"):
-            y = _ops.experts_fwd(z, expert_index, expert_weight, expert_bias)
-        with nvtx_range("convlora.up_proj"):
-            out = _ops.lora_up(x, y, weight, bias, lora_B, float(scaling))
-    return out, expert_index, moe_loss
+    out, index, moe_loss, _, _, _ = conv_lora_fwd(
+        x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
+        float(scaling), expert_index, noise,
+    )
+    return out, index, moe_loss

@@ -39,6 +39,7 @@ from torch.library import triton_op, wrap_triton
 
 from .._nvtx import nvtx_range
 from ..gate import routing
+from ._layer_op import define_layer_ops, prepare_inputs
 
 __all__ = ["ENV_AUTOTUNE", "ENV_POISON", "conv_lora_forward", "unavailable_reason"]
 
@@ -1137,106 +1138,12 @@ def _bwd_impl(
     return dx, dx_down, d_a, d_b, d_ew, d_eb
 
 
-def _register(name: str, fn):
-    qualname = f"{_NAMESPACE}::{name}"
-    if _INTERPRET:  # see the module docstring
-        return torch.library.custom_op(qualname, fn, mutates_args=())
-    return triton_op(qualname, fn, mutates_args=())
-
-
-conv_lora_fwd = _register("conv_lora_fwd", _fwd_impl)
-conv_lora_bwd = _register("conv_lora_bwd", _bwd_impl)
-
-
-@conv_lora_fwd.register_fake
-def _fwd_fake(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-              scaling, expert_index, noise):
-    n, h, w, _ = x.shape
-    r = lora_A.shape[0]
-    return (
-        x.new_empty((n, h, w, weight.shape[0])),
-        x.new_empty((n,), dtype=torch.long),
-        x.new_empty((), dtype=torch.float32),
-        x.new_empty((n * h * w, r), dtype=torch.float32),
-        x.new_empty((n, r), dtype=torch.float32),
-        x.new_empty((n * h * w, r), dtype=torch.float32),
-    )
-
-
-@conv_lora_bwd.register_fake
-def _bwd_fake(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
-              expert_index, scaling, need_dx):
-    return (
-        torch.empty_like(x) if need_dx else x.new_empty((0,)),
-        x.new_empty((0,)) if x_down is None else torch.empty_like(x_down),
-        torch.empty_like(lora_A, memory_format=torch.contiguous_format),
-        torch.empty_like(lora_B, memory_format=torch.contiguous_format),
-        torch.empty_like(expert_weight, memory_format=torch.contiguous_format),
-        torch.empty_like(expert_bias, memory_format=torch.contiguous_format),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    (x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-     scaling, expert_index, noise) = inputs
-    _, index, _, z, g, y = output
-    ctx.scaling = scaling
-    ctx.routed = expert_index is None
-    ctx.has_x_down = x_down is not None
-    ctx.has_noise = noise is not None
-    # Little more than x: z and y are r wide (fp32); U, V are recomputed in the backward. y is
-    # kept so that dy and dB come from one read of dout before the expert backward runs.
-    ctx.save_for_backward(x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias,
-                          w_gate, w_noise, noise, z, g, y, index)
-
-
-def _gate_grads(g, w_gate, w_noise, noise, dmoe):
-    """Gradients of moe_loss w.r.t. (g, w_gate, w_noise), by autograd on the recomputed float32
-    gate graph (it is N x r x E: nothing to fuse)."""
-    with torch.enable_grad():
-        g_ = g.detach().requires_grad_(True)
-        wg = w_gate.detach().requires_grad_(True)
-        wn = w_noise.detach().requires_grad_(True)
-        _, loss = routing(g_, wg, wn, noise, None)
-        if not loss.requires_grad:  # a single expert: the loss is a constant
-            return torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
-        grads = torch.autograd.grad(loss, (g_, wg, wn), dmoe, allow_unused=True)
-    zeros = (torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise))
-    return tuple(zt if gt is None else gt for gt, zt in zip(grads, zeros))
-
-
-def _backward(ctx, dout, d_index, dmoe, d_z, d_g, d_y):
-    (x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise, noise, z,
-     g, y, index) = ctx.saved_tensors
-    n, h, w, _ = x.shape
-    needs = ctx.needs_input_grad
-    if ctx.routed and ctx.has_noise and dmoe is not None:
-        dg, dwg, dwn = _gate_grads(g, w_gate, w_noise, noise, dmoe)
-    else:  # eval or forced routing: the loss counts samples, it has no gradient
-        dg, dwg, dwn = torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
-    if dout is None:
-        dout = x.new_zeros(x.shape[:-1] + (weight.shape[0],))
-    dx, dx_down, d_a, d_b, d_ew, d_eb = conv_lora_bwd(
-        dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y,
-        dg.float() / (h * w), index, ctx.scaling, bool(needs[0]),
-    )
-    d_w = d_bias = None
-    if needs[2] or needs[3]:  # the frozen Linear made trainable: plain PyTorch
-        dout2d = dout.reshape(-1, weight.shape[0])
-        if needs[2]:
-            d_w = (dout2d.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
-        if needs[3]:
-            d_bias = dout2d.sum(0)
-    return (
-        dx if needs[0] else None,
-        dx_down if ctx.has_x_down and needs[1] else None,
-        d_w, d_bias, d_a, d_b, d_ew, d_eb,
-        dwg.to(w_gate.dtype), dwn.to(w_noise.dtype),
-        None, None, None,
-    )
-
-
-conv_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+# Under the interpreter the ops are plain custom ops: wrap_triton returns the interpreted function,
+# which AOT tracing would run on fake tensors (see the module docstring).
+conv_lora_fwd, conv_lora_bwd = define_layer_ops(
+    _NAMESPACE, _fwd_impl, _bwd_impl,
+    register=torch.library.custom_op if _INTERPRET else triton_op,
+)
 
 
 # ----------------------------------------------------------------------------- backend API
@@ -1269,19 +1176,9 @@ def conv_lora_forward(
         out (N, H, W, C_out) in x's dtype (the autocast dtype under autocast), expert_index (N,)
         long, moe_loss (0-dim float32).
     """
-    same = x_down is x
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        x_down = x if same else x_down.to(dtype)
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    elif bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    if weight.dtype != x.dtype:
-        weight = weight.to(x.dtype)
+    x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
     out, index, moe_loss, _, _, _ = conv_lora_fwd(
-        x, None if same else x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
+        x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
         w_gate, w_noise, float(scaling), expert_index, noise,
     )
     return out, index, moe_loss
