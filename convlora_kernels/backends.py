@@ -11,10 +11,12 @@ graph break.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import ModuleType
 
 import torch
+
+from . import auto_rule
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
 _MODULE_NAMES = {
@@ -60,10 +62,42 @@ def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
     return module.unavailable_reason(x)
 
 
-def resolve(name: str, x: torch.Tensor) -> str:
-    """The concrete backend that runs ``x``: ``name`` itself, or for "auto" eager on the CPU
-    and for float64, else the first available of triton and cuda (a fixed preference: no GPU
-    benchmark has ranked them yet, see NOTES.md).
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _capability(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{major}.{minor}"
+
+
+@torch.compiler.assume_constant_result
+def _shipped_rule_choice(index: int, dtype: str, r: int) -> str:
+    # Evaluated once while torch.compile traces, its result a constant of the graph: the card
+    # and the shipped rule cannot change under a compiled graph. "" means no rule.
+    return auto_rule.lookup(auto_rule.RULES, _capability(index), dtype, r) or ""
+
+
+def _measured_choice(x: torch.Tensor, r: int | None, rules: Mapping | None) -> str | None:
+    if x.dtype not in _DTYPE_NAMES:
+        return None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    dtype = _DTYPE_NAMES[x.dtype]
+    if rules is None:
+        return _shipped_rule_choice(index, dtype, -1 if r is None else r) or None
+    return auto_rule.lookup(rules, _capability(index), dtype, r)
+
+
+def resolve(name: str, x: torch.Tensor, r: int | None = None,
+            rules: Mapping | None = None) -> str:
+    """The concrete backend that runs ``x``: ``name`` itself, or for "auto":
+
+    - eager on the CPU and for float64;
+    - on a GPU, the fused backend the measured rule picks for this architecture, dtype and
+      LoRA rank ``r`` (``convlora_kernels/auto_rule.json``, derived from ``convlora-bench``
+      forward+backward results), if it is available here;
+    - otherwise the first available of triton and cuda (the fixed preference), else eager.
+
+    ``rules`` replaces the shipped rule (tests); ``r`` None means unknown (taken as 8).
 
     Raises:
         BackendUnavailableError: an explicit backend that cannot run ``x``, with what is
@@ -73,6 +107,9 @@ def resolve(name: str, x: torch.Tensor) -> str:
     if name == "auto":
         if x.device.type != "cuda" or x.dtype == torch.float64:
             return "eager"
+        measured = _measured_choice(x, r, rules)
+        if measured is not None and unavailable_reason(measured, x) is None:
+            return measured
         for candidate in ("triton", "cuda"):
             if unavailable_reason(candidate, x) is None:
                 return candidate

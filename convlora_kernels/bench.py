@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import _bench_core as core
+from . import auto_rule
 from ._nvtx import ENV_NVTX
 
 DEFAULT_OUT = "bench_out"
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"directory for {JSON_NAME}, {PNG_NAME}, {TABLE_NAME}")
     parser.add_argument("--results", default=None, metavar="DIR",
                         help="also write DIR/<gpu-name>.json (GPU runs only), e.g. benchmarks/results")
+    parser.add_argument("--auto-rule", default=None, metavar="PATH",
+                        help="also write the backend='auto' rule derived from this run's rows (GPU runs "
+                        "only; commit it as convlora_kernels/auto_rule.json)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--max-minutes", type=float, default=None,
@@ -263,6 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes=notes,
     )
     paths = write_outputs(rows, meta, args.out, plot=not args.no_plot, results_dir=args.results)
+    if args.auto_rule is not None:
+        if device.type == "cuda":
+            rule = auto_rule.derive_rule([{"meta": meta, "rows": rows}])
+            Path(args.auto_rule).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.auto_rule).write_text(json.dumps(rule, indent=1, sort_keys=True) + "\n")
+            paths.append(Path(args.auto_rule))
+        else:
+            print("note: --auto-rule is for GPU runs; not written on the CPU")
     print()
     print(core.format_table(rows, markdown=args.markdown))
     if device.type != "cuda":

@@ -244,7 +244,7 @@ class ConvLoRALinear(nn.Module):
         noise = None
         if self.training and expert_index is None:
             noise = torch.randn(n, self.num_experts, device=x.device, dtype=torch.float32)
-        name = backends.resolve(self.backend, x4)
+        name = backends.resolve(self.backend, x4, self.r)
         out, index, moe_loss = backends.forward_fn(name)(
             x4,
             x_down,
