@@ -118,7 +118,7 @@ def test_auto_traces_without_graph_breaks_on_the_gpu():
 
     torch._dynamo.reset()
     layer = ConvLoRALinear(16, 24, r=3, num_experts=4, backend="auto", device="cuda").train()
-    x = torch.randn(2, 4, 4, 16, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 4, 4, 16, device="cuda")
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     out = compiled(x, torch.tensor([0, 3], device="cuda"))
     assert out.shape == (2, 4, 4, 24) and torch.isfinite(out).all()
