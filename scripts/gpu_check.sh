@@ -8,7 +8,8 @@
 # and, if wheelhouse/ is git-ignored, carry it to the device: carry=["wheelhouse"]).
 #
 # Writes everything under $OUT (default ./gpu_check_out): logs/<stage>.log, bench/ (JSON, text
-# table, PNG), results/<gpu-name>.json (copy it to benchmarks/results/ to commit it), ncu.txt.
+# table, PNG), results/<gpu-name>.json (copy it to benchmarks/results/ to commit it), ncu.txt,
+# auto_rule.json (backend='auto' rule from this run: convlora_kernels/auto_rule.json).
 # A failing stage is reported and the next one still runs; every stage has a timeout; the stage
 # summary and the benchmark table are printed last. Exit status 1 if any stage failed.
 #
@@ -146,11 +147,16 @@ LEFT=$(remaining)
 MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - 90) / 60)), 1))")
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
 stage bench $(( LEFT - 5 )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
-  --no-progress --max-minutes "$MINUTES" $BENCH_ARGS
+  --auto-rule "$OUT/auto_rule.json" --no-progress --max-minutes "$MINUTES" $BENCH_ARGS
 
 echo
 echo "=== gpu_check summary ($(elapsed)s, outputs in $OUT)"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
+if [[ -f "$OUT/auto_rule.json" ]]; then
+  echo
+  echo "backend='auto' rule from this run (commit as convlora_kernels/auto_rule.json if it is sound):"
+  "$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))['rules']))" "$OUT/auto_rule.json"
+fi
 if [[ -f "$OUT/bench/convlora-bench.txt" ]]; then
   echo
   cat "$OUT/bench/convlora-bench.txt"
