@@ -242,12 +242,17 @@ def test_bad_construction(kw, match):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["eager", "triton", "cuda"])
 @pytest.mark.parametrize("training", [False, True])
-def test_eager_no_host_sync_on_gpu(training):
-    """Forward and backward of the eager backend never synchronise the host."""
-    layer = make_layer(c_in=64, c_out=96, r=3, num_experts=8, dtype=torch.float32, backend="eager").cuda()
-    layer.train(training)
+def test_no_host_sync_on_gpu(training, backend):
+    """Forward and backward never synchronise the host (gate, routing, kernels, gate backward)."""
     x = torch.randn(8, 14, 14, 64, device="cuda", requires_grad=True)
+    why = backends_mod.unavailable_reason(backend, x)
+    if why is not None:
+        pytest.fail(f"{backend} must run on a CUDA machine: {why}")
+    layer = make_layer(c_in=64, c_out=96, r=3, num_experts=8, dtype=torch.float32, backend=backend).cuda()
+    layer.train(training)
     layer(x).sum().backward()  # warm-up: lazy CUDA init may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -12,7 +12,8 @@ scaling, expert_index, noise) -> (out, index, moe_loss, z, g, y)``
   (r, E); expert_index: (N,) forced routing or None; noise: (N, E) gate noise or None.
 - out: (N, H, W, C_out) in x's dtype; index: (N,) long; moe_loss: 0-dim; z, y: (N*H*W, r)
   (z = x_down A^T, y = z + expert(z)); g: (N, r) per-sample mean of z. z, g, y and moe_loss
-  are float32 (float64 for float64 x).
+  are float32 (float64 for float64 x). The gate runs inside fwd (the backend's kernels or
+  :func:`convlora_kernels.gate.routing`).
 
 ``bwd(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
 expert_index, scaling, need_dx) -> (dx, dx_down, d_lora_A, d_lora_B, d_expert_weight,
@@ -24,7 +25,8 @@ d_expert_bias)``
 
 What the forward saves for the backward: x (and x_down), the parameters, and z, g, y: r-wide
 tensors. U and V are recomputed. y is kept so dy and dB come from dout before the expert
-backward runs. The gate (N x r x E) is recomputed here when its loss has a gradient.
+backward runs. The gate (N x r x E) is recomputed by ``gate_backward`` when its loss has a
+gradient (training with the noisy gate).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from collections.abc import Callable
 import torch
 
 from ..gate import routing
-
 
 # Written out (not inferred from a backend's annotations) so every backend registers the same op.
 FWD_SCHEMA = (
@@ -128,21 +129,31 @@ def gate_grads(
     return tuple(zt if gt is None else gt for gt, zt in zip(grads, zeros))
 
 
-def _make_backward(bwd_op):
+def autograd_gate_backward(
+    g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, noise: torch.Tensor,
+    dmoe: torch.Tensor, dg_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate backward by PyTorch autograd (:func:`gate_grads`), in the form a backend's
+    fused gate backward has: (dg * dg_scale in g's dtype (N, r), d_w_gate, d_w_noise)."""
+    dg, dwg, dwn = gate_grads(g, w_gate, w_noise, noise, dmoe)
+    return dg.to(g.dtype) * dg_scale, dwg, dwn
+
+
+def _make_backward(bwd_op, gate_backward):
     def backward(ctx, dout, d_index, dmoe, d_z, d_g, d_y):
         (x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise, noise,
          z, g, y, index) = ctx.saved_tensors
-        n, h, w, _ = x.shape
+        _, h, w, _ = x.shape
         needs = ctx.needs_input_grad
         if ctx.routed and ctx.has_noise and dmoe is not None:
-            dg, dwg, dwn = gate_grads(g, w_gate, w_noise, noise, dmoe)
+            dgs, dwg, dwn = gate_backward(g, w_gate, w_noise, noise, dmoe, 1.0 / (h * w))
         else:  # eval or forced routing: the loss counts samples, it has no gradient
-            dg, dwg, dwn = torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
+            dgs, dwg, dwn = torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
         if dout is None:
             dout = x.new_zeros(x.shape[:-1] + (weight.shape[0],))
         dx, dx_down, d_a, d_b, d_ew, d_eb = bwd_op(
             dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z,
-            y, dg.to(z.dtype) / (h * w), index, ctx.scaling, bool(needs[0]),
+            y, dgs.to(z.dtype), index, ctx.scaling, bool(needs[0]),
         )
         d_w = d_bias = None
         if needs[2] or needs[3]:  # the frozen Linear made trainable: plain PyTorch
@@ -164,19 +175,22 @@ def _make_backward(bwd_op):
 
 def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
                      register: Callable = torch.library.custom_op,
-                     dx_row_stride: Callable[[int, int], int] = lambda c_in, r: c_in):
+                     dx_row_stride: Callable[[int, int], int] = lambda c_in, r: c_in,
+                     gate_backward: Callable = autograd_gate_backward):
     """Register ``{namespace}::conv_lora_fwd`` / ``conv_lora_bwd`` with fakes and autograd.
 
     ``register(qualname, fn, mutates_args=(), schema=...)`` is ``torch.library.custom_op`` (opaque to
     Inductor) or ``torch.library.triton_op`` (Inductor sees the Triton kernels).
     ``dx_row_stride(C_in, r)`` is the row stride of the dx the backward returns (C_in when it is
-    contiguous; the fake must report the real layout). Returns (fwd_op, bwd_op).
+    contiguous; the fake must report the real layout). ``gate_backward(g, w_gate, w_noise,
+    noise, dmoe, dg_scale) -> (dg * dg_scale, d_w_gate, d_w_noise)`` differentiates the training
+    gate's moe_loss (:func:`autograd_gate_backward` by default). Returns (fwd_op, bwd_op).
     """
     fwd = register(f"{namespace}::conv_lora_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
     bwd = register(f"{namespace}::conv_lora_bwd", bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
     fwd.register_fake(_fwd_fake)
     bwd.register_fake(_make_bwd_fake(dx_row_stride))
-    fwd.register_autograd(_make_backward(bwd), setup_context=_setup_context)
+    fwd.register_autograd(_make_backward(bwd, gate_backward), setup_context=_setup_context)
     return fwd, bwd
 
 

@@ -35,18 +35,17 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .._nvtx import nvtx_range
-from ..gate import routing
 from ._layer_op import define_layer_ops, prepare_inputs
+from ._triton_common import ENV_POISON, INTERPRET, register_op
+from ._triton_common import empty as _empty
+from .triton_gate import gate_backward, gate_forward
 
 __all__ = ["ENV_AUTOTUNE", "ENV_POISON", "conv_lora_forward", "unavailable_reason"]
 
-#: Triton decides at decoration time whether kernels run in its interpreter; so do we.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-#: Tests set this to "1": every buffer the kernels write is allocated full of NaN.
-ENV_POISON = "CONVLORA_POISON"
+_INTERPRET = INTERPRET
 _NAMESPACE = "convlora_triton"
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 #: U-patch slots per pixel: 6x6 for even s (3x3 for odd s uses the first 9).
@@ -769,14 +768,6 @@ def _convlora_expert_grad_reduce_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, or a NaN-filled buffer when CONVLORA_POISON=1 (tests: an element a
-    kernel fails to write then shows up as NaN)."""
-    if os.environ.get(ENV_POISON, "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 #: Smallest channel tile of the expert-stage kernels. 2 (v3): r <= 8 convolves on the CUDA cores
 #: in tiles of r rounded up to a power of two; 16 restores v2 (tl.dot for every r, r padded).
 _EXPERT_MIN_BLOCK_R = 2
@@ -1059,8 +1050,7 @@ def _fwd_impl(
         _launch_down(xd2d, lora_A, z, gpart, n, hw)
         g = gpart.sum(1) / hw
     with nvtx_range("convlora.triton.gate"):
-        index, moe_loss = routing(g, w_gate, w_noise, noise, expert_index)
-        index = index.to(torch.long, copy=True)  # never alias the forced-routing input
+        index, moe_loss = gate_forward(g, w_gate, w_noise, noise, expert_index)
     with nvtx_range("convlora.triton.experts"):
         usc = _empty((m, _PATCH, r), torch.float32, dev)
         tsc = _empty((m, _TSLOTS, r), torch.float32, dev)
@@ -1071,7 +1061,7 @@ def _fwd_impl(
         out = _empty((m, c_out), x.dtype, dev)
         _launch_up_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, y, lora_B,
                         (lora_B.stride(1), lora_B.stride(0)), scaling, out)
-    return out.view(n, h, w, c_out), index, moe_loss.float(), z, g, y
+    return out.view(n, h, w, c_out), index, moe_loss, z, g, y
 
 
 def _bwd_impl(
@@ -1138,11 +1128,8 @@ def _bwd_impl(
     return dx, dx_down, d_a, d_b, d_ew, d_eb
 
 
-# Under the interpreter the ops are plain custom ops: wrap_triton returns the interpreted function,
-# which AOT tracing would run on fake tensors (see the module docstring).
 conv_lora_fwd, conv_lora_bwd = define_layer_ops(
-    _NAMESPACE, _fwd_impl, _bwd_impl,
-    register=torch.library.custom_op if _INTERPRET else triton_op,
+    _NAMESPACE, _fwd_impl, _bwd_impl, register=register_op, gate_backward=gate_backward,
 )
 
 
