@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "convlora_math.h"
@@ -208,6 +209,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
     deb[idx[n]].add_(deb_n[n]);
   }
   return {dz, dew.to(expert_weight.scalar_type()), deb.to(expert_bias.scalar_type())};
+}
+
+// ----------------------------------------------------------------------------- gate
+// Samples in order: every sum over samples has a fixed order.
+template <typename T>
+void gate_fwd_impl(const T* g, const T* wg, const T* wn, const T* noise, const int64_t* forced,
+                   int64_t N, int r, int E, int64_t* index, T* loss) {
+  const bool noisy = noise != nullptr && forced == nullptr && E > 1;
+  T counts[kMaxExperts] = {}, load[kMaxExperts] = {};
+  for (int64_t n = 0; n < N; ++n) {
+    GateRow<T> row;
+    gate_row(g + n * r, wg, wn, noisy ? noise + n * E : nullptr, forced ? forced[n] : -1, r, E,
+             row);
+    index[n] = row.top1;
+    counts[row.top1] += T(1);
+    if (noisy)
+      for (int e = 0; e < E; ++e) load[e] += normal_cdf(row.u[e]);
+  }
+  *loss = T(kMoeLossWeight) *
+          (cv_squared(counts, E, static_cast<T*>(nullptr)) +
+           cv_squared(noisy ? load : counts, E, static_cast<T*>(nullptr)));
+}
+
+template <typename T>
+void gate_bwd_impl(const T* g, const T* wg, const T* wn, const T* noise, T dloss, T dg_scale,
+                   int64_t N, int r, int E, T* dg, T* dwg, T* dwn) {
+  T load[kMaxExperts] = {}, dload[kMaxExperts];
+  for (int64_t n = 0; n < N; ++n) {
+    GateRow<T> row;
+    gate_row(g + n * r, wg, wn, noise + n * E, int64_t(-1), r, E, row);
+    for (int e = 0; e < E; ++e) load[e] += normal_cdf(row.u[e]);
+  }
+  cv_squared(load, E, dload);
+  for (int e = 0; e < E; ++e) dload[e] *= T(kMoeLossWeight) * dloss;
+  std::fill(dwg, dwg + r * E, T(0));
+  std::fill(dwn, dwn + r * E, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    GateRow<T> row;
+    T dclean[kMaxExperts], draw[kMaxExperts];
+    gate_row(g + n * r, wg, wn, noise + n * E, int64_t(-1), r, E, row);
+    gate_row_grad(row, noise + n * E, dload, E, dclean, draw);
+    for (int k = 0; k < r; ++k) {
+      T acc = T(0);
+      for (int e = 0; e < E; ++e) {
+        acc += dclean[e] * wg[k * E + e] + draw[e] * wn[k * E + e];
+        dwg[k * E + e] += g[n * r + k] * dclean[e];
+        dwn[k * E + e] += g[n * r + k] * draw[e];
+      }
+      dg[n * r + k] = acc * dg_scale;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_fwd_cpu(const at::Tensor& g, const at::Tensor& w_gate,
+                                                const at::Tensor& w_noise,
+                                                const c10::optional<at::Tensor>& noise,
+                                                const c10::optional<at::Tensor>& expert_index) {
+  const int64_t E = check_gate_inputs(g, w_gate, w_noise, noise, expert_index, kMaxExperts);
+  check_cpu(g, "g");
+  const int64_t N = g.size(0), r = g.size(1);
+  at::Tensor gc = g.contiguous(), wg = w_gate.contiguous(), wn = w_noise.contiguous();
+  at::Tensor nz = noise.has_value() ? noise->contiguous() : at::Tensor();
+  std::vector<int64_t> forced;
+  if (expert_index.has_value()) forced = checked_index(*expert_index, E);
+  at::Tensor index = at::empty({N}, g.options().dtype(at::kLong));
+  at::Tensor loss = new_output({}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "convlora_gate_fwd_cpu", [&] {
+    gate_fwd_impl<scalar_t>(gc.data_ptr<scalar_t>(), wg.data_ptr<scalar_t>(),
+                            wn.data_ptr<scalar_t>(), nz.defined() ? nz.data_ptr<scalar_t>() : nullptr,
+                            expert_index.has_value() ? forced.data() : nullptr, N,
+                            static_cast<int>(r), static_cast<int>(E), index.data_ptr<int64_t>(),
+                            loss.data_ptr<scalar_t>());
+  });
+  return {index, loss};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bwd_cpu(
+    const at::Tensor& g, const at::Tensor& w_gate, const at::Tensor& w_noise,
+    const at::Tensor& noise, const at::Tensor& dloss, double dg_scale) {
+  const int64_t E = check_gate_inputs(g, w_gate, w_noise, noise, c10::nullopt, kMaxExperts);
+  check_cpu(g, "g");
+  TORCH_CHECK(dloss.numel() == 1, "convlora: dloss must hold one value, got ", dloss.sizes());
+  const int64_t N = g.size(0), r = g.size(1);
+  at::Tensor gc = g.contiguous(), wg = w_gate.contiguous(), wn = w_noise.contiguous();
+  at::Tensor nz = noise.contiguous();
+  at::Tensor dg = new_output({N, r}, g.options());
+  at::Tensor dwg = new_output({r, E}, g.options());
+  at::Tensor dwn = new_output({r, E}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "convlora_gate_bwd_cpu", [&] {
+    gate_bwd_impl<scalar_t>(gc.data_ptr<scalar_t>(), wg.data_ptr<scalar_t>(),
+                            wn.data_ptr<scalar_t>(), nz.data_ptr<scalar_t>(),
+                            dloss.to(g.scalar_type()).item<scalar_t>(),
+                            static_cast<scalar_t>(dg_scale), N, static_cast<int>(r),
+                            static_cast<int>(E), dg.data_ptr<scalar_t>(), dwg.data_ptr<scalar_t>(),
+                            dwn.data_ptr<scalar_t>());
+  });
+  return {dg, dwg, dwn};
 }
 
 }  // namespace convlora

@@ -9,6 +9,8 @@
 //                                    and per-block dEW/dEB partials (fixed summation order)
 //   convlora_experts_dz_kernel       one thread per (pixel, channel): dz = dy + gather of the
 //                                    neighbouring outputs' patch gradients (no atomics)
+//   convlora_gate_fwd/bwd_kernel     one block: the gate and its loss (gradient), samples
+//                                    strided over threads, fixed-order block reductions
 //
 // Why per-pixel patch gradients plus a gather instead of a whole window in shared memory: the
 // upsampled map of a 14x14 window at s = 8 is 112x112 per channel (r = 8: 400 KB in float32),
@@ -454,6 +456,170 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
           deb.to(expert_bias.scalar_type())};
 }
 
+// ----------------------------------------------------------------------------- gate
+// N x r x E arithmetic: one block, each thread a strided subset of the samples, then fixed-order
+// tree reductions over the threads (deterministic). One launch each way replaces the ~50 (forward)
+// and ~110 (autograd backward) small PyTorch ops of the eager gate, each 5-10 us of host time.
+constexpr int kGateThreads = 256;
+
+// Sum of v over the block, returned to every thread (a fixed-order tree: deterministic).
+template <typename T>
+__device__ T block_sum(T v, T* red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kGateThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const T total = red[0];
+  __syncthreads();  // red is reused by the next call
+  return total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kGateThreads)
+    convlora_gate_fwd_kernel(const T* __restrict__ g, const T* __restrict__ wg,
+                             const T* __restrict__ wn, const T* __restrict__ noise,
+                             const int64_t* __restrict__ forced, int64_t N, int r, int E,
+                             int64_t* __restrict__ index, T* __restrict__ loss) {
+  __shared__ T red[kGateThreads];
+  __shared__ T totals[2][kMaxExperts];
+  const bool noisy = noise != nullptr && forced == nullptr && E > 1;
+  T counts[kMaxExperts], load[kMaxExperts];
+  for (int e = 0; e < kMaxExperts; ++e) counts[e] = load[e] = T(0);
+  for (int64_t n = threadIdx.x; n < N; n += kGateThreads) {
+    GateRow<T> row;
+    gate_row(g + n * r, wg, wn, noisy ? noise + n * E : nullptr, forced ? forced[n] : -1, r, E,
+             row);
+    index[n] = row.top1;
+    // An out-of-range forced index is reported by the caller's device assertion; never write
+    // outside counts.
+    if (row.top1 >= 0 && row.top1 < E) counts[row.top1] += T(1);
+    if (noisy)
+      for (int e = 0; e < E; ++e) load[e] += normal_cdf(row.u[e]);
+  }
+  for (int e = 0; e < E; ++e) {
+    const T c = block_sum(counts[e], red);
+    const T l = block_sum(load[e], red);
+    if (threadIdx.x == 0) {
+      totals[0][e] = c;
+      totals[1][e] = noisy ? l : c;
+    }
+  }
+  if (threadIdx.x == 0)
+    *loss = T(kMoeLossWeight) * (cv_squared(totals[0], E, static_cast<T*>(nullptr)) +
+                                 cv_squared(totals[1], E, static_cast<T*>(nullptr)));
+}
+
+// scratch (N, 2E): each sample's dclean and draw, so that the weight gradients can be summed
+// over samples in order by one thread per (k, e).
+template <typename T>
+__global__ void __launch_bounds__(kGateThreads)
+    convlora_gate_bwd_kernel(const T* __restrict__ g, const T* __restrict__ wg,
+                             const T* __restrict__ wn, const T* __restrict__ noise,
+                             const T* __restrict__ dloss, T dg_scale, int64_t N, int r, int E,
+                             T* __restrict__ scratch, T* __restrict__ dg, T* __restrict__ dwg,
+                             T* __restrict__ dwn) {
+  __shared__ T red[kGateThreads];
+  __shared__ T load_s[kMaxExperts];
+  __shared__ T dload_s[kMaxExperts];
+  T load[kMaxExperts];
+  for (int e = 0; e < kMaxExperts; ++e) load[e] = T(0);
+  for (int64_t n = threadIdx.x; n < N; n += kGateThreads) {
+    GateRow<T> row;
+    gate_row(g + n * r, wg, wn, noise + n * E, int64_t(-1), r, E, row);
+    for (int e = 0; e < E; ++e) load[e] += normal_cdf(row.u[e]);
+  }
+  for (int e = 0; e < E; ++e) {
+    const T l = block_sum(load[e], red);
+    if (threadIdx.x == 0) load_s[e] = l;
+  }
+  if (threadIdx.x == 0) {
+    cv_squared(load_s, E, dload_s);
+    for (int e = 0; e < E; ++e) dload_s[e] *= T(kMoeLossWeight) * dloss[0];
+  }
+  __syncthreads();
+  for (int64_t n = threadIdx.x; n < N; n += kGateThreads) {
+    GateRow<T> row;
+    T dclean[kMaxExperts], draw[kMaxExperts];
+    gate_row(g + n * r, wg, wn, noise + n * E, int64_t(-1), r, E, row);
+    gate_row_grad(row, noise + n * E, dload_s, E, dclean, draw);
+    for (int k = 0; k < r; ++k) {
+      T acc = T(0);
+      for (int e = 0; e < E; ++e) acc += dclean[e] * wg[k * E + e] + draw[e] * wn[k * E + e];
+      dg[n * r + k] = acc * dg_scale;
+    }
+    for (int e = 0; e < E; ++e) {
+      scratch[n * 2 * E + e] = dclean[e];
+      scratch[n * 2 * E + E + e] = draw[e];
+    }
+  }
+  __syncthreads();  // the block's global writes to scratch are visible to the block after it
+  for (int q = threadIdx.x; q < r * E; q += kGateThreads) {
+    const int k = q / E, e = q % E;
+    T a = T(0), b = T(0);
+    for (int64_t n = 0; n < N; ++n) {
+      a += g[n * r + k] * scratch[n * 2 * E + e];
+      b += g[n * r + k] * scratch[n * 2 * E + E + e];
+    }
+    dwg[q] = a;
+    dwn[q] = b;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_fwd_cuda(const at::Tensor& g, const at::Tensor& w_gate,
+                                                 const at::Tensor& w_noise,
+                                                 const c10::optional<at::Tensor>& noise,
+                                                 const c10::optional<at::Tensor>& expert_index) {
+  const int64_t E = check_gate_inputs(g, w_gate, w_noise, noise, expert_index, kMaxExperts);
+  check_cuda(g, "g");
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t N = g.size(0), r = g.size(1);
+  const at::Tensor gc = g.contiguous(), wg = w_gate.contiguous(), wn = w_noise.contiguous();
+  const at::Tensor nz = noise.has_value() ? noise->contiguous() : at::Tensor();
+  const at::Tensor fi = expert_index.has_value() ? expert_index->to(at::kLong).contiguous()
+                                                 : at::Tensor();
+  at::Tensor index = at::empty({N}, g.options().dtype(at::kLong));
+  at::Tensor loss = new_output({}, g.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "convlora_gate_fwd_cuda", [&] {
+    convlora_gate_fwd_kernel<scalar_t><<<1, kGateThreads, 0, stream>>>(
+        gc.data_ptr<scalar_t>(), wg.data_ptr<scalar_t>(), wn.data_ptr<scalar_t>(),
+        nz.defined() ? nz.data_ptr<scalar_t>() : nullptr,
+        fi.defined() ? fi.data_ptr<int64_t>() : nullptr, N, static_cast<int>(r),
+        static_cast<int>(E), index.data_ptr<int64_t>(), loss.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {index, loss};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bwd_cuda(
+    const at::Tensor& g, const at::Tensor& w_gate, const at::Tensor& w_noise,
+    const at::Tensor& noise, const at::Tensor& dloss, double dg_scale) {
+  const int64_t E = check_gate_inputs(g, w_gate, w_noise, noise, c10::nullopt, kMaxExperts);
+  check_cuda(g, "g");
+  TORCH_CHECK(dloss.numel() == 1, "convlora: dloss must hold one value, got ", dloss.sizes());
+  check_same_device(g, dloss, "g", "dloss");
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t N = g.size(0), r = g.size(1);
+  const at::Tensor gc = g.contiguous(), wg = w_gate.contiguous(), wn = w_noise.contiguous();
+  const at::Tensor nz = noise.contiguous(), dl = dloss.to(g.scalar_type()).contiguous();
+  at::Tensor scratch = at::empty({N, 2 * E}, g.options());
+  at::Tensor dg = new_output({N, r}, g.options());
+  at::Tensor dwg = new_output({r, E}, g.options());
+  at::Tensor dwn = new_output({r, E}, g.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "convlora_gate_bwd_cuda", [&] {
+    convlora_gate_bwd_kernel<scalar_t><<<1, kGateThreads, 0, stream>>>(
+        gc.data_ptr<scalar_t>(), wg.data_ptr<scalar_t>(), wn.data_ptr<scalar_t>(),
+        nz.data_ptr<scalar_t>(), dl.data_ptr<scalar_t>(), static_cast<scalar_t>(dg_scale), N,
+        static_cast<int>(r), static_cast<int>(E), scratch.data_ptr<scalar_t>(),
+        dg.data_ptr<scalar_t>(), dwg.data_ptr<scalar_t>(), dwn.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dg, dwg, dwn};
+}
+
 }  // namespace
 }  // namespace convlora
 
@@ -461,4 +627,6 @@ TORCH_LIBRARY_IMPL(convlora_cuda, CUDA, m) {
   m.impl("down_proj", &convlora::down_proj_cuda);
   m.impl("experts_fwd", &convlora::experts_fwd_cuda);
   m.impl("experts_bwd", &convlora::experts_bwd_cuda);
+  m.impl("gate_fwd", &convlora::gate_fwd_cuda);
+  m.impl("gate_bwd", &convlora::gate_bwd_cuda);
 }

@@ -279,4 +279,118 @@ CONVLORA_HD T gather_dz(const T* dup_n, int H, int W, int r, int c, int zi, int 
   return acc;
 }
 
+// ----------------------------------------------------------------------------- gate
+// The noisy top-1 gate and its load-balancing loss (SPEC section 2 step 3 and the auxiliary
+// loss), one sample at a time; the CPU and CUDA gate kernels only sum the per-sample terms over
+// samples. E is at most kMaxExperts (the per-sample arrays live in registers / local memory).
+constexpr int kMaxExperts = 32;
+constexpr double kNoiseEpsilon = 0.01;
+constexpr double kMoeLossWeight = 0.01;
+
+// F.softplus (beta 1, threshold 20) and its derivative.
+template <typename T>
+CONVLORA_HD T softplus(T x) { return x > T(20) ? x : log1p(exp(x)); }
+template <typename T>
+CONVLORA_HD T softplus_grad(T x) { return x > T(20) ? T(1) : T(1) / (T(1) + exp(-x)); }
+
+template <typename T>
+CONVLORA_HD T normal_cdf(T u) { return T(0.5) * (T(1) + erf(u * T(0.70710678118654752440))); }
+template <typename T>
+CONVLORA_HD T normal_pdf(T u) { return exp(T(-0.5) * u * u) * T(0.39894228040143267794); }
+
+template <typename T>
+struct GateRow {
+  T clean[kMaxExperts];  // g W_gate
+  T raw[kMaxExperts];    // g W_noise (noisy gate only)
+  T sigma[kMaxExperts];  // softplus(raw) + 0.01 (noisy gate), else 1
+  T u[kMaxExperts];      // (clean - t) / sigma, t the logit the load term compares with
+  bool in_top[kMaxExperts];  // logit above the second largest (t = second largest, else largest)
+  int top1, top2;        // index of the largest logit (the chosen expert) and of the second
+};
+
+// One sample: g (r,), w_gate / w_noise (r, E) row-major, noise (E,) or null (eval gate), forced
+// the expert to use or -1. Ties go to the lower index, as torch.argmax does.
+template <typename T>
+CONVLORA_HD void gate_row(const T* g, const T* wg, const T* wn, const T* noise, int64_t forced,
+                          int r, int E, GateRow<T>& row) {
+  T logits[kMaxExperts];
+  for (int e = 0; e < E; ++e) {
+    T c = T(0), w = T(0);
+    for (int k = 0; k < r; ++k) {
+      c += g[k] * wg[k * E + e];
+      if (noise != nullptr) w += g[k] * wn[k * E + e];
+    }
+    row.clean[e] = c;
+    row.raw[e] = w;
+    row.sigma[e] = noise != nullptr ? softplus(w) + T(kNoiseEpsilon) : T(1);
+    logits[e] = noise != nullptr ? c + noise[e] * row.sigma[e] : c;
+  }
+  int top1 = 0;
+  for (int e = 1; e < E; ++e)
+    if (logits[e] > logits[top1]) top1 = e;
+  const T t_out = logits[top1];
+  if (forced >= 0) top1 = static_cast<int>(forced);
+  int top2 = -1;
+  for (int e = 0; e < E; ++e)
+    if (e != top1 && (top2 < 0 || logits[e] > logits[top2])) top2 = e;
+  row.top1 = top1;
+  row.top2 = top2;
+  if (top2 < 0) {  // one expert: no load term
+    row.in_top[0] = true;
+    row.u[0] = T(0);
+    return;
+  }
+  const T t_in = logits[top2];
+  for (int e = 0; e < E; ++e) {
+    row.in_top[e] = logits[e] > t_in;
+    row.u[e] = (row.clean[e] - (row.in_top[e] ? t_in : t_out)) / row.sigma[e];
+  }
+}
+
+// cv2(v) = var(v) / (mean(v)^2 + 1e-10), unbiased variance, 0 for one element; with dv non-null
+// also d cv2 / d v.
+template <typename T>
+CONVLORA_HD T cv_squared(const T* v, int E, T* dv) {
+  if (E <= 1) {
+    if (dv != nullptr) dv[0] = T(0);
+    return T(0);
+  }
+  T mean = T(0);
+  for (int e = 0; e < E; ++e) mean += v[e];
+  mean /= T(E);
+  T var = T(0);
+  for (int e = 0; e < E; ++e) var += (v[e] - mean) * (v[e] - mean);
+  var /= T(E - 1);
+  const T denom = mean * mean + T(1e-10);
+  if (dv != nullptr)
+    for (int e = 0; e < E; ++e)
+      dv[e] = T(2) * (v[e] - mean) / T(E - 1) / denom - var * T(2) * mean / (T(E) * denom * denom);
+  return var / denom;
+}
+
+// One sample's contribution to the load gradient: given dload (E,) = d loss / d load, the
+// gradients reaching clean (dclean) and raw = g W_noise (draw), both (E,).
+template <typename T>
+CONVLORA_HD void gate_row_grad(const GateRow<T>& row, const T* noise, const T* dload, int E,
+                               T* dclean, T* draw) {
+  T dsigma[kMaxExperts];
+  T dt_in = T(0), dt_out = T(0);
+  for (int e = 0; e < E; ++e) {
+    const T du = dload[e] * normal_pdf(row.u[e]);  // load_e += Phi(u)
+    dclean[e] = du / row.sigma[e];
+    dsigma[e] = -du * row.u[e] / row.sigma[e];
+    if (row.in_top[e]) dt_in -= du / row.sigma[e];
+    else dt_out -= du / row.sigma[e];
+  }
+  // t_in is the second-largest logit, t_out the largest: back to those two logits.
+  T dlogits[kMaxExperts];
+  for (int e = 0; e < E; ++e) dlogits[e] = T(0);
+  dlogits[row.top2] += dt_in;
+  dlogits[row.top1] += dt_out;
+  for (int e = 0; e < E; ++e) {  // logits = clean + noise * sigma
+    dclean[e] += dlogits[e];
+    draw[e] = (dsigma[e] + dlogits[e] * noise[e]) * softplus_grad(row.raw[e]);
+  }
+}
+
 }  // namespace convlora

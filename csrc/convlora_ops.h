@@ -94,7 +94,53 @@ inline void check_down_inputs(const at::Tensor& x, const at::Tensor& lora_A, int
               x.size(3), ", got ", cat_cols);
 }
 
+// g (N, r) float32/float64; w_gate, w_noise (r, E) in g's dtype; noise (N, E) in g's dtype or
+// absent; expert_index (N,) integer or absent. Returns E.
+inline int64_t check_gate_inputs(const at::Tensor& g, const at::Tensor& w_gate,
+                                 const at::Tensor& w_noise, const c10::optional<at::Tensor>& noise,
+                                 const c10::optional<at::Tensor>& expert_index,
+                                 int64_t max_experts) {
+  TORCH_CHECK(g.dim() == 2, "convlora: g must be (N, r), got shape ", g.sizes());
+  TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble,
+              "convlora: g must be float32 or float64, got ", g.scalar_type());
+  const int64_t n = g.size(0), r = g.size(1);
+  TORCH_CHECK(w_gate.dim() == 2 && w_gate.size(0) == r && w_noise.sizes() == w_gate.sizes(),
+              "convlora: w_gate and w_noise must be (r, E) with r = ", r, ", got ", w_gate.sizes(),
+              " and ", w_noise.sizes());
+  const int64_t e = w_gate.size(1);
+  TORCH_CHECK(e >= 1 && e <= max_experts, "convlora: the gate kernels support 1 to ", max_experts,
+              " experts, got ", e);
+  TORCH_CHECK(w_gate.scalar_type() == g.scalar_type() && w_noise.scalar_type() == g.scalar_type(),
+              "convlora: w_gate / w_noise must have g's dtype ", g.scalar_type());
+  check_same_device(g, w_gate, "g", "w_gate");
+  check_same_device(g, w_noise, "g", "w_noise");
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->dim() == 2 && noise->size(0) == n && noise->size(1) == e,
+                "convlora: noise must be (", n, ", ", e, "), got ", noise->sizes());
+    TORCH_CHECK(noise->scalar_type() == g.scalar_type(), "convlora: noise must have g's dtype ",
+                g.scalar_type());
+    check_same_device(g, *noise, "g", "noise");
+  }
+  if (expert_index.has_value()) {
+    TORCH_CHECK(expert_index->dim() == 1 && expert_index->size(0) == n,
+                "convlora: expert_index must have shape (", n, ",), got ", expert_index->sizes());
+    TORCH_CHECK(!at::isFloatingType(expert_index->scalar_type()) &&
+                    expert_index->scalar_type() != at::kBool,
+                "convlora: expert_index must be an integer tensor, got ",
+                expert_index->scalar_type());
+    check_same_device(g, *expert_index, "g", "expert_index");
+  }
+  return e;
+}
+
 // CPU kernels (convlora_cpu.cpp).
+std::tuple<at::Tensor, at::Tensor> gate_fwd_cpu(const at::Tensor& g, const at::Tensor& w_gate,
+                                                const at::Tensor& w_noise,
+                                                const c10::optional<at::Tensor>& noise,
+                                                const c10::optional<at::Tensor>& expert_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bwd_cpu(
+    const at::Tensor& g, const at::Tensor& w_gate, const at::Tensor& w_noise,
+    const at::Tensor& noise, const at::Tensor& dloss, double dg_scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x,
                                                             const at::Tensor& lora_A,
                                                             int64_t cat_cols);

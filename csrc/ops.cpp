@@ -30,10 +30,23 @@ TORCH_LIBRARY(convlora_cuda, m) {
   m.def(
       "experts_bwd(Tensor z, Tensor expert_index, Tensor expert_weight, Tensor expert_bias, "
       "Tensor dy) -> (Tensor dz, Tensor dweight, Tensor dbias)");
+  // The noisy top-1 gate (convlora_math.h gate_row): expert_index (N,) int64 (forced routing
+  // when expert_index is given) and moe_loss (0-dim, g's dtype); the noisy load term is used
+  // when noise is given, routing is not forced and E > 1, else the expert counts.
+  m.def(
+      "gate_fwd(Tensor g, Tensor w_gate, Tensor w_noise, Tensor? noise, Tensor? expert_index) -> "
+      "(Tensor expert_index, Tensor moe_loss)");
+  // Gradients of the noisy gate's moe_loss times dloss (a 0-dim tensor: no host sync):
+  // dg * dg_scale (N, r), d w_gate, d w_noise (r, E).
+  m.def(
+      "gate_bwd(Tensor g, Tensor w_gate, Tensor w_noise, Tensor noise, Tensor dloss, "
+      "float dg_scale) -> (Tensor dg, Tensor dw_gate, Tensor dw_noise)");
 }
 
 TORCH_LIBRARY_IMPL(convlora_cuda, CPU, m) {
   m.impl("down_proj", &convlora::down_proj_cpu);
   m.impl("experts_fwd", &convlora::experts_fwd_cpu);
   m.impl("experts_bwd", &convlora::experts_bwd_cpu);
+  m.impl("gate_fwd", &convlora::gate_fwd_cpu);
+  m.impl("gate_bwd", &convlora::gate_bwd_cpu);
 }

@@ -41,6 +41,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = "convlora_kernels.ops.triton_conv_lora"
+#: The layer's kernels live in MODULE, the gate's in GATE_MODULE.
+GATE_MODULE = "convlora_kernels.ops.triton_gate"
+MODULES = (MODULE, GATE_MODULE)
+
+
+def _kernel(name: str):
+    """The @triton.jit function ``name`` of whichever module defines it."""
+    import importlib
+
+    for module in MODULES:
+        fn = getattr(importlib.import_module(module), name, None)
+        if fn is not None:
+            return fn
+    raise KeyError(f"no kernel {name} in {', '.join(MODULES)}")
 
 #: Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 #: H100 228 KB per SM, 227 KB per block; A100 164 KB per SM, 163 KB per block.
@@ -164,6 +178,7 @@ def record_launches(case: Case) -> list[dict]:
     from triton.runtime.autotuner import Autotuner
 
     mod = importlib.import_module(MODULE)
+    gate = importlib.import_module(GATE_MODULE)
     assert not mod._INTERPRET, "record in a process without TRITON_INTERPRET=1"
     launches: list[dict] = []
 
@@ -204,19 +219,22 @@ def record_launches(case: Case) -> list[dict]:
     w_noise = torch.empty(r, NUM_EXPERTS, dtype=adt, **meta)
     index = torch.zeros(n, dtype=torch.long, **meta)
     scaling = 32.0 / r
-    # The gate launches no kernel, and torch.autocast has no "meta" device: forced routing.
-    saved = mod.wrap_triton, mod.routing
-    mod.wrap_triton = _Recorder
-    mod.routing = lambda g, wg, wn, noise, idx: (idx, g.new_zeros((), dtype=torch.float32))
+    noise = torch.empty(n, NUM_EXPERTS, dtype=torch.float32, **meta)
+    saved = mod.wrap_triton, gate.wrap_triton
+    mod.wrap_triton = gate.wrap_triton = _Recorder
     try:
-        _, idx, _, z, _, y = mod._fwd_impl(x, x_down, weight, bias, lora_a, lora_b, ew, eb, w_gate,
-                                          w_noise, scaling, index, None)
+        # training (noisy gate) forward, then the forced-routing gate variant
+        _, idx, _, z, g, y = mod._fwd_impl(x, x_down, weight, bias, lora_a, lora_b, ew, eb, w_gate,
+                                           w_noise, scaling, None, noise)
+        gate.gate_forward(torch.empty(n, 1, r, dtype=torch.float32, **meta), h * w, w_gate,
+                          w_noise, None, index)
         dout = torch.empty(n, h, w, C_OUT, dtype=dt, **meta)
         dgs = torch.empty(n, r, dtype=torch.float32, **meta)
+        gate._gate_bwd_impl(g, w_gate, w_noise, noise, torch.empty((), **meta), 1.0 / (h * w))
         mod._bwd_impl(dout, x, x_down, weight, lora_a, lora_b, ew, eb, z, y, dgs, idx, scaling,
                       True)
     finally:
-        mod.wrap_triton, mod.routing = saved
+        mod.wrap_triton, gate.wrap_triton = saved
     return launches
 
 
@@ -236,8 +254,7 @@ def specialise(launch: dict, arch: int):
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    mod = importlib.import_module(MODULE)
-    fn = getattr(mod, launch["kernel"])
+    fn = _kernel(launch["kernel"])
     backend = make_backend(_target(arch))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = {k: _decode(v) for k, v in launch["kwargs"].items()}
@@ -384,8 +401,8 @@ def module_kernels() -> list[str]:
 
     from triton.runtime.jit import JITFunction
 
-    mod = importlib.import_module(MODULE)
-    return sorted(k for k, v in vars(mod).items() if isinstance(v, JITFunction) and k.endswith("_kernel"))
+    return sorted(k for module in MODULES for k, v in vars(importlib.import_module(module)).items()
+                  if isinstance(v, JITFunction) and k.endswith("_kernel"))
 
 
 # ----------------------------------------------------------------------------- table

@@ -270,6 +270,55 @@ def test_opcheck_layer_ops(x_down):
                                                  need_dx))
 
 
+def _gate_case(n, r, e, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((n, r), (r, e), (r, e), (n, e))]
+
+
+# (N, r, E): N = 300 spans several threads' strides on the GPU; E = 1 has a constant loss.
+_GATE_CASES = [(1, 1, 2), (2, 1, 2), (7, 3, 8), (300, 8, 8), (5, 32, 4), (6, 4, 1)]
+
+
+@pytest.mark.parametrize("n, r, e", _GATE_CASES)
+@pytest.mark.parametrize("mode", ["train", "eval", "forced"])
+def test_gate_fwd_cpu_float64(n, r, e, mode):
+    g, wg, wn, noise = _gate_case(n, r, e, seed=n + r + e)
+    forced = torch.randint(0, e, (n,), generator=torch.Generator().manual_seed(1)) if mode == "forced" else None
+    nz = noise if mode == "train" else None
+    index, loss = torch.ops.convlora_cuda.gate_fwd(g, wg, wn, nz, forced)
+    if forced is None:
+        want_index, want_loss = reference.route(g, wg, wn, nz)
+    else:
+        want_index, want_loss = forced, reference.moe_loss_from_index(forced, e, torch.float64)
+    assert torch.equal(index, want_index)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("n, r, e", [c for c in _GATE_CASES if c[2] > 1])
+def test_gate_bwd_cpu_float64(n, r, e):
+    g, wg, wn, noise = _gate_case(n, r, e, seed=3 * n + r)
+    leaves = [t.clone().requires_grad_(True) for t in (g, wg, wn)]
+    _, loss = reference.route(*leaves, noise)
+    want = torch.autograd.grad(loss * 1.7, leaves)
+    got = torch.ops.convlora_cuda.gate_bwd(g, wg, wn, noise, torch.tensor(1.7, dtype=torch.float64), 0.25)
+    for name, a, b in zip(("dg", "dw_gate", "dw_noise"), got, (want[0] * 0.25, want[1], want[2])):
+        _assert_close(a, b, 1e-10, 1e-12, name)
+
+
+def test_gate_opcheck_and_validation():
+    ops = torch.ops.convlora_cuda
+    g, wg, wn, noise = _gate_case(5, 3, 4, seed=2)
+    torch.library.opcheck(ops.gate_fwd, (g, wg, wn, noise, None))
+    torch.library.opcheck(ops.gate_fwd, (g, wg, wn, None, torch.tensor([0, 3, 1, 1, 2])))
+    torch.library.opcheck(ops.gate_bwd, (g, wg, wn, noise, torch.tensor(0.5, dtype=torch.float64), 0.5))
+    with pytest.raises(RuntimeError, match="1 to 32 experts"):
+        ops.gate_fwd(g, torch.randn(3, 33, dtype=torch.float64), torch.randn(3, 33, dtype=torch.float64), None, None)
+    with pytest.raises(RuntimeError, match="noise must be"):
+        ops.gate_fwd(g, wg, wn, noise[:2], None)
+    with pytest.raises(RuntimeError, match="expert_index values must lie in"):
+        ops.gate_fwd(g, wg, wn, None, torch.tensor([0, 4, 1, 1, 2]))
+
+
 def test_down_proj_writes_the_gemm_operand():
     """cat_cols > 0: x in the first C_in columns, zeros after, z and g unchanged."""
     x, a, cols = _op_samples()["down_cat"]
@@ -379,6 +428,27 @@ def test_gpu_kernels_match_cpu_kernels_float64(depthwise):
         xl, al = (t.to(dtype).cuda() for t in (x, a))
         got = ops.down_proj(xl, al, cols)[2]
         assert torch.equal(got[..., :6], xl) and not got[..., 6:].any()
+
+
+@gpu
+@needs_cuda
+def test_gpu_gate_matches_cpu_float64():
+    """The gate kernels on the GPU against their CPU twins (same formulas) at float64."""
+    ops = torch.ops.convlora_cuda
+    for n, r, e in _GATE_CASES:
+        g, wg, wn, noise = _gate_case(n, r, e, seed=7)
+        forced = torch.arange(n) % e
+        for nz, idx in ((noise, None), (None, None), (None, forced)):
+            cpu = ops.gate_fwd(g, wg, wn, nz, idx)
+            cuda = ops.gate_fwd(*(None if t is None else t.cuda() for t in (g, wg, wn, nz, idx)))
+            assert torch.equal(cuda[0].cpu(), cpu[0])
+            torch.testing.assert_close(cuda[1].cpu(), cpu[1], rtol=1e-12, atol=1e-15)
+        if e > 1:
+            dl = torch.tensor(1.3, dtype=torch.float64)
+            cpu = ops.gate_bwd(g, wg, wn, noise, dl, 0.5)
+            cuda = ops.gate_bwd(g.cuda(), wg.cuda(), wn.cuda(), noise.cuda(), dl.cuda(), 0.5)
+            for a, b in zip(cuda, cpu):
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-11, atol=1e-14)
 
 
 @gpu

@@ -47,8 +47,11 @@ def test_gate_forward(n, r, e, mode):
     else:
         want_index, want_loss = forced, reference.moe_loss_from_index(forced, e, torch.float64)
     dev = lambda t: None if t is None else t.float().to(DEVICE)  # noqa: E731
-    index, loss = TG.gate_forward(dev(g), dev(wg), dev(wn), dev(nz),
-                                  None if forced is None else forced.to(DEVICE))
+    # g as partial sums over 3 token blocks of 5 tokens: the kernel sums them and divides.
+    parts = torch.stack([g * 1.5, g * 2.0, g * 1.5], dim=1)
+    got_g, index, loss = TG.gate_forward(dev(parts), 5, dev(wg), dev(wn), dev(nz),
+                                         None if forced is None else forced.to(DEVICE))
+    assert_close_to_reference(got_g.cpu(), g, RTOL, "g")
     assert index.dtype == torch.int64 and loss.dtype == torch.float32 and loss.shape == ()
     assert torch.equal(index.cpu(), want_index)
     assert_close_to_reference(loss.cpu(), want_loss, RTOL, "moe_loss")

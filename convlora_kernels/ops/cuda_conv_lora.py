@@ -12,10 +12,13 @@ arithmetic (``csrc/convlora_math.h``):
   only the V samples the downsample reads (differentiable: its backward is ``experts_bwd``).
 - ``experts_bwd(z, expert_index, expert_weight, expert_bias, dy) -> (dz, dweight, dbias)``:
   deterministic (no floating-point atomics), residual included in dz.
+- ``gate_fwd(g, w_gate, w_noise, noise?, expert_index?) -> (expert_index, moe_loss)`` and
+  ``gate_bwd(g, w_gate, w_noise, noise, dloss, dg_scale) -> (dg, dw_gate, dw_noise)``: the
+  gate and the gradient of its loss, one launch each (the eager gate is ~160 small ops).
 
 The layer is the op pair ``convlora_cuda_layer::conv_lora_fwd`` / ``conv_lora_bwd``
 (:mod:`convlora_kernels.ops._layer_op`: the same signatures, fakes and autograd as the Triton
-backend) built from those ops, the shared float32 gate and cuBLAS GEMMs (through ATen):
+backend) built from those ops and cuBLAS GEMMs (through ATen):
 
 - forward: ``out = [x | y | 0] [W | s B | 0]^T + b``, one GEMM with K = C_in + r rounded up to 8
   (tensor-core alignment), whose left operand down_proj wrote (one extra write of x, no extra
@@ -36,7 +39,6 @@ from __future__ import annotations
 import torch
 
 from .._nvtx import nvtx_range
-from ..gate import routing
 from ._layer_op import define_layer_ops, prepare_inputs
 
 _BUILD_HINT = (
@@ -45,12 +47,24 @@ _BUILD_HINT = (
     "CONVLORA_BUILD_CUDA=1 makes a missing toolkit an error instead of a silent skip)"
 )
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers torch.ops.convlora_cuda.*)
+#: The ops this module needs from the extension (csrc/ops.cpp).
+_OPS = ("down_proj", "experts_fwd", "experts_bwd", "gate_fwd", "gate_bwd")
 
-    _LOAD_ERROR: str | None = None
-except ImportError as exc:  # not built, or built against another torch
-    _LOAD_ERROR = f"the compiled extension convlora_kernels._C cannot be loaded ({exc})"
+
+def _load_extension() -> str | None:
+    """Load ``convlora_kernels._C``; the reason it cannot serve, or None."""
+    try:
+        from .. import _C  # noqa: F401  (loading the library registers torch.ops.convlora_cuda.*)
+    except ImportError as exc:  # not built, or built against another torch
+        return f"the compiled extension convlora_kernels._C cannot be loaded ({exc})"
+    missing = [op for op in _OPS if not torch._C._dispatch_has_kernel(f"convlora_cuda::{op}")]
+    if missing:  # an editable install whose _C predates the Python side
+        return (f"the compiled extension convlora_kernels._C is out of date (no op "
+                f"{', '.join(missing)}): rebuild it")
+    return None
+
+
+_LOAD_ERROR = _load_extension()
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -143,6 +157,26 @@ if _LOAD_ERROR is None:
             torch.empty_like(expert_bias, memory_format=torch.contiguous_format),
         )
 
+    @torch.library.register_fake("convlora_cuda::gate_fwd")
+    def _gate_fwd_fake(g, w_gate, w_noise, noise, expert_index):
+        return g.new_empty((g.shape[0],), dtype=torch.long), g.new_empty(())
+
+    @torch.library.register_fake("convlora_cuda::gate_bwd")
+    def _gate_bwd_fake(g, w_gate, w_noise, noise, dloss, dg_scale):
+        return torch.empty_like(g), g.new_empty(w_gate.shape), g.new_empty(w_gate.shape)
+
+    def _gate_forward(g, w_gate, w_noise, noise, expert_index):
+        """routing (gate.py) in one launch: (expert_index (N,) long, moe_loss 0-dim)."""
+        return _ops.gate_fwd(g, w_gate.to(g.dtype), w_noise.to(g.dtype),
+                             None if noise is None else noise.to(g.dtype), expert_index)
+
+    def _gate_backward(g, w_gate, w_noise, noise, dmoe, dg_scale):
+        """The training gate's loss gradient in one launch (the _layer_op gate_backward)."""
+        if w_gate.shape[1] == 1:  # one expert: the loss is the constant 0
+            return torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
+        return _ops.gate_bwd(g, w_gate.to(g.dtype), w_noise.to(g.dtype), noise.to(g.dtype),
+                             dmoe.to(g.dtype), float(dg_scale))
+
     def _experts_fwd_setup(ctx, inputs, output):
         z, expert_index, expert_weight, expert_bias = inputs
         ctx.save_for_backward(z, expert_index, expert_weight, expert_bias)
@@ -171,8 +205,7 @@ if _LOAD_ERROR is None:
             z, g, xcat = _ops.down_proj(xd.contiguous(), lora_A.to(x.dtype).contiguous(),
                                         _gemm_cols(c_in, r) if fold else 0)
         with _no_autocast(x.device.type), nvtx_range("convlora.cuda.gate"):
-            index, moe_loss = routing(g, w_gate, w_noise, noise, expert_index)
-            index = index.to(torch.long, copy=True)  # never alias the forced-routing input
+            index, moe_loss = _gate_forward(g, w_gate, w_noise, noise, expert_index)
         with _no_autocast(x.device.type), nvtx_range("convlora.cuda.experts"):
             y = _ops.experts_fwd(z, index, expert_weight, expert_bias)
         with _no_autocast(x.device.type), nvtx_range("convlora.cuda.up_proj"):
@@ -222,7 +255,7 @@ if _LOAD_ERROR is None:
 
     conv_lora_fwd, conv_lora_bwd = define_layer_ops(
         "convlora_cuda_layer", _fwd_impl, _bwd_impl,
-        dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r),
+        dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r), gate_backward=_gate_backward,
     )
 
 

@@ -291,14 +291,17 @@ def _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R, stride_ew
 
 
 @triton.jit
-def _expert_program(eidx_ptr, inv_scale_ptr, H, W, BLOCK_P: tl.constexpr):
+def _expert_program(eidx_ptr, H, W, BLOCK_P: tl.constexpr):
     """What an expert program of grid (cdiv(H*W, BLOCK_P), N) works on: its sample n (int64),
     expert e and scale s = e + 1 (read on the device), float32(1/s), and its pixels."""
     pid = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     e = tl.load(eidx_ptr + n)
     s = (e + 1).to(tl.int32)
-    inv_s = tl.load(inv_scale_ptr + e)
+    # PyTorch's bicubic scale: the double 1/s rounded to float. fp64 division is IEEE-exact on
+    # the GPU (Triton's fp32 '/' is an approximate div.full.f32); this replaced a table built by
+    # three tiny launches per use (nine per training step).
+    inv_s = (1.0 / s.to(tl.float64)).to(tl.float32)
     HW = H * W
     pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pix < HW
@@ -366,7 +369,7 @@ def _expert_fwd_tile(
 
 @triton.jit
 def _convlora_experts_fwd_kernel(
-    z_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, y_ptr,
+    z_ptr, eidx_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, y_ptr,
     H, W, R,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
@@ -379,7 +382,7 @@ def _convlora_experts_fwd_kernel(
     read on the device; even and odd s take different static paths (6x6 vs 3x3 U patch).
     """
     pid, n, e, s, inv_s, HW, pix, pmask, i, j = _expert_program(
-        eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
+        eidx_ptr, H, W, BLOCK_P)
     z_base = z_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
     tsc_base = tsc_ptr + n * HW * (8 * R)
@@ -611,7 +614,7 @@ def _expert_bwd_tile(
 
 @triton.jit
 def _convlora_experts_bwd_kernel(
-    z_ptr, dy_ptr, eidx_ptr, inv_scale_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, dps_ptr, part_ptr,
+    z_ptr, dy_ptr, eidx_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, dps_ptr, part_ptr,
     H, W, R, KW,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
@@ -625,7 +628,7 @@ def _convlora_experts_bwd_kernel(
     """
     nblk = tl.num_programs(0)
     pid, n, e, s, inv_s, HW, pix, pmask, i, j = _expert_program(
-        eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
+        eidx_ptr, H, W, BLOCK_P)
     z_base = z_ptr + n * HW * R
     dy_base = dy_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
@@ -694,14 +697,14 @@ def _dz_gather_axis(acc, base, fixed, stride_k, c, size, slot0, s, inv_s, pmask,
 
 @triton.jit
 def _convlora_experts_dz_cols_kernel(
-    dup_ptr, eidx_ptr, inv_scale_ptr, t_ptr,
+    dup_ptr, eidx_ptr, t_ptr,
     H, W, R,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Column pass of the dZ gather. dup: (N*H*W, 36, R); t: (N*H*W, 8, R), indexed by
     (output row i, Z column wz). Grid (cdiv(H*W, BLOCK_P), N)."""
     pid, n, e, s, inv_s, HW, pix, pmask, i, wz = _expert_program(
-        eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
+        eidx_ptr, H, W, BLOCK_P)
     dup_base = dup_ptr + n * HW * (36 * R)
     t_base = t_ptr + n * HW * (8 * R)
     if s % 2 == 0:
@@ -712,7 +715,7 @@ def _convlora_experts_dz_cols_kernel(
 
 @triton.jit
 def _convlora_experts_dz_rows_kernel(
-    t_ptr, dy_ptr, dgs_ptr, eidx_ptr, inv_scale_ptr, dz_ptr,
+    t_ptr, dy_ptr, dgs_ptr, eidx_ptr, dz_ptr,
     H, W, R,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -722,7 +725,7 @@ def _convlora_experts_dz_rows_kernel(
     Grid (cdiv(H*W, BLOCK_P), N).
     """
     pid, n, e, s, inv_s, HW, pix, pmask, hz, wz = _expert_program(
-        eidx_ptr, inv_scale_ptr, H, W, BLOCK_P)
+        eidx_ptr, H, W, BLOCK_P)
     t_base = t_ptr + n * HW * (8 * R)
     co = tl.arange(0, BLOCK_R)
     comask = co < R
@@ -896,12 +899,6 @@ def _ew_strides(expert_weight: torch.Tensor) -> tuple[int, int, int]:
     return expert_weight.stride(0), expert_weight.stride(1), expert_weight.stride(2)
 
 
-def _inv_scales(num_experts: int, device: torch.device) -> torch.Tensor:
-    """float32(1/s) for s = 1..E: the scale PyTorch's bicubic upsample uses for scale_factor=s
-    (rounded from double, so no in-kernel division whose rounding could differ)."""
-    return torch.arange(1, num_experts + 1, device=device, dtype=torch.float64).reciprocal().float()
-
-
 def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor,
                         expert_bias: torch.Tensor, n: int, h: int, w: int, usc: torch.Tensor,
                         tsc: torch.Tensor, y: torch.Tensor, prec: str) -> None:
@@ -910,8 +907,7 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
     bp = _expert_block_p(r, h * w)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_fwd_kernel)[grid](
-        z, expert_index, _inv_scales(expert_weight.shape[0], z.device), expert_weight, expert_bias,
-        usc, tsc, y,
+        z, expert_index, expert_weight, expert_bias, usc, tsc, y,
         h, w, r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
@@ -930,8 +926,7 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
     bp = _expert_block_p(r, h * w)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_bwd_kernel)[grid](
-        z, dy, expert_index, _inv_scales(expert_weight.shape[0], z.device), expert_weight,
-        expert_bias, usc, tsc, dps, part,
+        z, dy, expert_index, expert_weight, expert_bias, usc, tsc, dps, part,
         h, w, r, part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
@@ -940,21 +935,20 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
 
 
 def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_index: torch.Tensor,
-               num_experts: int, n: int, h: int, w: int, tbuf: torch.Tensor, dz: torch.Tensor) -> None:
+               n: int, h: int, w: int, tbuf: torch.Tensor, dz: torch.Tensor) -> None:
     """dz (N*H*W, r) fp32 = dy + gather of the dU patches + dgs[n] (dg / (H*W)); tbuf
     (N*H*W, 8, r) fp32 scratch of the column pass."""
     r = dy.shape[1]
-    inv = _inv_scales(num_experts, dy.device)
     br = _expert_block_r(r)
     bp = _block_p(r, h * w, 512)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_dz_cols_kernel)[grid](
-        dup, expert_index, inv, tbuf, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
+        dup, expert_index, tbuf, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
     bp = _block_p(r, h * w, 1024)
     grid = (triton.cdiv(h * w, bp), n)
     wrap_triton(_convlora_experts_dz_rows_kernel)[grid](
-        tbuf, dy, dgs, expert_index, inv, dz, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
+        tbuf, dy, dgs, expert_index, dz, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
 
 
@@ -1048,9 +1042,8 @@ def _fwd_impl(
         z = _empty((m, r), torch.float32, dev)
         gpart = _empty((n, _down_blocks(hw), r), torch.float32, dev)
         _launch_down(xd2d, lora_A, z, gpart, n, hw)
-        g = gpart.sum(1) / hw
     with nvtx_range("convlora.triton.gate"):
-        index, moe_loss = gate_forward(g, w_gate, w_noise, noise, expert_index)
+        g, index, moe_loss = gate_forward(gpart, hw, w_gate, w_noise, noise, expert_index)
     with nvtx_range("convlora.triton.experts"):
         usc = _empty((m, _PATCH, r), torch.float32, dev)
         tsc = _empty((m, _TSLOTS, r), torch.float32, dev)
@@ -1095,7 +1088,7 @@ def _bwd_impl(
                             prec)
         del dps
         dz = _empty((m, r), torch.float32, dev)
-        _launch_dz(dup, dy, dgs, expert_index, num_experts, n, h, w, tbuf, dz)
+        _launch_dz(dup, dy, dgs, expert_index, n, h, w, tbuf, dz)
         del dup, tbuf
         egrad = _empty((num_experts, kw + r), torch.float32, dev)
         _launch_expert_reduce(part, expert_index, nblk, egrad)

@@ -28,8 +28,8 @@ from torch.library import wrap_triton
 
 from ._triton_common import empty, register_op
 
-NOISE_EPSILON = 0.01
-MOE_LOSS_WEIGHT = 0.01
+# reference.NOISE_EPSILON and reference.MOE_LOSS_WEIGHT (0.01 each) are literals in the kernels:
+# a plain global is a compile error there, and a tl.constexpr global breaks the interpreter.
 _ELEMENTS = 4096  # BLOCK_N * BLOCK_R * BLOCK_E: the [rows, r, E] products stay in registers
 
 
@@ -71,7 +71,7 @@ def _gate_block(g_ptr, wg_ptr, wn_ptr, noise_ptr, index_ptr, n0, N, R, E,
     if HAS_NOISE:
         wn = tl.load(wn_ptr + kr[:, None] * E + ke[None, :], mask=wmask, other=0.0)
         raw = tl.sum(g[:, :, None] * wn[None, :, :], axis=1)
-        sigma = _softplus(raw) + NOISE_EPSILON
+        sigma = _softplus(raw) + 0.01  # NOISE_EPSILON
         noise = tl.load(noise_ptr + rows[:, None] * E + ke[None, :], mask=valid, other=0.0)
         logits = clean + noise * sigma
     else:
@@ -135,23 +135,35 @@ def _gate_totals(g_ptr, wg_ptr, wn_ptr, noise_ptr, index_ptr, N, R, E,
 
 @triton.jit
 def _convlora_gate_fwd_kernel(
-    g_ptr,        # (N, R) float32: per-sample mean of z
+    gpart_ptr,    # (N, NB, R) float32: per-(sample, token block) partial sums of z
+    g_ptr,        # out (N, R) float32: per-sample mean of z, then read back by the gate
     wg_ptr,       # (R, E) float32 contiguous
     wn_ptr,       # (R, E) float32 contiguous
     noise_ptr,    # (N, E) float32 contiguous (read when HAS_NOISE)
     forced_ptr,   # (N,) int64 (read when FORCED)
     index_ptr,    # out (N,) int64
     loss_ptr,     # out (1,) float32
-    N, R, E,
+    N, R, E, NB, inv_hw,
     HAS_NOISE: tl.constexpr, FORCED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    # g = sum of the down kernel's partials / (H*W), in block order (deterministic); folding it
+    # here saves the two launches of gpart.sum(1) / hw.
+    kr = tl.arange(0, BLOCK_R)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        m = (rows[:, None] < N) & (kr[None, :] < R)
+        acc = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+        for b in range(0, NB):
+            acc += tl.load(gpart_ptr + (rows[:, None] * NB + b) * R + kr[None, :], mask=m, other=0.0)
+        tl.store(g_ptr + rows[:, None] * R + kr[None, :], acc * inv_hw, mask=m)
+    tl.debug_barrier()  # g is read back below by other threads of this program
     emask = tl.arange(0, BLOCK_E) < E
     counts, load = _gate_totals(g_ptr, wg_ptr, wn_ptr, noise_ptr, forced_ptr, N, R, E,
                                 HAS_NOISE, FORCED, True, index_ptr, BLOCK_N, BLOCK_R, BLOCK_E)
     cv_i, _, _ = _cv2(counts, emask, E)
     cv_l, _, _ = _cv2(load, emask, E)
-    tl.store(loss_ptr, MOE_LOSS_WEIGHT * (cv_i + cv_l))
+    tl.store(loss_ptr, 0.01 * (cv_i + cv_l))  # MOE_LOSS_WEIGHT
 
 
 @triton.jit
@@ -175,7 +187,7 @@ def _convlora_gate_bwd_kernel(
     # d cv2 / d load_e; importance (counts) has no gradient.
     dload = (2.0 * (load - mean) / tl.maximum(E - 1, 1) / denom
              - var * 2.0 * mean / (E * denom * denom))
-    dload = tl.where(emask & (E > 1), dload * MOE_LOSS_WEIGHT * tl.load(dloss_ptr), 0.0)
+    dload = tl.where(emask & (E > 1), dload * 0.01 * tl.load(dloss_ptr), 0.0)  # MOE_LOSS_WEIGHT
     wmask = (kr[:, None] < R) & emask[None, :]
     wg = tl.load(wg_ptr + kr[:, None] * E + ke[None, :], mask=wmask, other=0.0)
     wn = tl.load(wn_ptr + kr[:, None] * E + ke[None, :], mask=wmask, other=0.0)
@@ -222,20 +234,21 @@ def _blocks(r: int, num_experts: int) -> tuple[int, int, int]:
     return bn, br, be
 
 
-def gate_forward(g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
+def gate_forward(gpart: torch.Tensor, hw: int, w_gate: torch.Tensor, w_noise: torch.Tensor,
                  noise: torch.Tensor | None, expert_index: torch.Tensor | None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing and auxiliary loss in one launch.
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-sample mean of z, routing and auxiliary loss in one launch.
 
     Args:
-        g: (N, r) float32 per-sample mean of z.
+        gpart: (N, NB, r) float32 partial sums of z over NB token blocks of each sample.
+        hw: tokens per sample (H*W).
         w_gate, w_noise: (r, E), any float dtype (float32 inside).
         noise: (N, E) standard normal draws (training gate), or None (eval: clean logits).
         expert_index: (N,) forced routing, or None.
     Returns:
-        expert_index (N,) int64 (a new tensor), moe_loss 0-dim float32.
+        g (N, r) float32, expert_index (N,) int64 (a new tensor), moe_loss 0-dim float32.
     """
-    n, r = g.shape
+    n, nb, r = gpart.shape
     num_experts = w_gate.shape[1]
     bn, br, be = _blocks(r, num_experts)
     wg = w_gate.detach().float().contiguous()
@@ -244,13 +257,14 @@ def gate_forward(g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
     nz = noise.float().contiguous() if has_noise else wg
     forced = expert_index is not None
     fi = expert_index.to(torch.int64).contiguous() if forced else wg
-    index = empty((n,), torch.int64, g.device)
-    loss = empty((1,), torch.float32, g.device)
+    g = empty((n, r), torch.float32, gpart.device)
+    index = empty((n,), torch.int64, gpart.device)
+    loss = empty((1,), torch.float32, gpart.device)
     wrap_triton(_convlora_gate_fwd_kernel)[(1,)](
-        g.contiguous(), wg, wn, nz, fi, index, loss, n, r, num_experts,
+        gpart.contiguous(), g, wg, wn, nz, fi, index, loss, n, r, num_experts, nb, 1.0 / hw,
         HAS_NOISE=has_noise, FORCED=forced, BLOCK_N=bn, BLOCK_R=br, BLOCK_E=be, num_warps=4,
     )
-    return index, loss.view(())
+    return g, index, loss.view(())
 
 
 def _gate_bwd_impl(g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
