@@ -97,6 +97,9 @@ def _setup_context(ctx, inputs, output):
     (x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
      scaling, expert_index, noise) = inputs
     _, index, _, z, g, y = output
+    # z, g, y are outputs for the backward's sake only: no zero-filled gradients for them (three
+    # launches, and M x r writes, per backward).
+    ctx.set_materialize_grads(False)
     ctx.scaling = scaling
     ctx.routed = expert_index is None
     ctx.has_x_down = x_down is not None

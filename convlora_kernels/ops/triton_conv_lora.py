@@ -473,10 +473,10 @@ def _convlora_dy_db_kernel(
     UPCAST_DOT: tl.constexpr,
 ):
     """One pass over dout for both products it feeds:
-    dy[m, :] = scaling * dout[m, :] B and part[pid, n, :] = sum_{m in block} dout[m, n] y[m, :].
+    dy[m, :] = scaling * dout[m, :] B and part[pid, n, :] = scaling * sum_{m in block} dout[m, n] y[m, :].
 
     dout: (M, N) any strides; B: (N, R) via strides; y, dy: (M, R) fp32 contiguous;
-    part: (NBLK, N, R) fp32, summed over NBLK afterwards in a fixed order (dB = scaling * sum).
+    part: (NBLK, N, R) fp32, summed over NBLK afterwards in a fixed order (dB = the sum).
     Grid (NBLK = cdiv(M, BLOCK_M),): each program streams its rows of dout once.
     """
     pid = tl.program_id(0)
@@ -502,7 +502,7 @@ def _convlora_dy_db_kernel(
             acc = tl.dot(dt, bt, acc, input_precision=PREC)
         # y is fp32: dout goes to fp32 too (tf32 products for half inputs).
         pb = tl.dot(tl.trans(dt.to(tl.float32)), yt, input_precision=PREC)
-        tl.store(part_base + nn[:, None] * R + rr[None, :], pb,
+        tl.store(part_base + nn[:, None] * R + rr[None, :], pb * scaling,
                  mask=nmask[:, None] & rmask[None, :])
     tl.store(dy_ptr + rows[:, None] * R + rr[None, :], acc * scaling,
              mask=mmask[:, None] & rmask[None, :])
@@ -991,7 +991,7 @@ def _dy_db(dout2d: torch.Tensor, lora_B: torch.Tensor, y: torch.Tensor,
         BLOCK_R=_block_r(r), PREC=_precision(dout2d.dtype),
         UPCAST_DOT=_upcast_dot(dout2d.dtype), num_warps=4 if block_m <= 64 else 8,
     )
-    return dy, part.sum(0) * scaling
+    return dy, part.sum(0)
 
 
 def _launch_tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float, part: torch.Tensor) -> None:
