@@ -266,21 +266,18 @@ std::tuple<at::Tensor, at::Tensor> gate_fwd_cpu(const at::Tensor& g, const at::T
                                                 const at::Tensor& w_noise,
                                                 const c10::optional<at::Tensor>& noise,
                                                 const c10::optional<at::Tensor>& expert_index) {
-  const int64_t E = check_gate_inputs(g, w_gate, w_noise, noise, expert_index, kMaxExperts);
   check_cpu(g, "g");
-  const int64_t N = g.size(0), r = g.size(1);
-  at::Tensor gc = g.contiguous(), wg = w_gate.contiguous(), wn = w_noise.contiguous();
-  at::Tensor nz = noise.has_value() ? noise->contiguous() : at::Tensor();
+  const GateArgs a = gate_args(g, w_gate, w_noise, noise, expert_index, kMaxExperts);
   std::vector<int64_t> forced;
-  if (expert_index.has_value()) forced = checked_index(*expert_index, E);
-  at::Tensor index = at::empty({N}, g.options().dtype(at::kLong));
+  if (expert_index.has_value()) forced = checked_index(*expert_index, a.E);
+  at::Tensor index = at::empty({a.N}, g.options().dtype(at::kLong));
   at::Tensor loss = new_output({}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "convlora_gate_fwd_cpu", [&] {
-    gate_fwd_impl<scalar_t>(gc.data_ptr<scalar_t>(), wg.data_ptr<scalar_t>(),
-                            wn.data_ptr<scalar_t>(), nz.defined() ? nz.data_ptr<scalar_t>() : nullptr,
-                            expert_index.has_value() ? forced.data() : nullptr, N,
-                            static_cast<int>(r), static_cast<int>(E), index.data_ptr<int64_t>(),
-                            loss.data_ptr<scalar_t>());
+    gate_fwd_impl<scalar_t>(
+        a.g.data_ptr<scalar_t>(), a.wg.data_ptr<scalar_t>(), a.wn.data_ptr<scalar_t>(),
+        a.noise.defined() ? a.noise.data_ptr<scalar_t>() : nullptr,
+        expert_index.has_value() ? forced.data() : nullptr, a.N, static_cast<int>(a.r),
+        static_cast<int>(a.E), index.data_ptr<int64_t>(), loss.data_ptr<scalar_t>());
   });
   return {index, loss};
 }
@@ -288,24 +285,17 @@ std::tuple<at::Tensor, at::Tensor> gate_fwd_cpu(const at::Tensor& g, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bwd_cpu(
     const at::Tensor& g, const at::Tensor& w_gate, const at::Tensor& w_noise,
     const at::Tensor& noise, const at::Tensor& dloss, double dg_scale) {
-  const int64_t E = check_gate_inputs(g, w_gate, w_noise, noise, c10::nullopt, kMaxExperts);
   check_cpu(g, "g");
-  TORCH_CHECK(dloss.numel() == 1, "convlora: dloss must hold one value, got ", dloss.sizes());
-  const int64_t N = g.size(0), r = g.size(1);
-  at::Tensor gc = g.contiguous(), wg = w_gate.contiguous(), wn = w_noise.contiguous();
-  at::Tensor nz = noise.contiguous();
-  at::Tensor dg = new_output({N, r}, g.options());
-  at::Tensor dwg = new_output({r, E}, g.options());
-  at::Tensor dwn = new_output({r, E}, g.options());
+  const GateArgs a = gate_args(g, w_gate, w_noise, noise, c10::nullopt, kMaxExperts);
+  const GateGrads out = new_gate_grads(a, dloss);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "convlora_gate_bwd_cpu", [&] {
-    gate_bwd_impl<scalar_t>(gc.data_ptr<scalar_t>(), wg.data_ptr<scalar_t>(),
-                            wn.data_ptr<scalar_t>(), nz.data_ptr<scalar_t>(),
-                            dloss.to(g.scalar_type()).item<scalar_t>(),
-                            static_cast<scalar_t>(dg_scale), N, static_cast<int>(r),
-                            static_cast<int>(E), dg.data_ptr<scalar_t>(), dwg.data_ptr<scalar_t>(),
-                            dwn.data_ptr<scalar_t>());
+    gate_bwd_impl<scalar_t>(
+        a.g.data_ptr<scalar_t>(), a.wg.data_ptr<scalar_t>(), a.wn.data_ptr<scalar_t>(),
+        a.noise.data_ptr<scalar_t>(), dloss.to(g.scalar_type()).item<scalar_t>(),
+        static_cast<scalar_t>(dg_scale), a.N, static_cast<int>(a.r), static_cast<int>(a.E),
+        out.dg.data_ptr<scalar_t>(), out.dwg.data_ptr<scalar_t>(), out.dwn.data_ptr<scalar_t>());
   });
-  return {dg, dwg, dwn};
+  return {out.dg, out.dwg, out.dwn};
 }
 
 }  // namespace convlora

@@ -571,23 +571,20 @@ std::tuple<at::Tensor, at::Tensor> gate_fwd_cuda(const at::Tensor& g, const at::
                                                  const at::Tensor& w_noise,
                                                  const c10::optional<at::Tensor>& noise,
                                                  const c10::optional<at::Tensor>& expert_index) {
-  const int64_t E = check_gate_inputs(g, w_gate, w_noise, noise, expert_index, kMaxExperts);
   check_cuda(g, "g");
+  const GateArgs a = gate_args(g, w_gate, w_noise, noise, expert_index, kMaxExperts);
   const c10::cuda::CUDAGuard guard(g.device());
-  const int64_t N = g.size(0), r = g.size(1);
-  const at::Tensor gc = g.contiguous(), wg = w_gate.contiguous(), wn = w_noise.contiguous();
-  const at::Tensor nz = noise.has_value() ? noise->contiguous() : at::Tensor();
   const at::Tensor fi = expert_index.has_value() ? expert_index->to(at::kLong).contiguous()
                                                  : at::Tensor();
-  at::Tensor index = at::empty({N}, g.options().dtype(at::kLong));
+  at::Tensor index = at::empty({a.N}, g.options().dtype(at::kLong));
   at::Tensor loss = new_output({}, g.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "convlora_gate_fwd_cuda", [&] {
     convlora_gate_fwd_kernel<scalar_t><<<1, kGateThreads, 0, stream>>>(
-        gc.data_ptr<scalar_t>(), wg.data_ptr<scalar_t>(), wn.data_ptr<scalar_t>(),
-        nz.defined() ? nz.data_ptr<scalar_t>() : nullptr,
-        fi.defined() ? fi.data_ptr<int64_t>() : nullptr, N, static_cast<int>(r),
-        static_cast<int>(E), index.data_ptr<int64_t>(), loss.data_ptr<scalar_t>());
+        a.g.data_ptr<scalar_t>(), a.wg.data_ptr<scalar_t>(), a.wn.data_ptr<scalar_t>(),
+        a.noise.defined() ? a.noise.data_ptr<scalar_t>() : nullptr,
+        fi.defined() ? fi.data_ptr<int64_t>() : nullptr, a.N, static_cast<int>(a.r),
+        static_cast<int>(a.E), index.data_ptr<int64_t>(), loss.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {index, loss};
@@ -596,28 +593,23 @@ std::tuple<at::Tensor, at::Tensor> gate_fwd_cuda(const at::Tensor& g, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bwd_cuda(
     const at::Tensor& g, const at::Tensor& w_gate, const at::Tensor& w_noise,
     const at::Tensor& noise, const at::Tensor& dloss, double dg_scale) {
-  const int64_t E = check_gate_inputs(g, w_gate, w_noise, noise, c10::nullopt, kMaxExperts);
   check_cuda(g, "g");
-  TORCH_CHECK(dloss.numel() == 1, "convlora: dloss must hold one value, got ", dloss.sizes());
-  check_same_device(g, dloss, "g", "dloss");
+  const GateArgs a = gate_args(g, w_gate, w_noise, noise, c10::nullopt, kMaxExperts);
+  const GateGrads out = new_gate_grads(a, dloss);
   const c10::cuda::CUDAGuard guard(g.device());
-  const int64_t N = g.size(0), r = g.size(1);
-  const at::Tensor gc = g.contiguous(), wg = w_gate.contiguous(), wn = w_noise.contiguous();
-  const at::Tensor nz = noise.contiguous(), dl = dloss.to(g.scalar_type()).contiguous();
-  at::Tensor scratch = at::empty({N, 2 * E}, g.options());
-  at::Tensor dg = new_output({N, r}, g.options());
-  at::Tensor dwg = new_output({r, E}, g.options());
-  at::Tensor dwn = new_output({r, E}, g.options());
+  // dloss stays on the device (read by the kernel): no host sync.
+  const at::Tensor dl = dloss.to(g.scalar_type()).contiguous();
+  at::Tensor scratch = at::empty({a.N, 2 * a.E}, g.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "convlora_gate_bwd_cuda", [&] {
     convlora_gate_bwd_kernel<scalar_t><<<1, kGateThreads, 0, stream>>>(
-        gc.data_ptr<scalar_t>(), wg.data_ptr<scalar_t>(), wn.data_ptr<scalar_t>(),
-        nz.data_ptr<scalar_t>(), dl.data_ptr<scalar_t>(), static_cast<scalar_t>(dg_scale), N,
-        static_cast<int>(r), static_cast<int>(E), scratch.data_ptr<scalar_t>(),
-        dg.data_ptr<scalar_t>(), dwg.data_ptr<scalar_t>(), dwn.data_ptr<scalar_t>());
+        a.g.data_ptr<scalar_t>(), a.wg.data_ptr<scalar_t>(), a.wn.data_ptr<scalar_t>(),
+        a.noise.data_ptr<scalar_t>(), dl.data_ptr<scalar_t>(), static_cast<scalar_t>(dg_scale),
+        a.N, static_cast<int>(a.r), static_cast<int>(a.E), scratch.data_ptr<scalar_t>(),
+        out.dg.data_ptr<scalar_t>(), out.dwg.data_ptr<scalar_t>(), out.dwn.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dg, dwg, dwn};
+  return {out.dg, out.dwg, out.dwn};
 }
 
 }  // namespace

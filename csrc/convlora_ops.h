@@ -133,6 +133,33 @@ inline int64_t check_gate_inputs(const at::Tensor& g, const at::Tensor& w_gate,
   return e;
 }
 
+// The gate ops' checked, contiguous operands (shared by the CPU and CUDA implementations, which
+// differ only in who runs the per-sample loop). noise is undefined when absent.
+struct GateArgs {
+  at::Tensor g, wg, wn, noise;
+  int64_t N, r, E;
+};
+
+inline GateArgs gate_args(const at::Tensor& g, const at::Tensor& w_gate, const at::Tensor& w_noise,
+                          const c10::optional<at::Tensor>& noise,
+                          const c10::optional<at::Tensor>& expert_index, int64_t max_experts) {
+  const int64_t e = check_gate_inputs(g, w_gate, w_noise, noise, expert_index, max_experts);
+  return {g.contiguous(), w_gate.contiguous(), w_noise.contiguous(),
+          noise.has_value() ? noise->contiguous() : at::Tensor(), g.size(0), g.size(1), e};
+}
+
+// gate_bwd's outputs: dg (N, r), d w_gate and d w_noise (r, E), in g's dtype.
+struct GateGrads {
+  at::Tensor dg, dwg, dwn;
+};
+
+inline GateGrads new_gate_grads(const GateArgs& a, const at::Tensor& dloss) {
+  TORCH_CHECK(dloss.numel() == 1, "convlora: dloss must hold one value, got ", dloss.sizes());
+  check_same_device(a.g, dloss, "g", "dloss");
+  return {new_output({a.N, a.r}, a.g.options()), new_output({a.r, a.E}, a.g.options()),
+          new_output({a.r, a.E}, a.g.options())};
+}
+
 // CPU kernels (convlora_cpu.cpp).
 std::tuple<at::Tensor, at::Tensor> gate_fwd_cpu(const at::Tensor& g, const at::Tensor& w_gate,
                                                 const at::Tensor& w_noise,

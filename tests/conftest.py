@@ -17,6 +17,18 @@ def randomize_adapter(layer: ConvLoRALinear, generator: torch.Generator | None =
     return layer
 
 
+def gate_case(n: int, r: int, e: int, seed: int) -> list[torch.Tensor]:
+    """Random float64 gate inputs: g (N, r), w_gate (r, E), w_noise (r, E), noise (N, E)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((n, r), (r, e), (r, e), (n, e))]
+
+
+#: (N, r, E) for the gate kernels: N = 300 spans several row blocks / thread strides; E = 1 has a
+#: constant loss; N = 1 puts the load terms in Phi's tails (gradients below float32's range).
+GATE_CASES = [(1, 1, 2), (2, 1, 2), (7, 3, 8), (300, 8, 8), (300, 32, 8), (5, 3, 5), (6, 4, 1),
+              (40, 1, 8)]
+
+
 def make_layer(c_in=12, c_out=20, r=3, num_experts=4, depthwise=False, dtype=torch.float64, **kw):
     """A randomly initialised layer (adapter included) on the CPU."""
     layer = ConvLoRALinear(c_in, c_out, r=r, num_experts=num_experts, depthwise=depthwise, dtype=dtype, **kw)

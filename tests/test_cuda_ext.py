@@ -20,6 +20,8 @@ from convlora_kernels.modules import ConvLoRALinear
 from convlora_kernels.ops import cuda_conv_lora as cc
 from convlora_kernels.ops import eager
 
+from .conftest import GATE_CASES, gate_case
+
 
 def _build_expected() -> tuple[bool, str]:
     flag = os.environ.get("CONVLORA_BUILD_CUDA", "auto").lower()
@@ -270,19 +272,10 @@ def test_opcheck_layer_ops(x_down):
                                                  need_dx))
 
 
-def _gate_case(n, r, e, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((n, r), (r, e), (r, e), (n, e))]
-
-
-# (N, r, E): N = 300 spans several threads' strides on the GPU; E = 1 has a constant loss.
-_GATE_CASES = [(1, 1, 2), (2, 1, 2), (7, 3, 8), (300, 8, 8), (5, 32, 4), (6, 4, 1)]
-
-
-@pytest.mark.parametrize("n, r, e", _GATE_CASES)
+@pytest.mark.parametrize("n, r, e", GATE_CASES)
 @pytest.mark.parametrize("mode", ["train", "eval", "forced"])
 def test_gate_fwd_cpu_float64(n, r, e, mode):
-    g, wg, wn, noise = _gate_case(n, r, e, seed=n + r + e)
+    g, wg, wn, noise = gate_case(n, r, e, seed=n + r + e)
     forced = torch.randint(0, e, (n,), generator=torch.Generator().manual_seed(1)) if mode == "forced" else None
     nz = noise if mode == "train" else None
     index, loss = torch.ops.convlora_cuda.gate_fwd(g, wg, wn, nz, forced)
@@ -294,9 +287,9 @@ def test_gate_fwd_cpu_float64(n, r, e, mode):
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("n, r, e", [c for c in _GATE_CASES if c[2] > 1])
+@pytest.mark.parametrize("n, r, e", [c for c in GATE_CASES if c[2] > 1])
 def test_gate_bwd_cpu_float64(n, r, e):
-    g, wg, wn, noise = _gate_case(n, r, e, seed=3 * n + r)
+    g, wg, wn, noise = gate_case(n, r, e, seed=3 * n + r)
     leaves = [t.clone().requires_grad_(True) for t in (g, wg, wn)]
     _, loss = reference.route(*leaves, noise)
     want = torch.autograd.grad(loss * 1.7, leaves)
@@ -307,7 +300,7 @@ def test_gate_bwd_cpu_float64(n, r, e):
 
 def test_gate_opcheck_and_validation():
     ops = torch.ops.convlora_cuda
-    g, wg, wn, noise = _gate_case(5, 3, 4, seed=2)
+    g, wg, wn, noise = gate_case(5, 3, 4, seed=2)
     torch.library.opcheck(ops.gate_fwd, (g, wg, wn, noise, None))
     torch.library.opcheck(ops.gate_fwd, (g, wg, wn, None, torch.tensor([0, 3, 1, 1, 2])))
     torch.library.opcheck(ops.gate_bwd, (g, wg, wn, noise, torch.tensor(0.5, dtype=torch.float64), 0.5))
@@ -435,8 +428,8 @@ def test_gpu_kernels_match_cpu_kernels_float64(depthwise):
 def test_gpu_gate_matches_cpu_float64():
     """The gate kernels on the GPU against their CPU twins (same formulas) at float64."""
     ops = torch.ops.convlora_cuda
-    for n, r, e in _GATE_CASES:
-        g, wg, wn, noise = _gate_case(n, r, e, seed=7)
+    for n, r, e in GATE_CASES:
+        g, wg, wn, noise = gate_case(n, r, e, seed=7)
         forced = torch.arange(n) % e
         for nz, idx in ((noise, None), (None, None), (None, forced)):
             cpu = ops.gate_fwd(g, wg, wn, nz, idx)

@@ -9,7 +9,7 @@ import torch
 
 from convlora_kernels import reference
 
-from .conftest import assert_close_to_reference
+from .conftest import GATE_CASES, assert_close_to_reference, gate_case
 
 TG = pytest.importorskip("convlora_kernels.ops.triton_gate")
 import convlora_kernels.ops.triton_conv_lora as T  # noqa: E402
@@ -27,19 +27,10 @@ def _poison(monkeypatch):
     monkeypatch.setenv(T.ENV_POISON, "1")
 
 
-def _case(n, r, e, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((n, r), (r, e), (r, e), (n, e))]
-
-
-# (N, r, E): N = 300 takes several row blocks at every r; E = 1 has a constant loss.
-CASES = [(1, 1, 2), (2, 1, 2), (7, 3, 8), (300, 8, 8), (300, 32, 8), (5, 3, 5), (6, 4, 1), (40, 1, 8)]
-
-
-@pytest.mark.parametrize("n, r, e", CASES)
+@pytest.mark.parametrize("n, r, e", GATE_CASES)
 @pytest.mark.parametrize("mode", ["train", "eval", "forced"])
 def test_gate_forward(n, r, e, mode):
-    g, wg, wn, noise = _case(n, r, e, seed=n + r + e)
+    g, wg, wn, noise = gate_case(n, r, e, seed=n + r + e)
     forced = torch.randint(0, e, (n,), generator=torch.Generator().manual_seed(1)) if mode == "forced" else None
     nz = noise if mode == "train" else None
     if forced is None:
@@ -58,10 +49,10 @@ def test_gate_forward(n, r, e, mode):
 
 
 # N = 1 is left out: with one sample the load terms sit in Phi's tails and the float64
-# gradients are ~1e-55, below float32's range (both the kernel and a float32 gate give 0).
-@pytest.mark.parametrize("n, r, e", [c for c in CASES if c[2] > 1 and c[0] > 1])
+# gradients are ~1e-55, below float32's range (the kernel, like a float32 gate, gives 0).
+@pytest.mark.parametrize("n, r, e", [c for c in GATE_CASES if c[2] > 1 and c[0] > 1])
 def test_gate_backward(n, r, e):
-    g, wg, wn, noise = _case(n, r, e, seed=3 * n + r)
+    g, wg, wn, noise = gate_case(n, r, e, seed=3 * n + r)
     leaves = [t.clone().requires_grad_(True) for t in (g, wg, wn)]
     _, loss = reference.route(*leaves, noise)
     want = torch.autograd.grad(loss * 1.7, leaves)
@@ -74,11 +65,11 @@ def test_gate_backward(n, r, e):
 
 
 def test_gate_backward_one_expert_is_zero():
-    g, wg, wn, noise = (t.float().to(DEVICE) for t in _case(4, 3, 1, seed=0))
+    g, wg, wn, noise = (t.float().to(DEVICE) for t in gate_case(4, 3, 1, seed=0))
     for t in TG.gate_backward(g, wg, wn, noise, torch.tensor(1.0, device=DEVICE), 1.0):
         assert torch.equal(t, torch.zeros_like(t))
 
 
 def test_gate_backward_opcheck():
-    g, wg, wn, noise = (t.float().to(DEVICE) for t in _case(5, 3, 4, seed=2))
+    g, wg, wn, noise = (t.float().to(DEVICE) for t in gate_case(5, 3, 4, seed=2))
     torch.library.opcheck(TG.gate_backward, (g, wg, wn, noise, torch.tensor(0.5, device=DEVICE), 0.5))
