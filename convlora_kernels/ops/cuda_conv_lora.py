@@ -114,20 +114,25 @@ def _up_proj(x2d: torch.Tensor, xcat: torch.Tensor | None, y: torch.Tensor,
     """
     m, c_in = x2d.shape
     c_out, r = lora_B.shape
-    y_low = y.to(x2d.dtype)
     b_low = lora_B.to(x2d.dtype)
     if c_in > c_out:  # the copy of x would cost more than a second pass over out
         out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        return out.addmm_(y_low, b_low.t(), beta=1, alpha=scaling)
+        return out.addmm_(y.to(x2d.dtype), b_low.t(), beta=1, alpha=scaling)
     cols = _gemm_cols(c_in, r)
     if xcat is None:  # x_down differs from x (dropout): down_proj could not write the copy
-        xcat = x2d.new_zeros((m, cols))
-        xcat[:, :c_in] = x2d
-    xcat[:, c_in:c_in + r] = y_low
-    wcat = weight.new_zeros((c_out, cols))
-    wcat[:, :c_in] = weight
-    wcat[:, c_in:c_in + r] = b_low * scaling
+        xcat = _with_columns(x2d, None, cols)
+    xcat[:, c_in:c_in + r].copy_(y)  # rounds y to x's dtype
+    wcat = _with_columns(weight, b_low * scaling, cols)
     return torch.addmm(bias, xcat, wcat.t()) if bias is not None else xcat @ wcat.t()
+
+
+def _with_columns(a: torch.Tensor, extra: torch.Tensor | None, width: int) -> torch.Tensor:
+    """[a | extra | 0], width columns in all: one concatenation launch.
+
+    a: (rows, C); extra: (rows, r) or None (zeros there too)."""
+    parts = [a] if extra is None else [a, extra]
+    pad = width - sum(p.shape[1] for p in parts)
+    return torch.cat(parts + ([a.new_zeros((a.shape[0], pad))] if pad else []), dim=1)
 
 
 if _LOAD_ERROR is None:
@@ -224,11 +229,7 @@ if _LOAD_ERROR is None:
         a_low, b_low = lora_A.to(x.dtype), lora_B.to(x.dtype)
         with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.dx_dy"):
             if need_dx:  # dx and dy from one read of dout
-                cols = _gemm_cols(c_in, r)
-                wcat = weight.new_zeros((c_out, cols))
-                wcat[:, :c_in] = weight
-                wcat[:, c_in:c_in + r] = b_low
-                both = d2 @ wcat
+                both = d2 @ _with_columns(weight, b_low, _gemm_cols(c_in, r))
                 dx, dy = both[:, :c_in], both[:, c_in:c_in + r]
             else:
                 dx, dy = x.new_empty((0,)), d2 @ b_low
