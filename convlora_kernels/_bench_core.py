@@ -696,6 +696,9 @@ class Timing:
     first_call_s: float
     peak_mem_mb: float | None
     work_mem_mb: float | None
+    #: GPU: median host time to issue one call (nothing queued before it). Above median_ms the
+    #: call is host-bound: the GPU waits for launches.
+    host_ms: float | None = None
 
     @property
     def median_ms(self) -> float:
@@ -754,12 +757,26 @@ def measure(fn: Callable[[], Any], device: torch.device, config: TimingConfig) -
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        return Timing(tuple(times), first_call_s, peak / 2**20, (peak - base) / 2**20)
+        return Timing(tuple(times), first_call_s, peak / 2**20, (peak - base) / 2**20,
+                      _host_ms(fn, device))
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return Timing(tuple(times), first_call_s, None, None)
+
+
+def _host_ms(fn: Callable[[], Any], device: torch.device, calls: int = 5) -> float:
+    """Median host time (ms) to issue one call of ``fn`` on an idle GPU: Python, dispatch and
+    launches, plus any host sync inside ``fn`` (which waits for the GPU)."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -884,6 +901,7 @@ class Session:
             "tflops": _round(layer_flops(case.shape, case.mode, case.r) / (median * 1e-3) / 1e12, 4),
             "peak_mem_mb": _round(timing.peak_mem_mb, 1),
             "work_mem_mb": _round(timing.work_mem_mb, 1),
+            "host_ms": _round(timing.host_ms),
             # Activations one forward keeps for the backward beyond x and the parameters.
             "saved_mb": None if saved is None else _round(saved / 2**20, 3),
             "saved_vs_reference": (None if saved is None or not reference_saved
@@ -922,6 +940,7 @@ class Session:
             "speedup_vs_reference": None if reference_ms is None else _round(reference_ms / median, 3),
             "peak_mem_mb": _round(timing.peak_mem_mb, 1),
             "work_mem_mb": _round(timing.work_mem_mb, 1),
+            "host_ms": _round(timing.host_ms),
         }
 
     def profile(self, build: Callable[[], Runner], name: str, iters: int) -> None:

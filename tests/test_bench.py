@@ -128,7 +128,7 @@ def test_measure_on_cpu_counts_repetitions() -> None:
     calls = []
     timing = core.measure(lambda: calls.append(1), torch.device("cpu"), core.TimingConfig(warmup=2, reps=4))
     assert len(timing.times_ms) == 4 and len(calls) == 1 + 2 + 4
-    assert timing.peak_mem_mb is None and timing.median_ms >= 0
+    assert timing.peak_mem_mb is None and timing.host_ms is None and timing.median_ms >= 0
 
 
 def test_reference_provider_computes_the_layer() -> None:
@@ -163,3 +163,12 @@ def test_table_marks_unavailable_and_failures() -> None:
     text = core.format_table([linear, fused, oom])
     assert "n/a" in text and "OOM" in text and "2.000 (1.00x)" in text and "no GPU" in text
     assert "| case |" in core.format_table([linear, fused], markdown=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_measure_on_gpu_reports_host_time() -> None:
+    x = torch.randn(256, 256, device="cuda")
+    timing = core.measure(lambda: x @ x, torch.device("cuda"), core.TimingConfig(warmup=1, reps=5))
+    assert len(timing.times_ms) == 5 and timing.peak_mem_mb is not None
+    assert timing.host_ms is not None and timing.host_ms > 0
