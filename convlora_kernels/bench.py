@@ -144,8 +144,10 @@ def run_rows(
     cases: Sequence[core.LayerCase | core.SamCase],
     max_minutes: float | None = None,
     progress: bool = True,
+    checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure every case in order; after ``max_minutes`` the rest become status "skipped"."""
+    """Measure every case in order; after ``max_minutes`` the rest become status "skipped".
+    ``checkpoint(rows)`` runs after each measured row (partial results survive a kill)."""
     rows: list[dict[str, Any]] = []
     update = _progress(len(cases), progress)
     start = time.monotonic()
@@ -158,6 +160,8 @@ def run_rows(
         row = session.run_layer(case) if isinstance(case, core.LayerCase) else session.run_sam(case)
         rows.append(row)
         update(case.id, _summary(row))
+        if checkpoint is not None:
+            checkpoint(rows)
     return rows
 
 
@@ -259,7 +263,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("note: --results is for GPU runs (benchmarks/results/<gpu-name>.json); not written on the CPU")
         args.results = None
     start = time.monotonic()
-    rows = run_rows(session, cases, args.max_minutes, progress=not args.no_progress)
+    partial = Path(args.out) / JSON_NAME
+    partial.parent.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(done: list[dict[str, Any]]) -> None:
+        # Rewritten after every row, replaced by the full document at the end.
+        document = {"meta": {**meta, "partial": True, "rows_planned": len(cases)}, "rows": done}
+        partial.write_text(json.dumps(document, indent=1) + "\n")
+
+    rows = run_rows(session, cases, args.max_minutes, progress=not args.no_progress,
+                    checkpoint=checkpoint)
     meta.update(
         wall_s=round(time.monotonic() - start, 1),
         grid={k: v for k, v in core.dataclasses.asdict(grid).items()},

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (`make gpu-check`): install, build, GPU tests, regular tests,
-# an ncu check of the profile mode, then the benchmark, all inside one device-command limit.
+# The one script a GPU session runs (`make gpu-check`): install, build, GPU tests, the benchmark,
+# an ncu check of the profile mode, then the regular tests, all inside one device-command limit.
 #
 # Needs: a CUDA machine with torch, triton, pytest, pytest-benchmark (no internet), and the
 # segment-anything wheel in ./wheelhouse (make it beforehand on a machine with internet:
@@ -14,7 +14,7 @@
 # summary and the benchmark table are printed last. Exit status 1 if any stage failed.
 #
 # Knobs (environment): CONVLORA_CHECK_BUDGET_S (total seconds, default 570),
-# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,tests,ncu,bench),
+# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,ncu,tests),
 # CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
 # convlora-bench arguments, e.g. "--preset full --sam vit_b,vit_h"), PYTHON.
 set -u
@@ -24,7 +24,7 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT/logs"
 PY="${PYTHON:-python}"
 BUDGET_S="${CONVLORA_CHECK_BUDGET_S:-570}"
-STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,tests,ncu,bench},"
+STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,ncu,tests},"
 BENCH_MINUTES="${CONVLORA_BENCH_MINUTES:-6}"
 BENCH_ARGS="${CONVLORA_BENCH_ARGS:-}"
 START=$(date +%s)
@@ -116,8 +116,19 @@ EOF
 }
 stage build 300 bash -c "$(declare -f build); PY=$PY build"
 
+# Order = priority: GPU correctness, then the benchmark (the issues' figures), then ncu, then the
+# CPU-side tests on this machine (they also run in CI).
 stage gpu-tests 200 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs "${GPU_XDIST[@]}"
-stage tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m "not gpu" --ignore=tests/test_triton_aot.py -q -p no:cacheprovider "${XDIST[@]}"
+
+# The benchmark gets what is left but ~150 s (ncu and the regular tests), at most
+# CONVLORA_BENCH_MINUTES. --max-minutes stops starting rows 60 s before the stage's timeout, and
+# the JSON is rewritten after every row (meta.partial), so a row that overruns (a torch.compile
+# row runs last and can take a minute) still leaves the rows before it.
+LEFT=$(remaining)
+MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - 150 - 60) / 60)), 1))")
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+stage bench $(( LEFT - 150 )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
+  --auto-rule "$OUT/auto_rule.json" --no-progress --max-minutes "$MINUTES" $BENCH_ARGS
 
 # Profile mode under Nsight Compute: only the steady-state iterations are captured, and their
 # kernels carry the NVTX stack (convlora-bench:<row>#i > convlora.<stage>). One Triton
@@ -139,15 +150,9 @@ ncu_check() {
   echo "ncu captured $kernels kernel(s); NVTX stage ranges seen: $(grep -oE 'convlora\.[a-z_]+' "$OUT/ncu.txt" | sort -u | tr '\n' ' ')"
   (( rc == 0 && kernels > 0 ))
 }
-stage ncu 120 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
+stage ncu 100 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
 
-# The benchmark gets what is left (at most CONVLORA_BENCH_MINUTES): --max-minutes stops starting
-# rows in time for the JSON, table and PNG to be written; compile rows run last.
-LEFT=$(remaining)
-MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - 90) / 60)), 1))")
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-stage bench $(( LEFT - 5 )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
-  --auto-rule "$OUT/auto_rule.json" --no-progress --max-minutes "$MINUTES" $BENCH_ARGS
+stage tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m "not gpu" --ignore=tests/test_triton_aot.py -q -p no:cacheprovider "${XDIST[@]}"
 
 echo
 echo "=== gpu_check summary ($(elapsed)s, outputs in $OUT)"

@@ -64,6 +64,14 @@ def test_time_budget_skips_the_rest() -> None:
     assert rows and all(r["status"] == "skipped" for r in rows)
 
 
+def test_checkpoint_after_every_measured_row() -> None:
+    session = core.Session(torch.device("cpu"), core.TimingConfig(warmup=0, reps=1, flush_l2=False))
+    cases = core.make_grid("cpu", "quick", sam="none", providers="linear,lora").layer_cases()
+    seen: list[int] = []
+    rows = bench.run_rows(session, cases, progress=False, checkpoint=lambda done: seen.append(len(done)))
+    assert seen == list(range(1, len(rows) + 1)) and all(r["status"] == "ok" for r in rows)
+
+
 def test_pytest_benchmarks_collect_without_running() -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
