@@ -402,6 +402,24 @@ def test_gpu_sam_shapes_vs_reference(kind, dtype, depthwise):
 
 @gpu
 @needs_cuda
+def test_gpu_gated_training_sam_windows():
+    """The training gate (routing, moe_loss, gate gradients) at SAM's windowed shape, fp32."""
+    n, h, w, c_in, c_out, r = _sam_case("windows")
+    noise = torch.randn(n, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    inputs = _layer_inputs(n, h, w, c_in, c_out, r, False, torch.float32, device="cuda")
+    dout = torch.randn(n, h, w, c_out, dtype=torch.float64).to("cuda")
+    got = _run(cc.conv_lora_forward, inputs, 4.0, None, noise.float().cuda(), dout.float(), 3.0)
+    want = _run(_reference_fn, {k: v.double() for k, v in inputs.items()}, 4.0, None,
+                noise.cuda(), dout, 3.0)
+    assert torch.equal(got[1], want[1]), "routing differs"
+    _assert_close(got[0], want[0], 3e-5, 1e-5, "out")
+    _assert_close(got[2], want[2], 3e-5, 1e-6, "moe_loss")
+    for name in ("w_gate", "w_noise", "lora_A", "x"):
+        _assert_close(got[3][name], want[3][name], 3e-5, 1e-5, f"d{name}")
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
 def test_gpu_kernels_match_cpu_kernels_float64(depthwise):
     """The CUDA kernels against the CPU kernels (same formulas) at float64: all scales."""

@@ -296,6 +296,16 @@ def test_gpu_sam_shapes_fp32(n, h, w, r, depthwise):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_gpu_gated_training_sam_windows(depthwise):
+    """The training gate's kernels at SAM's windowed shape (100 samples): routing, moe_loss and
+    the w_gate / w_noise gradients through the load term."""
+    case = make_case(100, 14, 14, 8, 8, depthwise, c_in=768, c_out=2304, seed=11, device="cuda")
+    check_against_reference(case, gated=True, rtol=3e-5)
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, h, w", SAM_SHAPES)
 @pytest.mark.parametrize("r", [3, 8, 32])

@@ -73,3 +73,14 @@ def test_gate_backward_one_expert_is_zero():
 def test_gate_backward_opcheck():
     g, wg, wn, noise = (t.float().to(DEVICE) for t in gate_case(5, 3, 4, seed=2))
     torch.library.opcheck(TG.gate_backward, (g, wg, wn, noise, torch.tensor(0.5, device=DEVICE), 0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (and no interpreter)")
+def test_gpu_gate_all_cases():
+    """Every case above on the GPU in one test (the gpu-marked suite runs first in gpu_check)."""
+    for n, r, e in GATE_CASES:
+        for mode in ("train", "eval", "forced"):
+            test_gate_forward(n, r, e, mode)
+        if e > 1 and n > 1:
+            test_gate_backward(n, r, e)
