@@ -1,23 +1,26 @@
 """``backend="triton"``: the Conv-LoRA layer as fused Triton kernels (``docs/DESIGN.md``).
 
-One autograd-registered op covers the whole layer:
+One autograd-registered op covers the whole layer (schema, fakes and autograd formula in
+``_layer_op.py``, shared with the cuda backend):
 
 forward  ``convlora_triton::conv_lora_fwd``
   1. ``_convlora_down_fwd_kernel``     z = x_down A^T (M, r) fp32 + per-(sample, token block) sums of z
-  2. gate (PyTorch, float32, no host sync) on g = mean_HW z
+  2. ``_convlora_gate_fwd_kernel``     g = mean_HW z, routing and moe_loss (``triton_gate.py``)
   3. ``_convlora_experts_fwd_kernel``  y = z + D(z), only the U/V values the downsample reads
   4. ``_convlora_up_gemm_kernel``      out = x W^T + b + scaling * y B^T (extra K segment)
 
-backward ``convlora_triton::conv_lora_bwd`` (gate gradients by autograd on a recomputed float32
-gate graph, in the autograd glue; y saved by the forward, r wide)
+backward ``convlora_triton::conv_lora_bwd`` (the training gate's gradients come first, from
+``convlora_triton::gate_bwd``, one launch, in the autograd glue; y saved by the forward, r wide)
   1. ``_convlora_dy_db_kernel``        dy = scaling * dout B and dB partials = dout^T y: one read
                                        of dout for both (fixed-order sum of the partials)
   2. ``_convlora_experts_bwd_kernel``  recompute U patch / pre; dpre; dU patches; dEW, dEB partials
   3. ``_convlora_experts_dz_cols_kernel`` / ``_convlora_experts_dz_rows_kernel``:
      dZ gathered from the neighbours' dU patches (separable, no atomics); dz = dy + dZ + dg/(HW)
   4. ``_convlora_expert_grad_reduce_kernel``     per-expert fixed-order sum of the partials
+                                                 (straight into dEW and dEB)
   5. dx = dout W + dz A                          (the up-GEMM kernel again); dA = dz^T x_down
-                                                 (``_convlora_tsmm_kernel`` + fixed-order sum)
+                                                 (``_convlora_tsmm_kernel``, partials stored
+                                                 in dA's layout, + fixed-order sum)
 
 Everything is deterministic (no atomics), free of host syncs and CUDA-graph capturable.
 Intermediates are float32. Inputs may be float32, bfloat16 or float16 (float64 goes to eager).
@@ -516,10 +519,11 @@ def _convlora_tsmm_kernel(
     scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
-    """part[split, c, k] = scale * sum_{m in split} x[m, c] y[m, k]: skinny x^T y partials.
+    """part[split, k, c] = scale * sum_{m in split} y[m, k] x[m, c]: skinny y^T x partials.
 
-    x: (M, C) any dtype; y: (M, R) fp32 contiguous; part: (SPLIT, C, R) fp32, summed over
-    SPLIT afterwards in a fixed order. Grid (cdiv(C, BLOCK_C), SPLIT).
+    x: (M, C) any dtype; y: (M, R) fp32 contiguous; part: (SPLIT, R, C) fp32, summed over
+    SPLIT afterwards in a fixed order (the sum is then dA = dz^T x, (r, C_in), as stored).
+    Grid (cdiv(C, BLOCK_C), SPLIT).
     """
     pc = tl.program_id(0)
     sp = tl.program_id(1)
@@ -537,7 +541,7 @@ def _convlora_tsmm_kernel(
         yt = tl.load(y_ptr + rows[:, None] * stride_ym + rr[None, :],
                      mask=mmask[:, None] & rmask[None, :], other=0.0)
         acc = tl.dot(tl.trans(xt), yt, acc, input_precision=PREC)
-    tl.store(part_ptr + (sp * C + c)[:, None] * R + rr[None, :], acc * scale,
+    tl.store(part_ptr + sp.to(tl.int64) * R * C + rr[None, :] * C + c[:, None], acc * scale,
              mask=cmask[:, None] & rmask[None, :])
 
 
@@ -745,14 +749,15 @@ def _convlora_experts_dz_rows_kernel(
 
 @triton.jit
 def _convlora_expert_grad_reduce_kernel(
-    part_ptr, eidx_ptr, out_ptr,
-    NPROG, NBLK, K,
+    part_ptr, eidx_ptr, dw_ptr, db_ptr,
+    NPROG, NBLK, K, KW,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[e, k] = sum over programs p whose sample chose e of part[p, k], in a fixed order.
+    """sum over programs p whose sample chose e of part[p, k], in a fixed order: columns
+    k < KW to dw[e, k], the rest to db[e, k - KW] (two outputs: no copies afterwards).
 
-    part: (NPROG, K) fp32, program p belongs to sample p // NBLK; out: (E, K) fp32. Experts no
-    sample chose get exact zeros. Grid (cdiv(K, BLOCK_K), E).
+    part: (NPROG, K) fp32, program p belongs to sample p // NBLK; dw: (E, KW), db: (E, K - KW)
+    fp32. Experts no sample chose get exact zeros. Grid (cdiv(K, BLOCK_K), E).
     """
     pk = tl.program_id(0)
     e = tl.program_id(1)
@@ -767,7 +772,8 @@ def _convlora_expert_grad_reduce_kernel(
         v = tl.load(part_ptr + jj.to(tl.int64)[:, None] * K + k[None, :],
                     mask=sel[:, None] & kmask[None, :], other=0.0)
         acc += tl.sum(v, axis=0)
-    tl.store(out_ptr + e * K + k, acc, mask=kmask)
+    tl.store(dw_ptr + e * KW + k, acc, mask=kmask & (k < KW))
+    tl.store(db_ptr + e * (K - KW) + (k - KW), acc, mask=kmask & (k >= KW))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -953,13 +959,14 @@ def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_in
 
 
 def _launch_expert_reduce(part: torch.Tensor, expert_index: torch.Tensor, nblk: int,
-                          out: torch.Tensor) -> None:
-    """out (E, K) fp32 = per-expert fixed-order sum of part (NPROG, K)."""
+                          dw: torch.Tensor, db: torch.Tensor) -> None:
+    """[dw | db] (E, KW + r) fp32 = per-expert fixed-order sum of part (NPROG, KW + r)."""
     nprog, k = part.shape
     block_k = 256
-    grid = (triton.cdiv(k, block_k), out.shape[0])
+    grid = (triton.cdiv(k, block_k), dw.shape[0])
     wrap_triton(_convlora_expert_grad_reduce_kernel)[grid](
-        part, expert_index, out, nprog, nblk, k, BLOCK_J=32, BLOCK_K=block_k, num_warps=4,
+        part, expert_index, dw, db, nprog, nblk, k, dw.shape[1], BLOCK_J=32, BLOCK_K=block_k,
+        num_warps=4,
     )
 
 
@@ -995,7 +1002,7 @@ def _dy_db(dout2d: torch.Tensor, lora_B: torch.Tensor, y: torch.Tensor,
 
 
 def _launch_tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float, part: torch.Tensor) -> None:
-    """part (SPLIT, C, r) fp32: scale * x2d^T y over SPLIT chunks of rows (see _tsmm_split)."""
+    """part (SPLIT, r, C) fp32: scale * y^T x2d over SPLIT chunks of rows (see _tsmm_split)."""
     m, c = x2d.shape
     r = y.shape[1]
     split = part.shape[0]
@@ -1015,8 +1022,8 @@ def _tsmm_split(m: int, c: int) -> int:
 
 
 def _tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * x2d^T y: (C, r) fp32, deterministic."""
-    part = _empty((_tsmm_split(*x2d.shape), x2d.shape[1], y.shape[1]), torch.float32, y.device)
+    """scale * y^T x2d: (r, C) fp32 (dA's layout: no transpose copy), deterministic."""
+    part = _empty((_tsmm_split(*x2d.shape), y.shape[1], x2d.shape[1]), torch.float32, y.device)
     _launch_tsmm(x2d, y, scale, part)
     return part.sum(0)
 
@@ -1090,11 +1097,11 @@ def _bwd_impl(
         dz = _empty((m, r), torch.float32, dev)
         _launch_dz(dup, dy, dgs, expert_index, n, h, w, tbuf, dz)
         del dup, tbuf
-        egrad = _empty((num_experts, kw + r), torch.float32, dev)
-        _launch_expert_reduce(part, expert_index, nblk, egrad)
-        # copies: op outputs may not alias each other
-        d_ew = egrad[:, :kw].reshape(expert_weight.shape).to(expert_weight.dtype, copy=True)
-        d_eb = egrad[:, kw:].to(expert_bias.dtype, copy=True)
+        d_ew = _empty((num_experts, kw), torch.float32, dev)
+        d_eb = _empty((num_experts, r), torch.float32, dev)
+        _launch_expert_reduce(part, expert_index, nblk, d_ew, d_eb)
+        d_ew = d_ew.view(expert_weight.shape).to(expert_weight.dtype)
+        d_eb = d_eb.to(expert_bias.dtype)
     with nvtx_range("convlora.triton.bwd.dx"):
         a_strides = (lora_A.stride(0), lora_A.stride(1))
         w_strides = (weight.stride(0), weight.stride(1))
@@ -1117,7 +1124,7 @@ def _bwd_impl(
                             dx_down)
             dx_down = dx_down.view(x_down.shape)
     with nvtx_range("convlora.triton.bwd.dA"):
-        d_a = _tsmm(xd2d, dz, 1.0).t().contiguous().to(lora_A.dtype)
+        d_a = _tsmm(xd2d, dz, 1.0).to(lora_A.dtype)
     return dx, dx_down, d_a, d_b, d_ew, d_eb
 
 
