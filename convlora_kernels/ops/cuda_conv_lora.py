@@ -36,6 +36,8 @@ the eager backend on the CPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._nvtx import nvtx_range
@@ -89,10 +91,15 @@ def unavailable_reason(x: torch.Tensor) -> str | None:
     return None
 
 
-def _no_autocast(device_type: str) -> torch.autocast:
-    # The ops pick their own precision (float32 intermediates); ATen calls inside them must not
-    # be re-cast by an enclosing autocast region.
-    return torch.autocast(device_type, enabled=False)
+def _autocast_off(fn):
+    """Run ``fn(t, ...)`` with autocast disabled on ``t``'s device: the layer picks its own
+    precisions (float32 intermediates), and the ATen GEMMs inside it must not be re-cast by an
+    enclosing autocast region."""
+    @functools.wraps(fn)
+    def wrapper(t, *args):
+        with torch.autocast(t.device.type, enabled=False):
+            return fn(t, *args)
+    return wrapper
 
 
 def _round_up(v: int, k: int) -> int:
@@ -198,6 +205,7 @@ if _LOAD_ERROR is None:
     )
 
     # ------------------------------------------------------------------ the layer
+    @_autocast_off
     def _fwd_impl(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate,
                   w_noise, scaling, expert_index, noise):
         n, h, w, c_in = x.shape
@@ -206,19 +214,20 @@ if _LOAD_ERROR is None:
         c_out = weight.shape[0]
         fold = x_down is None and c_in <= c_out  # down_proj writes [x | 0] for the up GEMM
         xd = x if x_down is None else x_down
-        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.down_proj"):
+        with nvtx_range("convlora.cuda.down_proj"):
             z, g, xcat = _ops.down_proj(xd.contiguous(), lora_A.to(x.dtype).contiguous(),
                                         _gemm_cols(c_in, r) if fold else 0)
-        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.gate"):
+        with nvtx_range("convlora.cuda.gate"):
             index, moe_loss = _gate_forward(g, w_gate, w_noise, noise, expert_index)
-        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.experts"):
+        with nvtx_range("convlora.cuda.experts"):
             y = _ops.experts_fwd(z, index, expert_weight, expert_bias)
-        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.up_proj"):
+        with nvtx_range("convlora.cuda.up_proj"):
             out = _up_proj(x.reshape(m, c_in), xcat.view(m, -1) if fold else None,
                            y.view(m, r), weight, bias, lora_B, scaling)
         return (out.view(n, h, w, c_out), index, moe_loss.to(z.dtype), z.view(m, r), g,
                 y.view(m, r))
 
+    @_autocast_off
     def _bwd_impl(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y,
                   dgs, expert_index, scaling, need_dx):
         n, h, w, c_in = x.shape
@@ -227,19 +236,19 @@ if _LOAD_ERROR is None:
         c_out = weight.shape[0]
         d2 = dout.reshape(m, c_out).to(x.dtype)
         a_low, b_low = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.dx_dy"):
+        with nvtx_range("convlora.cuda.bwd.dx_dy"):
             if need_dx:  # dx and dy from one read of dout
                 both = d2 @ _with_columns(weight, b_low, _gemm_cols(c_in, r))
                 dx, dy = both[:, :c_in], both[:, c_in:c_in + r]
             else:
                 dx, dy = x.new_empty((0,)), d2 @ b_low
             dy = (dy.to(z.dtype) * scaling).view(n, h, w, r)
-        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.experts"):
+        with nvtx_range("convlora.cuda.bwd.experts"):
             dz, d_ew, d_eb = _ops.experts_bwd(z.view(n, h, w, r), expert_index, expert_weight,
                                               expert_bias, dy)
             dz = (dz + dgs.view(n, 1, 1, r)).view(m, r)  # g = mean: each token gets dg / HW
             dz_low = dz.to(x.dtype)
-        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.dx"):
+        with nvtx_range("convlora.cuda.bwd.dx"):
             if x_down is None:
                 if need_dx:
                     dx.addmm_(dz_low, a_low)  # in place, beta = 1: no second dx, no sum
@@ -248,7 +257,7 @@ if _LOAD_ERROR is None:
                 dx_down = (dz_low @ a_low).view(x_down.shape)
             if need_dx:
                 dx = dx.view(n, h, w, c_in)
-        with _no_autocast(x.device.type), nvtx_range("convlora.cuda.bwd.dA_dB"):
+        with nvtx_range("convlora.cuda.bwd.dA_dB"):
             xd2d = (x if x_down is None else x_down).reshape(m, c_in)
             d_a = (dz_low.t() @ xd2d).to(lora_A.dtype)
             d_b = ((d2.t() @ y.to(x.dtype)) * scaling).to(lora_B.dtype)
