@@ -20,7 +20,8 @@ expert_index, scaling, need_dx) -> (dx, dx_down, d_lora_A, d_lora_B, d_expert_we
 d_expert_bias)``
 
 - dout: (N, H, W, C_out) contiguous; dgs: (N, r), the gradient reaching g divided by H*W
-  (every token's share of the mean). dx: (N, H, W, C_in), or an empty tensor when not need_dx;
+  (every token's share of the mean). dx: (N, H, W, C_in) with row stride ``dx_row_stride``
+  (see :func:`define_layer_ops`), or an empty tensor when not need_dx;
   dx_down: x_down's gradient, or an empty tensor when x_down is None (then dz A is in dx).
 
 What the forward saves for the backward: x (and x_down), the parameters, and z, g, y: r-wide
