@@ -12,8 +12,7 @@ scaling, expert_index, noise) -> (out, index, moe_loss, z, g, y)``
   (r, E); expert_index: (N,) forced routing or None; noise: (N, E) gate noise or None.
 - out: (N, H, W, C_out) in x's dtype; index: (N,) long; moe_loss: 0-dim; z, y: (N*H*W, r)
   (z = x_down A^T, y = z + expert(z)); g: (N, r) per-sample mean of z. z, g, y and moe_loss
-  are float32 (float64 for float64 x). The gate runs inside fwd (the backend's kernels or
-  :func:`convlora_kernels.gate.routing`).
+  are float32 (float64 for float64 x). The gate runs inside fwd (the backend's gate kernel).
 
 ``bwd(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
 expert_index, scaling, need_dx) -> (dx, dx_down, d_lora_A, d_lora_B, d_expert_weight,
@@ -36,8 +35,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..gate import routing
-
 # Written out (not inferred from a backend's annotations) so every backend registers the same op.
 FWD_SCHEMA = (
     "(Tensor x, Tensor? x_down, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
@@ -52,7 +49,8 @@ BWD_SCHEMA = (
 )
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of z, g, y and moe_loss for storage dtype ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -60,7 +58,7 @@ def _fwd_fake(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bia
               w_noise, scaling, expert_index, noise):
     n, h, w, _ = x.shape
     r = lora_A.shape[0]
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (
         x.new_empty((n, h, w, weight.shape[0])),
         x.new_empty((n,), dtype=torch.long),
@@ -109,40 +107,6 @@ def _setup_context(ctx, inputs, output):
                           w_gate, w_noise, noise, z, g, y, index)
 
 
-def gate_grads(
-    g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, noise: torch.Tensor,
-    dmoe: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of moe_loss w.r.t. (g, w_gate, w_noise): autograd on the recomputed gate graph
-    (it is N x r x E: nothing to fuse).
-
-    Args:
-        g: (N, r); w_gate, w_noise: (r, E); noise: (N, E); dmoe: 0-dim gradient of moe_loss.
-    Returns:
-        dg (N, r), d_w_gate (r, E), d_w_noise (r, E), zeros where the loss does not depend on them.
-    """
-    with torch.enable_grad():
-        g_ = g.detach().requires_grad_(True)
-        wg = w_gate.detach().requires_grad_(True)
-        wn = w_noise.detach().requires_grad_(True)
-        _, loss = routing(g_, wg, wn, noise, None)
-        zeros = (torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise))
-        if not loss.requires_grad:  # a single expert: the loss is a constant
-            return zeros
-        grads = torch.autograd.grad(loss, (g_, wg, wn), dmoe, allow_unused=True)
-    return tuple(zt if gt is None else gt for gt, zt in zip(grads, zeros))
-
-
-def autograd_gate_backward(
-    g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, noise: torch.Tensor,
-    dmoe: torch.Tensor, dg_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gate backward by PyTorch autograd (:func:`gate_grads`), in the form a backend's
-    fused gate backward has: (dg * dg_scale in g's dtype (N, r), d_w_gate, d_w_noise)."""
-    dg, dwg, dwn = gate_grads(g, w_gate, w_noise, noise, dmoe)
-    return dg.to(g.dtype) * dg_scale, dwg, dwn
-
-
 def _make_backward(bwd_op, gate_backward):
     def backward(ctx, dout, d_index, dmoe, d_z, d_g, d_y):
         (x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise, noise,
@@ -157,7 +121,7 @@ def _make_backward(bwd_op, gate_backward):
             dout = x.new_zeros(x.shape[:-1] + (weight.shape[0],))
         dx, dx_down, d_a, d_b, d_ew, d_eb = bwd_op(
             dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z,
-            y, dgs.to(z.dtype), index, ctx.scaling, bool(needs[0]),
+            y, dgs, index, ctx.scaling, bool(needs[0]),
         )
         d_w = d_bias = None
         if needs[2] or needs[3]:  # the frozen Linear made trainable: plain PyTorch
@@ -178,17 +142,16 @@ def _make_backward(bwd_op, gate_backward):
 
 
 def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
-                     register: Callable = torch.library.custom_op,
-                     dx_row_stride: Callable[[int, int], int] = lambda c_in, r: c_in,
-                     gate_backward: Callable = autograd_gate_backward):
+                     gate_backward: Callable, register: Callable = torch.library.custom_op,
+                     dx_row_stride: Callable[[int, int], int] = lambda c_in, r: c_in):
     """Register ``{namespace}::conv_lora_fwd`` / ``conv_lora_bwd`` with fakes and autograd.
 
     ``register(qualname, fn, mutates_args=(), schema=...)`` is ``torch.library.custom_op`` (opaque to
     Inductor) or ``torch.library.triton_op`` (Inductor sees the Triton kernels).
     ``dx_row_stride(C_in, r)`` is the row stride of the dx the backward returns (C_in when it is
     contiguous; the fake must report the real layout). ``gate_backward(g, w_gate, w_noise,
-    noise, dmoe, dg_scale) -> (dg * dg_scale, d_w_gate, d_w_noise)`` differentiates the training
-    gate's moe_loss (:func:`autograd_gate_backward` by default). Returns (fwd_op, bwd_op).
+    noise, dmoe, dg_scale) -> (dg * dg_scale in g's dtype, d_w_gate, d_w_noise)`` differentiates
+    the training gate's moe_loss (the backend's gate kernel). Returns (fwd_op, bwd_op).
     """
     fwd = register(f"{namespace}::conv_lora_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
     bwd = register(f"{namespace}::conv_lora_bwd", bwd_impl, mutates_args=(), schema=BWD_SCHEMA)

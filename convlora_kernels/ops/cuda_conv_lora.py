@@ -41,7 +41,7 @@ import functools
 import torch
 
 from .._nvtx import nvtx_range
-from ._layer_op import define_layer_ops, prepare_inputs
+from ._layer_op import acc_dtype, define_layer_ops, prepare_inputs
 
 _BUILD_HINT = (
     "build it with `CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST='8.0;9.0' "
@@ -145,15 +145,12 @@ def _with_columns(a: torch.Tensor, extra: torch.Tensor | None, width: int) -> to
 if _LOAD_ERROR is None:
     _ops = torch.ops.convlora_cuda
 
-    def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
     # ------------------------------------------------------------------ fake implementations
     @torch.library.register_fake("convlora_cuda::down_proj")
     def _down_proj_fake(x, lora_A, cat_cols=0):
         n, h, w, _ = x.shape
         r = lora_A.shape[0]
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         xcat = x.new_empty((n, h, w, cat_cols) if cat_cols > 0 else (0,))
         return x.new_empty((n, h, w, r), dtype=acc), x.new_empty((n, r), dtype=acc), xcat
 
@@ -224,8 +221,7 @@ if _LOAD_ERROR is None:
         with nvtx_range("convlora.cuda.up_proj"):
             out = _up_proj(x.reshape(m, c_in), xcat.view(m, -1) if fold else None,
                            y.view(m, r), weight, bias, lora_B, scaling)
-        return (out.view(n, h, w, c_out), index, moe_loss.to(z.dtype), z.view(m, r), g,
-                y.view(m, r))
+        return out.view(n, h, w, c_out), index, moe_loss, z.view(m, r), g, y.view(m, r)
 
     @_autocast_off
     def _bwd_impl(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y,
@@ -264,8 +260,8 @@ if _LOAD_ERROR is None:
         return dx, dx_down, d_a, d_b, d_ew, d_eb
 
     conv_lora_fwd, conv_lora_bwd = define_layer_ops(
-        "convlora_cuda_layer", _fwd_impl, _bwd_impl,
-        dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r), gate_backward=_gate_backward,
+        "convlora_cuda_layer", _fwd_impl, _bwd_impl, _gate_backward,
+        dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r),
     )
 
 

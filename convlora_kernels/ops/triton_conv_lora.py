@@ -42,13 +42,13 @@ from torch.library import wrap_triton
 
 from .._nvtx import nvtx_range
 from ._layer_op import define_layer_ops, prepare_inputs
-from ._triton_common import ENV_POISON, INTERPRET, register_op
+from ._triton_common import ENV_POISON, register_op
+from ._triton_common import INTERPRET as _INTERPRET
 from ._triton_common import empty as _empty
 from .triton_gate import gate_backward, gate_forward
 
 __all__ = ["ENV_AUTOTUNE", "ENV_POISON", "conv_lora_forward", "unavailable_reason"]
 
-_INTERPRET = INTERPRET
 _NAMESPACE = "convlora_triton"
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 #: U-patch slots per pixel: 6x6 for even s (3x3 for odd s uses the first 9).
@@ -1129,7 +1129,7 @@ def _bwd_impl(
 
 
 conv_lora_fwd, conv_lora_bwd = define_layer_ops(
-    _NAMESPACE, _fwd_impl, _bwd_impl, register=register_op, gate_backward=gate_backward,
+    _NAMESPACE, _fwd_impl, _bwd_impl, gate_backward, register=register_op,
 )
 
 
