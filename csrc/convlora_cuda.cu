@@ -18,6 +18,11 @@
 // (SAM ViT-B, 100 windows, r = 8: 22 MB) but keeps every output written by exactly one thread in
 // a fixed order, so the backward is bitwise deterministic.
 // (No ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE headers that CI's minimal toolkit lacks.)
+// CI runs these kernels and their launchers on the CPU through tests/cuda_emu (threads as fibers,
+// real barriers and shuffles, poisoned shared memory). Its rewrite of this file expects launches
+// as `kernel<<<grid, block, smem, stream>>>(args)`, dynamic shared memory as
+// `extern __shared__ __align__(16) unsigned char name[];` and static shared arrays as
+// `__shared__ T name[n];`; it fails loudly on anything it does not recognise.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

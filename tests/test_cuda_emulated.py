@@ -1,0 +1,170 @@
+"""The extension's CUDA kernels, run on the CPU by the emulator in ``tests/cuda_emu``, against
+their CPU twins and the float64 reference arithmetic.
+
+The CPU twins (``csrc/convlora_cpu.cpp``) share the per-element math with the CUDA kernels; these
+tests cover what only the CUDA file has: the grids, thread strides, shared-memory tiles, barriers,
+warp shuffles and per-tile partial sums, plus the launchers' vector/scalar and rank-bucket
+choices. Every case runs with the block's threads scheduled first-to-last and last-to-first, with
+shared memory and outputs poisoned (NaN), so a missing barrier shows in one of the two orders.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convlora_kernels.ops import cuda_conv_lora as cc
+
+from . import cuda_emu
+from .conftest import GATE_CASES, assert_close_to_reference, gate_case
+
+pytestmark = pytest.mark.skipif(
+    not cc.extension_loaded(), reason="extension not built (tests/test_cuda_ext.py says why)"
+)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cuda_emu.load()
+
+
+@pytest.fixture(autouse=True, params=["forward", "reverse"])
+def thread_order(request, monkeypatch):
+    monkeypatch.setenv("CONVLORA_EMU_THREAD_ORDER", request.param)
+    monkeypatch.setenv("CONVLORA_POISON", "1")
+    return request.param
+
+
+def _rand(*shape, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _check(got, want, rtol, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close_to_reference(a, b, rtol, f"{what}[{i}]")
+
+
+# ------------------------------------------------------------------------------ down projection
+# (N, H, W, C_in, r, cat_cols): blocks of 64 tokens with an inactive tail (2*5*7 = 70 tokens), a
+# 1x1 map, C_in not a multiple of the 16-byte vector (scalar path), every rank bucket of the
+# launcher (r <= 8, <= 32, <= 64), and A wider than one shared-memory chunk (33 * 300 * 4 B > 32 KB).
+DOWN_CASES = [
+    (2, 5, 7, 40, 3, 48),
+    (1, 1, 1, 16, 1, 0),
+    (1, 3, 2, 6, 8, 8),
+    (3, 2, 3, 24, 9, 40),
+    (1, 4, 5, 300, 33, 304),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", DOWN_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_down_proj(emu, case, dtype):
+    n, h, w, c, r, cols = case
+    x, a = _rand(n, h, w, c, dtype=dtype, seed=1), _rand(r, c, dtype=dtype, seed=2)
+    z, g, xcat = emu.down_proj(x, a, cols)
+    z64 = torch.einsum("nhwc,kc->nhwk", x.double(), a.double())
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5  # float32 accumulation for the others
+    assert z.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_to_reference(z, z64, rtol, "z")
+    assert_close_to_reference(g, z64.mean((1, 2)), rtol, "g")
+    if cols:
+        assert torch.equal(xcat[..., :c], x) and not xcat[..., c:].any()
+    else:
+        assert xcat.numel() == 0
+
+
+# ------------------------------------------------------------------------------ experts
+def _experts_case(n, h, w, r, depthwise, dtype, index=None, num_experts=8):
+    z = _rand(n, h, w, r, dtype=dtype, seed=3)
+    idx = torch.arange(n) % num_experts if index is None else index
+    ew = _rand(num_experts, r, 1 if depthwise else r, 3, 3, dtype=dtype, seed=4) * 0.5
+    eb = _rand(num_experts, r, dtype=dtype, seed=5) * 0.5
+    dy = _rand(n, h, w, r, dtype=dtype, seed=6)
+    return z, idx, ew, eb, dy
+
+
+def _experts_both(ops, z, idx, ew, eb, dy):
+    return (ops.experts_fwd(z, idx, ew, eb), *ops.experts_bwd(z, idx, ew, eb, dy))
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+@pytest.mark.parametrize("r", [1, 3, 8])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 7), (14, 14)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_experts_every_scale_float64(emu, hw, r, depthwise):
+    """8 samples routed to scales 1..8; 14x14 at r = 8 spans 22 tiles of 9 pixels per sample."""
+    args = _experts_case(8, *hw, r, depthwise, torch.float64)
+    _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+def test_experts_random_routing_float32(emu, depthwise):
+    """Several samples per expert and an unchosen expert (exact zero gradients); float32 against
+    the float64 twin."""
+    index = torch.tensor([2, 2, 5, 0, 5, 3, 2, 6, 1, 3])
+    args = _experts_case(10, 6, 5, 3, depthwise, torch.float32, index=index)
+    got = _experts_both(emu, *args)
+    want = _experts_both(torch.ops.convlora_cuda, *(t.double() if t.is_floating_point() else t for t in args))
+    _check(got, want, 1e-5, "experts")
+    assert not got[2][4].any() and not got[3][7].any()
+
+
+# ------------------------------------------------------------------------------ gate
+@pytest.mark.parametrize("n, r, e", GATE_CASES)
+@pytest.mark.parametrize("mode", ["train", "eval", "forced"])
+def test_gate_fwd(emu, n, r, e, mode):
+    g, wg, wn, noise = gate_case(n, r, e, seed=7)
+    args = (g, wg, wn, noise if mode == "train" else None, torch.arange(n) % e if mode == "forced" else None)
+    got, want = emu.gate_fwd(*args), torch.ops.convlora_cuda.gate_fwd(*args)
+    assert torch.equal(got[0], want[0]), "routing differs"
+    assert_close_to_reference(got[1], want[1], 1e-12, "moe_loss")
+
+
+@pytest.mark.parametrize("n, r, e", [c for c in GATE_CASES if c[2] > 1])
+def test_gate_bwd(emu, n, r, e):
+    g, wg, wn, noise = gate_case(n, r, e, seed=8)
+    args = (g, wg, wn, noise, torch.tensor(1.3, dtype=torch.float64), 0.5)
+    _check(emu.gate_bwd(*args), torch.ops.convlora_cuda.gate_bwd(*args), 1e-11, "gate_bwd")
+
+
+# ------------------------------------------------------------------------------ the emulator
+def test_rewrite_rules_fail_loudly():
+    with pytest.raises(RuntimeError, match="matched nothing"):
+        cuda_emu.emulated_source("int main() {}")
+
+
+def test_launch_rewrite():
+    src = "k<T,\n  A<B>>\n    <<<grid, 256, smem(a), stream>>>(p, f(q, r));"
+    out, n = cuda_emu._rewrite_launches(src)
+    assert n == 1
+    assert out == "::convlora_emu::launch(k<T,\n  A<B>>, grid, 256, smem(a), stream, p, f(q, r));"
+
+
+# Each mutant drops one barrier of the real source (its first occurrence after the needle's
+# start): the emulator must notice, or it would prove nothing.
+MUTANTS = {
+    # Expert forward: the tap loop reads U patches other threads have not written yet (NaN).
+    "experts_fwd_patch_barrier": "fill_patches<T>(zn, g, s, pix0, npix, up);\n  __syncthreads();\n",
+    # Down projection: a thread overwrites A's next chunk while others still read this one.
+    "down_proj_chunk_barrier": "__syncthreads();  // the previous chunk is consumed\n",
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_emulator_catches_a_missing_barrier(mutant, thread_order):
+    src = cuda_emu.SOURCE.read_text()
+    needle = MUTANTS[mutant]
+    assert needle in src, f"{mutant}: the source changed; update the mutant"
+    # The first occurrence: the forward kernel is defined before the backward one.
+    ops = cuda_emu.load(src.replace(needle, needle.replace("__syncthreads();", ""), 1),
+                        namespace=f"convlora_cuda_emu_{mutant}")
+    real = torch.ops.convlora_cuda
+    if mutant.startswith("experts"):
+        z, idx, ew, eb, _ = _experts_case(8, 5, 7, 8, False, torch.float64)
+        got, want = ops.experts_fwd(z, idx, ew, eb), real.experts_fwd(z, idx, ew, eb)
+    else:
+        x, a = _rand(1, 4, 5, 300, seed=1), _rand(33, 300, seed=2)
+        got, want = ops.down_proj(x, a, 0)[0], real.down_proj(x, a, 0)[0]
+    broken = bool(torch.isnan(got).any()) or not torch.allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert broken, f"{mutant}: the kernel ran without its barrier unnoticed ({thread_order} order)"
