@@ -128,6 +128,28 @@ def test_gate_bwd(emu, n, r, e):
     _check(emu.gate_bwd(*args), torch.ops.convlora_cuda.gate_bwd(*args), 1e-11, "gate_bwd")
 
 
+# ------------------------------------------------------------------------------ SAM shapes
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["windows", "global"])
+def test_sam_shapes(emu, kind):
+    """ViT-B's qkv input: 100 windows of 14x14 (full conv) or one 64x64 map (depthwise), r = 8,
+    random routing; bf16 x for the down projection (its 16-byte vector path), float32 experts
+    against the float64 twins. Grids of 1100-2200 expert blocks and 300 down-projection blocks."""
+    n, h, w = (100, 14, 14) if kind == "windows" else (1, 64, 64)
+    c, r, depthwise = 768, 8, kind == "global"
+    x = _rand(n, h, w, c, dtype=torch.bfloat16, seed=9)
+    a = (_rand(r, c, seed=10) * c**-0.5).to(torch.bfloat16)
+    z, g, xcat = emu.down_proj(x, a, 776)
+    z64 = torch.einsum("nhwc,kc->nhwk", x.double(), a.double())
+    assert_close_to_reference(z, z64, 1e-5, "z")
+    assert_close_to_reference(g, z64.mean((1, 2)), 1e-5, "g")
+    assert torch.equal(xcat[..., :c], x) and not xcat[..., c:].any()
+    index = torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(11))
+    args = _experts_case(n, h, w, r, depthwise, torch.float32, index=index)
+    want = _experts_both(torch.ops.convlora_cuda, *(t.double() if t.is_floating_point() else t for t in args))
+    _check(_experts_both(emu, *args), want, 1e-5, "experts")
+
+
 # ------------------------------------------------------------------------------ the emulator
 def test_rewrite_rules_fail_loudly():
     with pytest.raises(RuntimeError, match="matched nothing"):
