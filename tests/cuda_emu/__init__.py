@@ -31,6 +31,17 @@ HERE = Path(__file__).resolve().parent
 SOURCE = CSRC / "convlora_cuda.cu"
 NAMESPACE = "convlora_cuda_emu"
 _CXXFLAGS = ["-O1", "-std=c++20", "-fPIC", "-shared", "-w"]
+# CONVLORA_EMU_SANITIZE=address builds with AddressSanitizer: every global and shared memory
+# access of the kernels is bounds-checked (the process must preload libasan; see
+# tests/test_cuda_emulated.py::test_kernels_under_address_sanitizer).
+_SANITIZE_FLAGS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer"]}
+
+
+def _cxxflags() -> list[str]:
+    mode = os.environ.get("CONVLORA_EMU_SANITIZE", "")
+    if mode and mode not in _SANITIZE_FLAGS:
+        raise ValueError(f"CONVLORA_EMU_SANITIZE={mode!r}: expected one of {sorted(_SANITIZE_FLAGS)}")
+    return _CXXFLAGS + _SANITIZE_FLAGS.get(mode, [])
 
 
 def _rewrite_launches(src: str) -> tuple[str, int]:
@@ -121,7 +132,7 @@ def _compile(source: str, out: Path) -> None:
     torch_lib = Path(torch.__file__).parent / "lib"
     cpp = out.with_suffix(".cpp")
     cpp.write_text(source)
-    cmd = [cxx, *_CXXFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    cmd = [cxx, *_cxxflags(), f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *(f"-I{p}" for p in cpp_extension.include_paths()), f"-I{CSRC}", f"-I{HERE}",
            f"-I{sysconfig.get_paths()['include']}", str(cpp), "-o", str(out) + ".tmp",
            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
@@ -144,7 +155,7 @@ def load(src: str | None = None, namespace: str = NAMESPACE):
 
     source = emulated_source(src, namespace)
     deps = [source, (HERE / "cuda_emu.h").read_text(), *(p.read_text() for p in sorted(CSRC.glob("*.h"))),
-            torch.__version__, " ".join(_CXXFLAGS)]
+            torch.__version__, " ".join(_cxxflags())]
     key = hashlib.sha256("\0".join(deps).encode()).hexdigest()[:16]
     build = ROOT / "build" / "cuda_emu"
     build.mkdir(parents=True, exist_ok=True)

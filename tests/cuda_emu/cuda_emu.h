@@ -39,6 +39,14 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+// AddressSanitizer must be told about every stack switch (CONVLORA_EMU_SANITIZE=address).
+#include <sanitizer/common_interface_defs.h>
+#define CONVLORA_EMU_ASAN 1
+#else
+#define CONVLORA_EMU_ASAN 0
+#endif
+
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
@@ -93,6 +101,8 @@ struct Emulator {
   ucontext_t scheduler;
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
+  const void* scheduler_stack = nullptr;  // AddressSanitizer's view of the scheduler's stack
+  size_t scheduler_stack_size = 0;
 
   const dim3& thread_idx() const { return fibers[current].tid; }
 };
@@ -107,9 +117,29 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
+// Stack-switch notifications for AddressSanitizer (no-ops without it). `save` null: the fiber
+// being left is finished.
+inline void leaving_stack(void** save, const void* to_bottom, size_t to_size) {
+#if CONVLORA_EMU_ASAN
+  __sanitizer_start_switch_fiber(save, to_bottom, to_size);
+#else
+  (void)save, (void)to_bottom, (void)to_size;
+#endif
+}
+inline void entered_stack(void* save, const void** from_bottom = nullptr, size_t* from_size = nullptr) {
+#if CONVLORA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(save, from_bottom, from_size);
+#else
+  (void)save, (void)from_bottom, (void)from_size;
+#endif
+}
+
 inline void yield_to_scheduler() {
   Emulator& e = state();
+  void* save = nullptr;
+  leaving_stack(&save, e.scheduler_stack, e.scheduler_stack_size);
   swapcontext(&e.fibers[e.current].ctx, &e.scheduler);
+  entered_stack(save);
 }
 
 // Waits until `expected` threads (the live ones of the group) have arrived.
@@ -135,6 +165,7 @@ inline void release_if_complete(Barrier& b, int expected) {
 
 inline void fiber_entry() {
   Emulator& e = state();
+  entered_stack(nullptr, &e.scheduler_stack, &e.scheduler_stack_size);
   try {
     (*e.body)();
   } catch (...) {
@@ -148,6 +179,7 @@ inline void fiber_entry() {
   --e.warp_live[warp];
   release_if_complete(e.block_barrier, e.live);
   release_if_complete(e.warp_barriers[warp], e.warp_live[warp]);
+  leaving_stack(nullptr, e.scheduler_stack, e.scheduler_stack_size);
   // Returning resumes uc_link, the scheduler.
 }
 
@@ -199,7 +231,10 @@ inline void run_block(size_t smem_bytes, bool reverse) {
       const int t = reverse ? n - 1 - k : k;
       if (e.fibers[t].done) continue;
       e.current = t;
+      void* save = nullptr;
+      leaving_stack(&save, e.stacks[t], kStackBytes);
       swapcontext(&e.scheduler, &e.fibers[t].ctx);
+      entered_stack(save);
     }
     if (e.live > 0 && e.events == before)
       throw std::runtime_error("cuda_emu: deadlock: " + std::to_string(e.live) +
