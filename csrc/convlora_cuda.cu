@@ -239,38 +239,62 @@ __device__ __forceinline__ TapWork<T> tap_work(int k, int nt1, int pix0, int s, 
   return w;
 }
 
+// The block's tile, shared by the forward and backward expert kernels: sample n = blockIdx.y, its
+// expert and scale, pixels [pix0, pix0 + npix) of the map, and the U patches of those pixels
+// filled into shared memory (synchronised: ready to read on return). smem: (P, r, 6, 6) U patches,
+// then a (P, r, 4, 4) tap buffer (pre-activations forward, their gradients backward).
+template <typename T>
+struct ExpertTile {
+  T* up;
+  T* tap_buf;
+  const T* ew_e;  // the sample's expert weight (r, g, 3, 3) and bias (r)
+  const T* eb_e;
+  int64_t m0;     // flat index of the sample's first pixel
+  int pix0, npix, s, nt1, ntap;  // nt1: V taps per axis (1 for odd s, whose V sample is centred)
+};
+
+template <typename T>
+__device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew, const T* eb,
+                                     const ExpertGeom& g, T* smem) {
+  ExpertTile<T> b;  // (b: the block's)
+  const int P = g.pixels_per_block;
+  const int n = blockIdx.y;
+  const int hw = g.H * g.W;
+  b.up = smem;
+  b.tap_buf = smem + static_cast<size_t>(P) * g.r * kPatchArea;
+  b.pix0 = blockIdx.x * P;
+  b.npix = min(P, hw - b.pix0);
+  b.m0 = static_cast<int64_t>(n) * hw;
+  const int e = load_expert<T>(idx, n, g.E);
+  b.s = e + 1;
+  b.nt1 = (b.s % 2 == 1) ? 1 : kTaps;
+  b.ntap = b.nt1 * b.nt1;
+  b.ew_e = ew + e * static_cast<int64_t>(g.r) * (g.depthwise ? 1 : g.r) * 9;
+  b.eb_e = eb + e * g.r;
+  fill_patches<T>(z + b.m0 * g.r, g, b.s, b.pix0, b.npix, b.up);
+  __syncthreads();
+  return b;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     convlora_experts_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
                                 const T* __restrict__ ew, const T* __restrict__ eb, ExpertGeom g,
                                 T* __restrict__ y) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int P = g.pixels_per_block;
-  T* up = reinterpret_cast<T*>(smem_raw);          // (P, r, 6, 6)
-  T* pre = up + static_cast<size_t>(P) * g.r * kPatchArea;  // (P, r, 4, 4)
-  const int n = blockIdx.y;
-  const int hw = g.H * g.W;
-  const int pix0 = blockIdx.x * P;
-  const int npix = min(P, hw - pix0);
-  const int e = load_expert<T>(idx, n, g.E);
-  const int s = e + 1;
-  const int64_t wsize = static_cast<int64_t>(g.r) * (g.depthwise ? 1 : g.r) * 9;
-  const T* zn = z + static_cast<int64_t>(n) * hw * g.r;
-  fill_patches<T>(zn, g, s, pix0, npix, up);
-  __syncthreads();
-  const int nt1 = (s % 2 == 1) ? 1 : kTaps;
-  const int ntap = nt1 * nt1;
-  for (int k = threadIdx.x; k < npix * g.r * ntap; k += blockDim.x) {
-    const TapWork<T> w = tap_work<T>(k, nt1, pix0, s, g, up, ew + e * wsize, eb + e * g.r);
+  const ExpertTile<T> tile = expert_tile<T>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
+  T* pre = tile.tap_buf;  // (P, r, 4, 4)
+  for (int k = threadIdx.x; k < tile.npix * g.r * tile.ntap; k += blockDim.x) {
+    const TapWork<T> w = tap_work<T>(k, tile.nt1, tile.pix0, tile.s, g, tile.up, tile.ew_e, tile.eb_e);
     pre[(w.p * g.r + w.c) * kTapArea + w.a * kTaps + w.b] = w.pre;
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < npix * g.r; k += blockDim.x) {
+  for (int k = threadIdx.x; k < tile.npix * g.r; k += blockDim.x) {
     const int p = k / g.r, c = k % g.r;
-    const int pix = pix0 + p;
+    const int pix = tile.pix0 + p;
     PixelTaps<T> t;
-    pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
-    const int64_t m = static_cast<int64_t>(n) * hw + pix;
+    pixel_taps<T>(pix / g.W, pix % g.W, tile.s, g.H, g.W, t);
+    const int64_t m = tile.m0 + pix;
     y[m * g.r + c] = z[m * g.r + c] + downsample_gelu<T>(pre + (p * g.r + c) * kTapArea, t);
   }
 }
@@ -285,26 +309,16 @@ __global__ void __launch_bounds__(kThreads)
                                 const T* __restrict__ dy, ExpertGeom g, T* __restrict__ dup,
                                 T* __restrict__ part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int P = g.pixels_per_block;
-  T* up = reinterpret_cast<T*>(smem_raw);
-  T* dpre = up + static_cast<size_t>(P) * g.r * kPatchArea;
-  const int n = blockIdx.y;
-  const int hw = g.H * g.W;
-  const int pix0 = blockIdx.x * P;
-  const int npix = min(P, hw - pix0);
-  const int e = load_expert<T>(idx, n, g.E);
-  const int s = e + 1;
+  const ExpertTile<T> tile = expert_tile<T>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
+  T* dpre = tile.tap_buf;  // (P, r, 4, 4)
   const int gi_n = g.depthwise ? 1 : g.r;
   const int64_t wsize = static_cast<int64_t>(g.r) * gi_n * 9;
-  const T* zn = z + static_cast<int64_t>(n) * hw * g.r;
-  const T* ew_e = ew + e * wsize;
-  fill_patches<T>(zn, g, s, pix0, npix, up);
-  __syncthreads();
-  const int nt1 = (s % 2 == 1) ? 1 : kTaps;
-  const int ntap = nt1 * nt1;
-  for (int k = threadIdx.x; k < npix * g.r * ntap; k += blockDim.x) {
-    const TapWork<T> w = tap_work<T>(k, nt1, pix0, s, g, up, ew_e, eb + e * g.r);
-    const int64_t m = static_cast<int64_t>(n) * hw + pix0 + w.p;
+  const int pix0 = tile.pix0, npix = tile.npix, s = tile.s, nt1 = tile.nt1;
+  const T* up = tile.up;
+  const T* ew_e = tile.ew_e;
+  for (int k = threadIdx.x; k < npix * g.r * tile.ntap; k += blockDim.x) {
+    const TapWork<T> w = tap_work<T>(k, nt1, pix0, s, g, up, ew_e, tile.eb_e);
+    const int64_t m = tile.m0 + pix0 + w.p;
     dpre[(w.p * g.r + w.c) * kTapArea + w.a * kTaps + w.b] =
         tap_grad<T>(w.pre, dy[m * g.r + w.c], w.t, w.a, w.b);
   }
@@ -317,13 +331,13 @@ __global__ void __launch_bounds__(kThreads)
     const int pix = pix0 + p;
     PixelTaps<T> t;
     pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
-    const int64_t m = static_cast<int64_t>(n) * hw + pix;
+    const int64_t m = tile.m0 + pix;
     dup[(m * g.r + ci) * kPatchArea + (uv / side) * kPatch + uv % side] = patch_grad<T, T>(
         dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uv / side,
         uv % side, t);
   }
   const int64_t part_size = wsize + g.r;
-  T* part_tile = part + (static_cast<int64_t>(n) * gridDim.x + blockIdx.x) * part_size;
+  T* part_tile = part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * part_size;
   for (int64_t k = threadIdx.x; k < part_size; k += blockDim.x) {
     T acc = T(0);
     if (k < wsize) {

@@ -166,8 +166,8 @@ def test_launch_rewrite():
 # Each mutant drops one barrier of the real source (its first occurrence after the needle's
 # start): the emulator must notice, or it would prove nothing.
 MUTANTS = {
-    # Expert forward: the tap loop reads U patches other threads have not written yet (NaN).
-    "experts_fwd_patch_barrier": "fill_patches<T>(zn, g, s, pix0, npix, up);\n  __syncthreads();\n",
+    # Expert tiles: the tap loop reads U patches other threads have not written yet (NaN).
+    "experts_patch_barrier": "fill_patches<T>(z + b.m0 * g.r, g, b.s, b.pix0, b.npix, b.up);\n  __syncthreads();\n",
     # Down projection: a thread overwrites A's next chunk while others still read this one.
     "down_proj_chunk_barrier": "__syncthreads();  // the previous chunk is consumed\n",
 }
@@ -178,7 +178,6 @@ def test_emulator_catches_a_missing_barrier(mutant, thread_order):
     src = cuda_emu.SOURCE.read_text()
     needle = MUTANTS[mutant]
     assert needle in src, f"{mutant}: the source changed; update the mutant"
-    # The first occurrence: the forward kernel is defined before the backward one.
     ops = cuda_emu.load(src.replace(needle, needle.replace("__syncthreads();", ""), 1),
                         namespace=f"convlora_cuda_emu_{mutant}")
     real = torch.ops.convlora_cuda
