@@ -966,6 +966,51 @@ class Session:
             _release(self.device)
 
 
+    def kernel_times(self, build: Callable[[], Runner], iters: int) -> dict[str, Any]:
+        """Where one call's time goes: warm up, then profile ``iters`` calls with
+        torch.profiler. GPU: device time of each kernel (memsets and copies included) per call;
+        CPU: self time of each operator per call (a harness check). Returns
+        ``{"per_call_ms": total, "wall_ms": host wall time per call, "kernels": [...]}``, the
+        kernels (name, calls_per_call, ms_per_call, share) sorted by time. On a GPU the gap
+        between ``wall_ms`` and ``per_call_ms`` is time the device spent idle (host-bound)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        runner = build()
+        try:
+            for _ in range(1 + self.timing.warmup):
+                runner.fn()
+            _sync(self.device)
+            activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+            with profile(activities=[activity]) as prof:
+                start = time.perf_counter()
+                for _ in range(iters):
+                    runner.fn()
+                _sync(self.device)
+                wall_ms = (time.perf_counter() - start) * 1e3 / iters
+        finally:
+            del runner
+            _release(self.device)
+        kernels = []
+        for event in prof.key_averages():
+            if cuda:
+                # Device events only: a CPU-side op's "device time" is its kernels' again.
+                if event.device_type != torch.autograd.DeviceType.CUDA:
+                    continue
+                us = getattr(event, "self_device_time_total", None)  # (torch < 2.4: self_cuda_)
+                us = getattr(event, "self_cuda_time_total", 0.0) if us is None else us
+            else:
+                us = event.self_cpu_time_total
+            if us > 0:
+                kernels.append({"name": event.key, "calls_per_call": event.count / iters,
+                                "ms_per_call": us / 1e3 / iters})
+        kernels.sort(key=lambda k: -k["ms_per_call"])
+        total = sum(k["ms_per_call"] for k in kernels)
+        for k in kernels:
+            k["share"] = k["ms_per_call"] / total if total else 0.0
+        return {"per_call_ms": total, "wall_ms": wall_ms, "kernels": kernels}
+
+
 # ----------------------------------------------------------------------------- reporting
 def device_name(device: torch.device) -> str:
     """The card's name ("NVIDIA H100 80GB HBM3") or "cpu"."""
@@ -1083,6 +1128,22 @@ def format_table(rows: Iterable[dict[str, Any]], markdown: bool = False) -> str:
     if reasons:
         out += ["Not measured:"] + [f"  {text}" for text in reasons] + [""]
     return "\n".join(out)
+
+
+def format_kernel_table(case_id: str, breakdown: dict[str, Any], top: int = 12, width: int = 96) -> str:
+    """One case's kernel breakdown: the ``top`` kernels by time, then the rest summed."""
+    kernels = breakdown["kernels"]
+    body = [[k["name"] if len(k["name"]) <= width else k["name"][: width - 3] + "...",
+             f"{k['calls_per_call']:g}", f"{k['ms_per_call'] * 1e3:.1f}", f"{100 * k['share']:.1f}"]
+            for k in kernels[:top]]
+    rest = kernels[top:]
+    if rest:
+        body.append([f"({len(rest)} more)", f"{sum(k['calls_per_call'] for k in rest):g}",
+                     f"{sum(k['ms_per_call'] for k in rest) * 1e3:.1f}",
+                     f"{100 * sum(k['share'] for k in rest):.1f}"])
+    title = (f"{case_id}: {breakdown['per_call_ms'] * 1e3:.1f} us of kernels per call, "
+             f"{breakdown['wall_ms'] * 1e3:.1f} us wall")
+    return "\n".join([title] + _render(["kernel", "calls", "us", "%"], body, False))
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str) -> None:

@@ -4,7 +4,8 @@ Times the Conv-LoRA layer against the frozen Linear, plain LoRA, the eager refer
 torch.compile and every fused backend available, plus SAM's image-encoder training step; prints
 a table (provider x case: median ms and ratio to the frozen Linear), writes JSON, a text table
 and a PNG plot. ``--profile`` instead brackets steady-state iterations with
-cudaProfilerStart/Stop for Nsight (see the README, "Benchmarks and profiling").
+cudaProfilerStart/Stop for Nsight (see the README, "Benchmarks and profiling"); ``--kernels``
+prints where each row's time goes, kernel by kernel (torch.profiler).
 
 Shapes, providers, grids and timing live in :mod:`convlora_kernels._bench_core`, shared with
 ``pytest benchmarks/``.
@@ -31,6 +32,7 @@ DEFAULT_OUT = "bench_out"
 JSON_NAME = "convlora-bench.json"
 PNG_NAME = "convlora-bench.png"
 TABLE_NAME = "convlora-bench.txt"
+KERNELS_NAME = "convlora-kernels.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Nsight mode: per row, warm up, then run --profile-iters iterations between "
                         f"cudaProfilerStart/Stop with {ENV_NVTX}=1; no timing, no files")
     parser.add_argument("--profile-iters", type=int, default=3)
+    parser.add_argument("--kernels", action="store_true",
+                        help="kernel breakdown mode: per row, warm up, then profile --profile-iters calls "
+                        f"with torch.profiler; print each kernel's time per call and write {KERNELS_NAME}")
     return parser
 
 
@@ -215,18 +220,44 @@ def _profile(session: core.Session, cases: Sequence[core.LayerCase | core.SamCas
               file=sys.stderr)
     failures = 0
     for case in cases:
-        if isinstance(case, core.LayerCase):
-            build = lambda case=case: core.build_layer_runner(case, session.device, session.seed)  # noqa: E731
-        else:
-            build = lambda case=case: core.build_sam_runner(case, session.device, session.seed)  # noqa: E731
         try:
-            session.profile(build, f"convlora-bench:{case.id}", iters)
+            session.profile(_builder(session, case), f"convlora-bench:{case.id}", iters)
             print(f"profiled {case.id}: {iters} iteration(s) inside cudaProfilerStart/Stop")
         except core.ProviderUnavailable as exc:
             print(f"skipped {case.id}: unavailable ({exc})")
         except Exception as exc:  # noqa: BLE001 - report and go on with the next row
             failures += 1
             print(f"FAILED {case.id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _builder(session: core.Session, case: core.LayerCase | core.SamCase) -> Callable[[], core.Runner]:
+    if isinstance(case, core.LayerCase):
+        return lambda: core.build_layer_runner(case, session.device, session.seed)
+    return lambda: core.build_sam_runner(case, session.device, session.seed)
+
+
+def _kernels(session: core.Session, cases: Sequence[core.LayerCase | core.SamCase], iters: int,
+             meta: dict[str, Any], out_dir: str | os.PathLike) -> int:
+    """Kernel breakdown of every row: printed, and written to ``out_dir/KERNELS_NAME``."""
+    rows, failures = [], 0
+    for case in cases:
+        base = core.layer_row(case) if isinstance(case, core.LayerCase) else core.sam_row(case)
+        try:
+            breakdown = session.kernel_times(_builder(session, case), iters)
+        except core.ProviderUnavailable as exc:
+            print(f"skipped {case.id}: unavailable ({exc})")
+            continue
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next row
+            failures += 1
+            print(f"FAILED {case.id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        rows.append({**base, **breakdown, "iters": iters})
+        print(core.format_kernel_table(case.id, breakdown) + "\n", flush=True)
+    path = Path(out_dir) / KERNELS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
     return 1 if failures else 0
 
 
@@ -259,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"SAM {', '.join(grid.sam_models) or 'none'} batch {grid.sam_batches}", flush=True)
     if args.profile:
         return _profile(session, cases, args.profile_iters)
+    if args.kernels:
+        if device.type != "cuda":
+            print("note: on the CPU the breakdown is per operator (self CPU time), not per kernel")
+        return _kernels(session, cases, args.profile_iters, meta, args.out)
     if args.results is not None and device.type != "cuda":
         print("note: --results is for GPU runs (benchmarks/results/<gpu-name>.json); not written on the CPU")
         args.results = None

@@ -8,13 +8,14 @@
 # and, if wheelhouse/ is git-ignored, carry it to the device: carry=["wheelhouse"]).
 #
 # Writes everything under $OUT (default ./gpu_check_out): logs/<stage>.log, bench/ (JSON, text
-# table, PNG), results/<gpu-name>.json (copy it to benchmarks/results/ to commit it), ncu.txt,
+# table, PNG), results/<gpu-name>.json (copy it to benchmarks/results/ to commit it),
+# kernels/convlora-kernels.json (per-kernel time of the fused layers), ncu.txt,
 # auto_rule.json (backend='auto' rule from this run: convlora_kernels/auto_rule.json).
 # A failing stage is reported and the next one still runs; every stage has a timeout; the stage
 # summary and the benchmark table are printed last. Exit status 1 if any stage failed.
 #
 # Knobs (environment): CONVLORA_CHECK_BUDGET_S (total seconds, default 570),
-# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,ncu,tests),
+# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,ncu,tests),
 # CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
 # convlora-bench arguments, e.g. "--preset full --sam vit_b,vit_h"), PYTHON.
 set -u
@@ -24,7 +25,7 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT/logs"
 PY="${PYTHON:-python}"
 BUDGET_S="${CONVLORA_CHECK_BUDGET_S:-570}"
-STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,ncu,tests},"
+STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,kernels,ncu,tests},"
 BENCH_MINUTES="${CONVLORA_BENCH_MINUTES:-6}"
 BENCH_ARGS="${CONVLORA_BENCH_ARGS:-}"
 START=$(date +%s)
@@ -120,15 +121,22 @@ stage build 300 bash -c "$(declare -f build); PY=$PY build"
 # CPU-side tests on this machine (they also run in CI).
 stage gpu-tests 200 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs "${GPU_XDIST[@]}"
 
-# The benchmark gets what is left but ~150 s (ncu and the regular tests), at most
-# CONVLORA_BENCH_MINUTES. --max-minutes stops starting rows 60 s before the stage's timeout, and
-# the JSON is rewritten after every row (meta.partial), so a row that overruns (a torch.compile
-# row runs last and can take a minute) still leaves the rows before it.
+# The benchmark gets what is left but ~200 s (kernel breakdown, ncu and the regular tests), at
+# most CONVLORA_BENCH_MINUTES. --max-minutes stops starting rows 60 s before the stage's timeout,
+# and the JSON is rewritten after every row (meta.partial), so a row that overruns (a
+# torch.compile row runs last and can take a minute) still leaves the rows before it.
 LEFT=$(remaining)
-MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - 150 - 60) / 60)), 1))")
+MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - 200 - 60) / 60)), 1))")
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-stage bench $(( LEFT - 150 )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
+stage bench $(( LEFT - 200 )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
   --auto-rule "$OUT/auto_rule.json" --no-progress --max-minutes "$MINUTES" $BENCH_ARGS
+
+# Where the fused layers' time goes, kernel by kernel, for both backends at ViT-B's two qkv
+# shapes (torch.profiler; seconds, as the benchmark has already compiled everything): the first
+# thing the next optimisation needs.
+TAIL_LINES=60 stage kernels 50 "$PY" -m convlora_kernels.bench --kernels --out "$OUT/kernels" \
+  --shapes vitb-window-b4,vitb-global-b4 --providers linear,triton,cuda --dtype bf16 --r 8 \
+  --routing random --mode fwdbwd --sam none
 
 # Profile mode under Nsight Compute: only the steady-state iterations are captured, and their
 # kernels carry the NVTX stack (convlora-bench:<row>#i > convlora.<stage>). One Triton

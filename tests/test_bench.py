@@ -57,6 +57,35 @@ def test_cli_profile_needs_cuda_and_bad_options_fail(capsys: pytest.CaptureFixtu
     assert "unknown shape" in capsys.readouterr().err
 
 
+def test_cli_kernel_breakdown(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--kernels: per-call time of each operator (CPU) per row, printed and written as JSON."""
+    rc = bench.main(["--kernels", "--quick", "--providers", "linear,eager", "--mode", "fwdbwd",
+                     "--sam", "none", "--routing", "random", "--out", str(tmp_path), *TINY])
+    assert rc == 0
+    out = capsys.readouterr().out
+    document = json.loads((tmp_path / bench.KERNELS_NAME).read_text())
+    rows = {r["provider"]: r for r in document["rows"]}
+    assert set(rows) == {"linear", "eager"}
+    for row in rows.values():
+        assert row["kernels"] and row["per_call_ms"] > 0 and row["iters"] == 3
+        assert sum(k["share"] for k in row["kernels"]) == pytest.approx(1.0)
+        assert [k["ms_per_call"] for k in row["kernels"]] == sorted((k["ms_per_call"] for k in row["kernels"]), reverse=True)
+    names = {k["name"] for k in rows["linear"]["kernels"]}
+    assert "aten::addmm" in names or "aten::mm" in names
+    assert "us of kernels per call" in out and "aten::" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_breakdown_on_gpu() -> None:
+    """On a GPU the breakdown lists device kernels (a GEMM for the frozen Linear)."""
+    session = core.Session(torch.device("cuda"), core.TimingConfig(warmup=1, reps=3))
+    case = core.LayerCase(core.LAYER_SHAPES["vitb-window-b4"], "linear", "bf16", "fwdbwd")
+    breakdown = session.kernel_times(lambda: core.build_layer_runner(case, session.device), 2)
+    assert breakdown["kernels"] and breakdown["per_call_ms"] > 0
+    assert not any(k["name"].startswith("aten::") for k in breakdown["kernels"]), breakdown["kernels"][:3]
+
+
 def test_time_budget_skips_the_rest() -> None:
     session = core.Session(torch.device("cpu"), core.TimingConfig(warmup=0, reps=1, flush_l2=False))
     cases = core.make_grid("cpu", "quick", sam="none").layer_cases()
