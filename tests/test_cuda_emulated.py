@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from convlora_kernels import reference
 from convlora_kernels.ops import cuda_conv_lora as cc
 
 from . import cuda_emu
@@ -119,6 +120,36 @@ def test_gate_fwd(emu, n, r, e, mode):
     got, want = emu.gate_fwd(*args), torch.ops.convlora_cuda.gate_fwd(*args)
     assert torch.equal(got[0], want[0]), "routing differs"
     assert_close_to_reference(got[1], want[1], 1e-12, "moe_loss")
+
+
+def _max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("n, r, e, seed", [(300, 8, 8, 12), (300, 8, 8, 5), (7, 3, 8, 1), (2, 1, 2, 3)])
+def test_gate_float32(emu, n, r, e, seed):
+    """float32, the dtype the GPU runs the gate in. Routing and loss against the float64 twin on
+    the same (float32-rounded) inputs; the gradients against the float64 reference, with the
+    error allowed up to twice that of the eager float32 gate. Seed 12 is ill-conditioned: there
+    eager float32 itself is off by 6e-5 (of the largest element) in d w_noise, and so is any
+    float32 implementation of the same formula."""
+    f32 = [t.float() for t in gate_case(n, r, e, seed=seed)]
+    g, wg, wn, noise = (t.double() for t in f32)
+    got, want = emu.gate_fwd(*f32, None), torch.ops.convlora_cuda.gate_fwd(g, wg, wn, noise, None)
+    assert torch.equal(got[0], want[0]), "routing differs"
+    assert_close_to_reference(got[1], want[1], 1e-5, "moe_loss")
+
+    def eager_grads(dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (g, wg, wn)]
+        _, loss = reference.route(*leaves, noise.to(dtype))
+        return torch.autograd.grad(loss * 1.3, leaves)
+
+    want, eager = eager_grads(torch.float64), eager_grads(torch.float32)
+    got = emu.gate_bwd(*f32, torch.tensor(1.3), 1.0)
+    for name, a, b, w in zip(("dg", "d w_gate", "d w_noise"), got, eager, want):
+        assert not torch.isnan(a).any(), name
+        assert _max_rel(a, w) <= max(2 * _max_rel(b, w), 1e-5), (
+            f"{name}: {_max_rel(a, w):.2e} relative error, eager float32 {_max_rel(b, w):.2e}")
 
 
 @pytest.mark.parametrize("n, r, e", [c for c in GATE_CASES if c[2] > 1])
