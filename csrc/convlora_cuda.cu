@@ -185,9 +185,16 @@ struct ExpertGeom {
   int pixels_per_block;
 };
 
+// Shared memory of an expert block per pixel: its U patch (r, 6, 6), its tap buffer (r, 4, 4)
+// and its PixelTaps, in the element type (float, or double for float64).
+size_t expert_bytes_per_pixel(int r, size_t elem) {
+  const size_t taps = elem == sizeof(double) ? sizeof(PixelTaps<double>) : sizeof(PixelTaps<float>);
+  return static_cast<size_t>(r) * (kPatchArea + kTapArea) * elem + taps;
+}
+
 int pixels_per_block(int r, size_t elem) {
-  const size_t per_pixel = static_cast<size_t>(r) * (kPatchArea + kTapArea) * elem;
-  return static_cast<int>(std::clamp<size_t>(kExpertSmemBytes / per_pixel, 1, kMaxPixelsPerBlock));
+  return static_cast<int>(
+      std::clamp<size_t>(kExpertSmemBytes / expert_bytes_per_pixel(r, elem), 1, kMaxPixelsPerBlock));
 }
 
 template <typename T>
@@ -214,39 +221,43 @@ __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, 
 }
 
 // Work item k of the tap loop shared by forward and backward: pixel p of the tile, channel c,
-// V tap (a, b), the pixel's taps t and the conv pre-activation there.
+// V tap (a, b), the pixel's taps t (in shared memory) and the conv pre-activation there.
 template <typename T>
 struct TapWork {
   int p, c, a, b;
-  PixelTaps<T> t;
+  const PixelTaps<T>* t;
   T pre;
 };
 
 template <typename T>
-__device__ __forceinline__ TapWork<T> tap_work(int k, int nt1, int pix0, int s, const ExpertGeom& g,
-                                              const T* up, const T* ew_e, const T* eb_e) {
+__device__ __forceinline__ TapWork<T> tap_work(int k, int nt1, const ExpertGeom& g, const T* up,
+                                              const PixelTaps<T>* taps, const T* ew_e,
+                                              const T* eb_e) {
   const int ntap = nt1 * nt1;
   TapWork<T> w;
   w.p = k / (g.r * ntap);
   w.c = (k / ntap) % g.r;
   const int tap = k % ntap;
-  const int pix = pix0 + w.p;
-  pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, w.t);
+  w.t = taps + w.p;
   w.a = tap / nt1;
   w.b = tap % nt1;
   w.pre = pre_value<T, T>(up + static_cast<size_t>(w.p) * g.r * kPatchArea, ew_e, eb_e, g.r,
-                          g.depthwise, w.c, w.t, w.a, w.b);
+                          g.depthwise, w.c, *w.t, w.a, w.b);
   return w;
 }
 
 // The block's tile, shared by the forward and backward expert kernels: sample n = blockIdx.y, its
-// expert and scale, pixels [pix0, pix0 + npix) of the map, and the U patches of those pixels
-// filled into shared memory (synchronised: ready to read on return). smem: (P, r, 6, 6) U patches,
-// then a (P, r, 4, 4) tap buffer (pre-activations forward, their gradients backward).
+// expert and scale, pixels [pix0, pix0 + npix) of the map, and in shared memory the U patches and
+// the PixelTaps of those pixels (synchronised: ready to read on return). smem: (P, r, 6, 6) U
+// patches, a (P, r, 4, 4) tap buffer (pre-activations forward, their gradients backward), then
+// P PixelTaps. The taps are computed once per pixel: every tap-loop work item, and every
+// (weight element, pixel) of the backward's weight gradient, used to recompute them (two integer
+// divisions, a floor and two cubic-weight sets: ~60-100 instructions each time).
 template <typename T>
 struct ExpertTile {
   T* up;
   T* tap_buf;
+  PixelTaps<T>* taps;
   const T* ew_e;  // the sample's expert weight (r, g, 3, 3) and bias (r)
   const T* eb_e;
   int64_t m0;     // flat index of the sample's first pixel
@@ -262,6 +273,7 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   const int hw = g.H * g.W;
   b.up = smem;
   b.tap_buf = smem + static_cast<size_t>(P) * g.r * kPatchArea;
+  b.taps = reinterpret_cast<PixelTaps<T>*>(b.tap_buf + static_cast<size_t>(P) * g.r * kTapArea);
   b.pix0 = blockIdx.x * P;
   b.npix = min(P, hw - b.pix0);
   b.m0 = static_cast<int64_t>(n) * hw;
@@ -272,6 +284,10 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   b.ew_e = ew + e * static_cast<int64_t>(g.r) * (g.depthwise ? 1 : g.r) * 9;
   b.eb_e = eb + e * g.r;
   fill_patches<T>(z + b.m0 * g.r, g, b.s, b.pix0, b.npix, b.up);
+  for (int p = threadIdx.x; p < b.npix; p += blockDim.x) {
+    const int pix = b.pix0 + p;
+    pixel_taps<T>(pix / g.W, pix % g.W, b.s, g.H, g.W, b.taps[p]);
+  }
   __syncthreads();
   return b;
 }
@@ -285,17 +301,14 @@ __global__ void __launch_bounds__(kThreads)
   const ExpertTile<T> tile = expert_tile<T>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
   T* pre = tile.tap_buf;  // (P, r, 4, 4)
   for (int k = threadIdx.x; k < tile.npix * g.r * tile.ntap; k += blockDim.x) {
-    const TapWork<T> w = tap_work<T>(k, tile.nt1, tile.pix0, tile.s, g, tile.up, tile.ew_e, tile.eb_e);
+    const TapWork<T> w = tap_work<T>(k, tile.nt1, g, tile.up, tile.taps, tile.ew_e, tile.eb_e);
     pre[(w.p * g.r + w.c) * kTapArea + w.a * kTaps + w.b] = w.pre;
   }
   __syncthreads();
   for (int k = threadIdx.x; k < tile.npix * g.r; k += blockDim.x) {
     const int p = k / g.r, c = k % g.r;
-    const int pix = tile.pix0 + p;
-    PixelTaps<T> t;
-    pixel_taps<T>(pix / g.W, pix % g.W, tile.s, g.H, g.W, t);
-    const int64_t m = tile.m0 + pix;
-    y[m * g.r + c] = z[m * g.r + c] + downsample_gelu<T>(pre + (p * g.r + c) * kTapArea, t);
+    const int64_t m = tile.m0 + tile.pix0 + p;
+    y[m * g.r + c] = z[m * g.r + c] + downsample_gelu<T>(pre + (p * g.r + c) * kTapArea, tile.taps[p]);
   }
 }
 
@@ -317,10 +330,10 @@ __global__ void __launch_bounds__(kThreads)
   const T* up = tile.up;
   const T* ew_e = tile.ew_e;
   for (int k = threadIdx.x; k < npix * g.r * tile.ntap; k += blockDim.x) {
-    const TapWork<T> w = tap_work<T>(k, nt1, pix0, s, g, up, ew_e, tile.eb_e);
+    const TapWork<T> w = tap_work<T>(k, nt1, g, up, tile.taps, ew_e, tile.eb_e);
     const int64_t m = tile.m0 + pix0 + w.p;
     dpre[(w.p * g.r + w.c) * kTapArea + w.a * kTaps + w.b] =
-        tap_grad<T>(w.pre, dy[m * g.r + w.c], w.t, w.a, w.b);
+        tap_grad<T>(w.pre, dy[m * g.r + w.c], *w.t, w.a, w.b);
   }
   __syncthreads();
   const int side = patch_side(s);
@@ -328,13 +341,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
     const int p = k / per_pixel, rem = k % per_pixel;
     const int ci = rem / (side * side), uv = rem % (side * side);
-    const int pix = pix0 + p;
-    PixelTaps<T> t;
-    pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
-    const int64_t m = tile.m0 + pix;
+    const int64_t m = tile.m0 + pix0 + p;
     dup[(m * g.r + ci) * kPatchArea + (uv / side) * kPatch + uv % side] = patch_grad<T, T>(
         dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uv / side,
-        uv % side, t);
+        uv % side, tile.taps[p]);
   }
   const int64_t part_size = wsize + g.r;
   T* part_tile = part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * part_size;
@@ -343,14 +353,10 @@ __global__ void __launch_bounds__(kThreads)
     if (k < wsize) {
       const int c = static_cast<int>(k / (gi_n * 9)), gi = static_cast<int>((k / 9) % gi_n);
       const int kk = static_cast<int>(k % 9);
-      for (int p = 0; p < npix; ++p) {
-        const int pix = pix0 + p;
-        PixelTaps<T> t;
-        pixel_taps<T>(pix / g.W, pix % g.W, s, g.H, g.W, t);
+      for (int p = 0; p < npix; ++p)
         acc += weight_grad<T>(up + static_cast<size_t>(p) * g.r * kPatchArea,
                               dpre + static_cast<size_t>(p) * g.r * kTapArea, c,
-                              g.depthwise ? c : gi, kk / 3, kk % 3, t);
-      }
+                              g.depthwise ? c : gi, kk / 3, kk % 3, tile.taps[p]);
     } else {
       const int c = static_cast<int>(k - wsize);
       for (int p = 0; p < npix; ++p)
@@ -399,15 +405,13 @@ ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
                pixels_per_block(r, z.element_size())};
   const int64_t hw = z.size(1) * z.size(2);
   args.tiles = static_cast<int>((hw + args.geom.pixels_per_block - 1) / args.geom.pixels_per_block);
-  const size_t smem =
-      static_cast<size_t>(args.geom.pixels_per_block) * r * (kPatchArea + kTapArea) * z.element_size();
+  const size_t smem = args.geom.pixels_per_block * expert_bytes_per_pixel(r, z.element_size());
   TORCH_CHECK(smem <= 48 * 1024, "convlora: rank r = ", r, " too large for the CUDA expert kernels");
   return args;
 }
 
 size_t expert_smem(const ExpertArgs& a) {
-  return static_cast<size_t>(a.geom.pixels_per_block) * a.geom.r * (kPatchArea + kTapArea) *
-         a.z.element_size();
+  return a.geom.pixels_per_block * expert_bytes_per_pixel(a.geom.r, a.z.element_size());
 }
 
 at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
