@@ -185,11 +185,18 @@ struct ExpertGeom {
   int pixels_per_block;
 };
 
-// Shared memory of an expert block per pixel: its U patch (r, 6, 6), its tap buffer (r, 4, 4)
-// and its PixelTaps, in the element type (float, or double for float64).
+// Shared memory of an expert block per pixel: its U patch (r, 6, 6), its tap buffer (r, 4, 4),
+// its PixelTaps and the upsample taps of its patch rows and columns (2 x 6 UTaps), in the element
+// type (float, or double for float64).
+template <typename T>
+constexpr size_t pixel_geometry_bytes() {
+  return sizeof(PixelTaps<T>) + 2 * kPatch * sizeof(UTaps<T>);
+}
+
 size_t expert_bytes_per_pixel(int r, size_t elem) {
-  const size_t taps = elem == sizeof(double) ? sizeof(PixelTaps<double>) : sizeof(PixelTaps<float>);
-  return static_cast<size_t>(r) * (kPatchArea + kTapArea) * elem + taps;
+  const size_t geometry =
+      elem == sizeof(double) ? pixel_geometry_bytes<double>() : pixel_geometry_bytes<float>();
+  return static_cast<size_t>(r) * (kPatchArea + kTapArea) * elem + geometry;
 }
 
 int pixels_per_block(int r, size_t elem) {
@@ -204,19 +211,21 @@ __device__ __forceinline__ int load_expert(const int64_t* idx, int n, int E) {
   return static_cast<int>(e);
 }
 
-// Stage shared by forward and backward: the U patches of the block's pixels, (P, r, 6, 6).
+// Stage shared by forward and backward: the U patches of the block's pixels, (P, r, 6, 6), from
+// the upsample taps of their rows uty (P, 6) and columns utx (P, 6).
 template <typename T>
-__device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, int npix, T* up) {
+__device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int npix, const UTaps<T>* uty,
+                             const UTaps<T>* utx, T* up) {
   const int side = patch_side(s);
   const int per_pixel = g.r * side * side;
   for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
     const int p = k / per_pixel, rem = k % per_pixel;
     const int ci = rem / (side * side), uv = rem % (side * side);
     const int uy = uv / side, ux = uv % side;
-    const int pix = pix0 + p;
-    const int i = pix / g.W, j = pix % g.W;
+    const UTaps<T>& ty = uty[p * kPatch + uy];
+    const UTaps<T>& tx = utx[p * kPatch + ux];
     up[(p * g.r + ci) * kPatchArea + uy * kPatch + ux] =
-        u_value<T>(zn, g.H, g.W, g.r, ci, patch_origin(i, s) + uy, patch_origin(j, s) + ux, s);
+        u_from_taps<T>(zn, g.H, g.W, g.r, ci, ty.first, ty.w, tx.first, tx.w);
   }
 }
 
@@ -250,14 +259,17 @@ __device__ __forceinline__ TapWork<T> tap_work(int k, int nt1, const ExpertGeom&
 // expert and scale, pixels [pix0, pix0 + npix) of the map, and in shared memory the U patches and
 // the PixelTaps of those pixels (synchronised: ready to read on return). smem: (P, r, 6, 6) U
 // patches, a (P, r, 4, 4) tap buffer (pre-activations forward, their gradients backward), then
-// P PixelTaps. The taps are computed once per pixel: every tap-loop work item, and every
-// (weight element, pixel) of the backward's weight gradient, used to recompute them (two integer
-// divisions, a floor and two cubic-weight sets: ~60-100 instructions each time).
+// P PixelTaps, then the upsample taps of each patch's rows (P, 6) and columns (P, 6). Both are
+// computed once per pixel: every tap-loop work item, and every (weight element, pixel) of the
+// backward's weight gradient, used to recompute the PixelTaps, and every U value its two
+// upsample tap sets (integer divisions, floors and cubic weights: ~60-100 instructions each).
 template <typename T>
 struct ExpertTile {
   T* up;
   T* tap_buf;
   PixelTaps<T>* taps;
+  UTaps<T>* uty;
+  UTaps<T>* utx;
   const T* ew_e;  // the sample's expert weight (r, g, 3, 3) and bias (r)
   const T* eb_e;
   int64_t m0;     // flat index of the sample's first pixel
@@ -274,6 +286,8 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   b.up = smem;
   b.tap_buf = smem + static_cast<size_t>(P) * g.r * kPatchArea;
   b.taps = reinterpret_cast<PixelTaps<T>*>(b.tap_buf + static_cast<size_t>(P) * g.r * kTapArea);
+  b.uty = reinterpret_cast<UTaps<T>*>(b.taps + P);
+  b.utx = b.uty + P * kPatch;
   b.pix0 = blockIdx.x * P;
   b.npix = min(P, hw - b.pix0);
   b.m0 = static_cast<int64_t>(n) * hw;
@@ -283,11 +297,21 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   b.ntap = b.nt1 * b.nt1;
   b.ew_e = ew + e * static_cast<int64_t>(g.r) * (g.depthwise ? 1 : g.r) * 9;
   b.eb_e = eb + e * g.r;
-  fill_patches<T>(z + b.m0 * g.r, g, b.s, b.pix0, b.npix, b.up);
-  for (int p = threadIdx.x; p < b.npix; p += blockDim.x) {
+  // Per pixel: its PixelTaps (q = 0), then the upsample taps of its 6 patch rows and 6 columns.
+  constexpr int kItems = 1 + 2 * kPatch;
+  for (int k = threadIdx.x; k < b.npix * kItems; k += blockDim.x) {
+    const int p = k / kItems, q = k % kItems;
     const int pix = b.pix0 + p;
-    pixel_taps<T>(pix / g.W, pix % g.W, b.s, g.H, g.W, b.taps[p]);
+    const int i = pix / g.W, j = pix % g.W;
+    if (q == 0)
+      pixel_taps<T>(i, j, b.s, g.H, g.W, b.taps[p]);
+    else if (q <= kPatch)
+      b.uty[p * kPatch + q - 1] = u_taps<T>(patch_origin(i, b.s) + q - 1, b.s, g.H);
+    else
+      b.utx[p * kPatch + q - 1 - kPatch] = u_taps<T>(patch_origin(j, b.s) + q - 1 - kPatch, b.s, g.W);
   }
+  __syncthreads();
+  fill_patches<T>(z + b.m0 * g.r, g, b.s, b.npix, b.uty, b.utx, b.up);
   __syncthreads();
   return b;
 }

@@ -102,6 +102,46 @@ CONVLORA_HD T gelu_grad(T x) {
   return T(0.5) * (T(1) + erf(x * inv_sqrt2)) + x * inv_sqrt_2pi * exp(T(-0.5) * x * x);
 }
 
+// The bicubic sum of one U value from its taps: rows first, then columns, like PyTorch's
+// separable filter (y0, x0 from upsample_taps; taps clamped into the map).
+template <typename T, typename Z>
+CONVLORA_HD T u_from_taps(const Z* zn, int H, int W, int r, int c, int y0, const T wy[4], int x0,
+                          const T wx[4]) {
+  T acc = T(0);
+  for (int a = 0; a < 4; ++a) {
+    const int yy = clamp_index(y0 - 1 + a, H);
+    T row = T(0);
+    for (int b = 0; b < 4; ++b) {
+      const int xx = clamp_index(x0 - 1 + b, W);
+      row += wx[b] * static_cast<T>(zn[(static_cast<int64_t>(yy) * W + xx) * r + c]);
+    }
+    acc += wy[a] * row;
+  }
+  return acc;
+}
+
+// The upsample taps of U row (or column) p along an axis of `size` input rows, for kernels that
+// share them across a patch: p outside [0, s * size) (the conv's zero padding) gets zero weights,
+// so u_from_taps gives 0 there; s = 1 gets weights (0, 1, 0, 0) exactly (t = 0), i.e. z itself.
+// (Both as u_value for finite z: 0 * z is 0.)
+template <typename T>
+struct UTaps {
+  int first;
+  T w[4];
+};
+
+template <typename T>
+CONVLORA_HD UTaps<T> u_taps(int p, int s, int size) {
+  UTaps<T> t;
+  if (p < 0 || p >= s * size) {
+    t.first = 0;
+    for (int a = 0; a < 4; ++a) t.w[a] = T(0);
+  } else {
+    t.first = upsample_taps<T>(p, s, t.w);
+  }
+  return t;
+}
+
 // U[c, p, q] of sample n: bicubic upsample of the (H, W) map z_n by s, zero outside the U grid
 // [0, sH) x [0, sW) (that zero is the conv's padding, which lives in the U grid). zn points at
 // z[n, 0, 0, 0]. s = 1 is the identity (its weights are exactly (0, 1, 0, 0)).
@@ -112,17 +152,7 @@ CONVLORA_HD T u_value(const Z* zn, int H, int W, int r, int c, int p, int q, int
   T wy[4], wx[4];
   const int y0 = upsample_taps<T>(p, s, wy);
   const int x0 = upsample_taps<T>(q, s, wx);
-  T acc = T(0);
-  for (int a = 0; a < 4; ++a) {  // rows, then columns, like PyTorch's separable filter
-    const int yy = clamp_index(y0 - 1 + a, H);
-    T row = T(0);
-    for (int b = 0; b < 4; ++b) {
-      const int xx = clamp_index(x0 - 1 + b, W);
-      row += wx[b] * static_cast<T>(zn[(static_cast<int64_t>(yy) * W + xx) * r + c]);
-    }
-    acc += wy[a] * row;
-  }
-  return acc;
+  return u_from_taps<T>(zn, H, W, r, c, y0, wy, x0, wx);
 }
 
 // The geometry of one low-res output pixel (i, j) for scale s: its V taps (in V coordinates,

@@ -197,9 +197,10 @@ def test_launch_rewrite():
 # Each mutant drops one barrier of the real source (its first occurrence after the needle's
 # start): the emulator must notice, or it would prove nothing.
 MUTANTS = {
-    # Expert tiles: the tap loop reads U patches and pixel taps other threads have not
-    # written yet (NaN, -1).
-    "experts_patch_barrier": "b.taps[p]);\n  }\n  __syncthreads();\n",
+    # Expert tiles: the tap loop reads U patches other threads have not written yet (NaN).
+    "experts_patch_barrier": "b.uty, b.utx, b.up);\n  __syncthreads();\n",
+    # Expert tiles: the patch fill reads upsample taps other threads have not written yet.
+    "experts_taps_barrier": "q - 1 - kPatch, b.s, g.W);\n  }\n  __syncthreads();\n",
     # Down projection: a thread overwrites A's next chunk while others still read this one.
     "down_proj_chunk_barrier": "__syncthreads();  // the previous chunk is consumed\n",
 }
