@@ -105,7 +105,7 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
         for (int ci = 0; ci < r; ++ci)
           for (int uy = 0; uy < t.side; ++uy)
             for (int ux = 0; ux < t.side; ++ux)
-              dup[(m * r + ci) * kPatchArea + uy * kPatch + ux] =
+              dup[dup_index(m, r, uy, ux, ci)] =
                   patch_grad<T, T>(dpre.data(), ew + e * wsize, r, depthwise, ci, uy, ux, t);
         for (int c = 0; c < r; ++c)
           for (int gi = 0; gi < g; ++gi)
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
   at::Tensor eb = expert_bias.to(z.scalar_type()).contiguous();
   const auto opts = z.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dz = new_output(z.sizes(), opts);
-  at::Tensor dup = new_output({N * H * W, r, kPatchArea}, opts);
+  at::Tensor dup = new_output({N * H * W, kPatchArea, r}, opts);  // dup_index layout
   at::Tensor dew_n = new_output({N, r, g, 3, 3}, opts);
   at::Tensor deb_n = new_output({N, r}, opts);
   if (z.numel() > 0) {

@@ -337,7 +337,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Backward per tile: recompute U patches and pre, tap gradients in shared memory, then
-//  - dup[m] = conv^T of the tap gradients (per-pixel patch gradients, read by the dz gather),
+//  - dup[m] = conv^T of the tap gradients (per-pixel patch gradients (6, 6, r), read by the dz
+//    gather),
 //  - part[n, tile] = this tile's dEW (r, g, 3, 3) and dEB (r), summed over its pixels in order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -363,10 +364,11 @@ __global__ void __launch_bounds__(kThreads)
   const int side = patch_side(s);
   const int per_pixel = g.r * side * side;
   for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
+    // Channels fastest, like dup's layout: a warp writes contiguous runs.
     const int p = k / per_pixel, rem = k % per_pixel;
-    const int ci = rem / (side * side), uv = rem % (side * side);
+    const int uv = rem / g.r, ci = rem % g.r;
     const int64_t m = tile.m0 + pix0 + p;
-    dup[(m * g.r + ci) * kPatchArea + (uv / side) * kPatch + uv % side] = patch_grad<T, T>(
+    dup[dup_index(m, g.r, uv / side, uv % side, ci)] = patch_grad<T, T>(
         dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uv / side,
         uv % side, tile.taps[p]);
   }
@@ -471,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
   const int64_t wsize = r * g * 9;
   const auto opts = a.z.options();
   at::Tensor dz = new_output(z.sizes(), opts);
-  at::Tensor dup = new_output({M, r, kPatchArea}, opts);
+  at::Tensor dup = new_output({M, kPatchArea, r}, opts);  // dup_index layout
   at::Tensor part = new_output({N, a.tiles, wsize + r}, opts);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (M > 0) {

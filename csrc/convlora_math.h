@@ -273,9 +273,15 @@ CONVLORA_HD T upsample_weight_on(int p, int s, int size, int zi) {
 // edge row, which then lies within 3 of the outputs near that edge as well).
 constexpr int kGatherRadius = 3;
 
+// Layout of the per-output-pixel U-patch gradients ("dup"): (pixels, 6, 6, r), channels
+// innermost, so the dz gather's threads (consecutive channels of a pixel) read whole sectors.
+CONVLORA_HD int64_t dup_index(int64_t m, int r, int uy, int ux, int c) {
+  return (m * kPatchArea + uy * kPatch + ux) * r + c;
+}
+
 // dZ[n, zi, zj, c] gathered from the per-output-pixel U patch gradients of the outputs around
-// it, in a fixed order (deterministic, no atomics). dup_n points at the (H*W, r, 6, 6) patch
-// gradients of sample n. The weights of the 7 x 6 patch columns around zj do not depend on the
+// it, in a fixed order (deterministic, no atomics). dup_n points at the (H*W, 6, 6, r) patch
+// gradients of sample n (dup_index). The weights of the 7 x 6 patch columns around zj do not depend on the
 // output row, so they are computed once, not once per row (7x fewer upsample_weight_on calls,
 // ~40 instructions each); fixed trip counts let the GPU keep them in registers.
 template <typename T>
@@ -312,7 +318,7 @@ CONVLORA_HD T gather_dz(const T* dup_n, int H, int W, int r, int c, int zi, int 
     for (int dj = 0; dj < kSpan; ++dj) {
       const int j = zj - kGatherRadius + dj;
       if (j < 0 || j >= W) continue;
-      const T* d = dup_n + (static_cast<int64_t>(i * W + j) * r + c) * kPatchArea;
+      const int64_t m = static_cast<int64_t>(i) * W + j;
       CONVLORA_UNROLL
       for (int v = 0; v < kPatch; ++v) {
         const T wq = wcol[dj][v];
@@ -320,7 +326,7 @@ CONVLORA_HD T gather_dz(const T* dup_n, int H, int W, int r, int c, int zi, int 
         T col = T(0);
         CONVLORA_UNROLL
         for (int u = 0; u < kPatch; ++u)  // u < side: odd s writes only the 3 x 3 patch
-          if (u < side) col += wrow[u] * d[u * kPatch + v];
+          if (u < side) col += wrow[u] * dup_n[dup_index(m, r, u, v, c)];
         acc += wq * col;
       }
     }
