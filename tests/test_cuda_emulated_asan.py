@@ -1,8 +1,9 @@
 """The extension's CUDA kernels, emulated on the CPU (``tests/cuda_emu``), rebuilt with
-AddressSanitizer: every global and shared memory access of the kernels and their launchers is
-bounds-checked, which the value comparisons of ``test_cuda_emulated.py`` cannot do (an
-out-of-bounds read may return a plausible value). Each test runs in a subprocess that preloads
-the sanitizer's runtime.
+AddressSanitizer and UBSan's alignment check: every global and shared memory access of the
+kernels and their launchers is bounds-checked, and every typed access alignment-checked, which
+the value comparisons of ``test_cuda_emulated.py`` cannot do (an out-of-bounds read may return
+a plausible value; x86 forgives the misaligned vector load a GPU faults on). Each test runs in a
+subprocess that preloads the sanitizer's runtime; the mutants prove each check fires.
 """
 
 from __future__ import annotations
@@ -45,20 +46,37 @@ def test_kernels_under_address_sanitizer():
     assert " passed" in proc.stdout, proc.stdout[-2000:]
 
 
-def test_address_sanitizer_catches_an_overflow():
-    """A mutant whose dz gather's last block runs one thread past the end must be reported."""
-    needle = "if (k >= total) return;"
-    assert needle in cuda_emu.SOURCE.read_text(), "the source changed; update the mutant"
+def _run_mutant(replace: tuple[str, str], namespace: str, call: str) -> subprocess.CompletedProcess:
+    """Build the .cu file with one textual change under the sanitizers and run ``call`` (Python,
+    with torch, ``ops`` and ``_experts_case`` in scope) in a subprocess."""
+    old, new = replace
+    assert old in cuda_emu.SOURCE.read_text(), f"the source changed; update the mutant ({old!r})"
     script = f"""
 import torch
 from tests import cuda_emu
 from tests.test_cuda_emulated import _experts_case
-src = cuda_emu.SOURCE.read_text().replace({needle!r}, {needle.replace(">=", ">")!r})
-ops = cuda_emu.load(src, namespace="convlora_cuda_emu_overflow")
-z, idx, ew, eb, dy = _experts_case(8, 5, 7, 3, False, torch.float64)  # 840 = 3 * 256 + 72 threads
-ops.experts_bwd(z, idx, ew, eb, dy)
+ops = cuda_emu.load(cuda_emu.SOURCE.read_text().replace({old!r}, {new!r}), namespace={namespace!r})
+{call}
 print("NOT CAUGHT")
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=_asan_env(), cwd=cuda_emu.ROOT,
+    return subprocess.run([sys.executable, "-c", script], env=_asan_env(), cwd=cuda_emu.ROOT,
                           capture_output=True, text=True)
+
+
+def test_address_sanitizer_catches_an_overflow():
+    """A mutant whose dz gather's last block runs one thread past the end must be reported."""
+    proc = _run_mutant(
+        ("if (k >= total) return;", "if (k > total) return;"), "convlora_cuda_emu_overflow",
+        # 8 samples x 5 x 7 pixels x r = 3: 840 = 3 * 256 + 72 threads, the last block partial.
+        "ops.experts_bwd(*_experts_case(8, 5, 7, 3, False, torch.float64))")
     assert proc.returncode != 0 and "heap-buffer-overflow" in proc.stderr, (proc.stdout + proc.stderr)[-4000:]
+
+
+def test_alignment_sanitizer_catches_a_misaligned_vector_load():
+    """A mutant that always takes the down projection's 16-byte vector path: with C_in = 6 bf16
+    (12-byte rows) a GPU would fault; the alignment check must report it."""
+    proc = _run_mutant(
+        ("if (vec_ok)\n    convlora_down_proj_kernel", "if (true)\n    convlora_down_proj_kernel"),
+        "convlora_cuda_emu_misaligned",
+        "ops.down_proj(torch.randn(1, 2, 3, 6).bfloat16(), torch.randn(3, 6).bfloat16(), 0)")
+    assert proc.returncode != 0 and "misaligned address" in proc.stderr, (proc.stdout + proc.stderr)[-4000:]

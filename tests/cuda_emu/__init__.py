@@ -31,10 +31,12 @@ HERE = Path(__file__).resolve().parent
 SOURCE = CSRC / "convlora_cuda.cu"
 NAMESPACE = "convlora_cuda_emu"
 _CXXFLAGS = ["-O1", "-std=c++20", "-fPIC", "-shared", "-w"]
-# CONVLORA_EMU_SANITIZE=address builds with AddressSanitizer: every global and shared memory
-# access of the kernels is bounds-checked (the process must preload libasan; see
-# tests/test_cuda_emulated.py::test_kernels_under_address_sanitizer).
-_SANITIZE_FLAGS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer"]}
+# CONVLORA_EMU_SANITIZE=address builds with AddressSanitizer, every global and shared memory
+# access of the kernels bounds-checked, plus UBSan's alignment check (a GPU faults on a
+# misaligned vector access; x86 does not). The process must preload libasan: see
+# tests/test_cuda_emulated_asan.py.
+_SANITIZE_FLAGS = {"address": ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment",
+                               "-fno-omit-frame-pointer"]}
 
 
 def _cxxflags() -> list[str]:
