@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs (`make gpu-check`): install, build, GPU tests, the benchmark,
-# an ncu check of the profile mode, then the regular tests, all inside one device-command limit.
+# a kernel breakdown, an ncu check of the profile mode (and, on request, the regular tests), all
+# inside one device-command limit.
 #
 # Needs: a CUDA machine with torch, triton, pytest, pytest-benchmark (no internet), and the
 # segment-anything wheel in ./wheelhouse (make it beforehand on a machine with internet:
@@ -15,7 +16,8 @@
 # summary and the benchmark table are printed last. Exit status 1 if any stage failed.
 #
 # Knobs (environment): CONVLORA_CHECK_BUDGET_S (total seconds, default 570),
-# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,ncu,tests),
+# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,ncu; add
+# tests for the CPU-side tests on the GPU machine, which CI runs anyway),
 # CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
 # convlora-bench arguments, e.g. "--preset full --sam vit_b,vit_h"), PYTHON.
 set -u
@@ -25,7 +27,7 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT/logs"
 PY="${PYTHON:-python}"
 BUDGET_S="${CONVLORA_CHECK_BUDGET_S:-570}"
-STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,kernels,ncu,tests},"
+STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,kernels,ncu},"
 BENCH_MINUTES="${CONVLORA_BENCH_MINUTES:-6}"
 BENCH_ARGS="${CONVLORA_BENCH_ARGS:-}"
 START=$(date +%s)
@@ -119,22 +121,25 @@ stage build 300 bash -c "$(declare -f build); PY=$PY build"
 
 # Order = priority: GPU correctness, then the benchmark (the issues' figures), then ncu, then the
 # CPU-side tests on this machine (they also run in CI).
-stage gpu-tests 200 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs "${GPU_XDIST[@]}"
+stage gpu-tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs "${GPU_XDIST[@]}"
 
-# The benchmark gets what is left but ~200 s (kernel breakdown, ncu and the regular tests), at
-# most CONVLORA_BENCH_MINUTES. --max-minutes stops starting rows 60 s before the stage's timeout,
-# and the JSON is rewritten after every row (meta.partial), so a row that overruns (a
-# torch.compile row runs last and can take a minute) still leaves the rows before it.
+# The benchmark gets what is left but ~120 s (kernel breakdown and ncu; the regular tests, when
+# asked for, get what remains after those), at most CONVLORA_BENCH_MINUTES. With the default
+# budget, a ~60 s build and a full gpu-tests stage that is ~3 min of rows. --max-minutes stops
+# starting rows 60 s before the stage's timeout, and the JSON is rewritten after every row
+# (meta.partial), so a row that overruns (a torch.compile row runs last and can take a minute)
+# still leaves the rows before it.
 LEFT=$(remaining)
-MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - 200 - 60) / 60)), 1))")
+RESERVE=120
+MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - $RESERVE - 60) / 60)), 1))")
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
-stage bench $(( LEFT - 200 )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
+stage bench $(( LEFT - RESERVE )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
   --auto-rule "$OUT/auto_rule.json" --no-progress --max-minutes "$MINUTES" $BENCH_ARGS
 
 # Where the fused layers' time goes, kernel by kernel, for both backends at ViT-B's two qkv
 # shapes (torch.profiler; seconds, as the benchmark has already compiled everything): the first
 # thing the next optimisation needs.
-TAIL_LINES=60 stage kernels 50 "$PY" -m convlora_kernels.bench --kernels --out "$OUT/kernels" \
+TAIL_LINES=60 stage kernels 45 "$PY" -m convlora_kernels.bench --kernels --out "$OUT/kernels" \
   --shapes vitb-window-b4,vitb-global-b4 --providers linear,triton,cuda --dtype bf16 --r 8 \
   --routing random --mode fwdbwd --sam none
 
@@ -158,7 +163,7 @@ ncu_check() {
   echo "ncu captured $kernels kernel(s); NVTX stage ranges seen: $(grep -oE 'convlora\.[a-z_]+' "$OUT/ncu.txt" | sort -u | tr '\n' ' ')"
   (( rc == 0 && kernels > 0 ))
 }
-stage ncu 100 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
+stage ncu 60 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
 
 # (The AOT compile check and the CPU emulation of the CUDA kernels need no GPU: CI runs them.)
 stage tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m "not gpu" --ignore=tests/test_triton_aot.py \
