@@ -222,3 +222,17 @@ def test_emulator_catches_a_missing_barrier(mutant, thread_order):
         got, want = ops.down_proj(x, a, 0)[0], real.down_proj(x, a, 0)[0]
     broken = bool(torch.isnan(got).any()) or not torch.allclose(got, want, rtol=1e-9, atol=1e-9)
     assert broken, f"{mutant}: the kernel ran without its barrier unnoticed ({thread_order} order)"
+
+
+def test_emulator_reports_a_divergent_shuffle(thread_order):
+    """A mutant whose down-projection shuffles only in the threads of real tokens: the last
+    block's idle lanes skip __shfl_xor_sync, undefined behaviour on a GPU (a hang or garbage).
+    The emulator must raise, not hang or return numbers."""
+    src = cuda_emu.SOURCE.read_text()
+    needle = "if (k < r) {  // r is uniform"
+    assert needle in src, "the source changed; update the mutant"
+    ops = cuda_emu.load(src.replace(needle, "if (k < r && active) {  // r is uniform"),
+                        namespace="convlora_cuda_emu_divergent_shuffle")
+    x, a = _rand(2, 5, 7, 16, seed=1), _rand(3, 16, seed=2)  # 70 tokens: block 2 has 6
+    with pytest.raises(RuntimeError, match="__shfl_xor_sync needs every lane"):
+        ops.down_proj(x, a, 0)

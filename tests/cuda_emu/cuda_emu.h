@@ -16,7 +16,9 @@
 //  - static __shared__ arrays are poisoned when the block's first thread declares them;
 //  - CONVLORA_EMU_THREAD_ORDER=reverse schedules the threads of a block last-to-first, so a
 //    missing barrier shows as a NaN read in one of the two orders;
-//  - a barrier no remaining thread can pass is reported as a deadlock, not a hang.
+//  - a barrier no remaining thread can pass is reported as a deadlock, not a hang, and a warp
+//    shuffle that not every lane of the warp reaches raises (undefined behaviour on a GPU);
+//  - dynamic shared memory above the 48 KB a launch gets without opting in raises.
 // What it does not: timing, occupancy, memory-model subtleties within a warp, global-memory
 // bounds (compute-sanitizer on the GPU does that).
 #pragma once
