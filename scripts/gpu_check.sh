@@ -105,9 +105,14 @@ if "$PY" -c "import xdist" 2>/dev/null; then
 fi
 
 # The extension must be compiled here against this machine's torch; sm_90 only, to halve the build.
+# An editable install needs setuptools >= 70.1; with an older one, build the extension in place
+# instead (the scripts run from the repository root, where the package then imports from).
 build() {
-  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
-    "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . || return 1
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+  if ! "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .; then
+    echo "editable install failed: building the extension in place (setup.py build_ext --inplace)"
+    "$PY" setup.py build_ext --inplace || return 1
+  fi
   "$PY" - <<'EOF'
 import torch
 from convlora_kernels import backends
