@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 import torch
 
@@ -80,3 +83,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    """CONVLORA_EMU_AS_CPU=1 (set by tests/test_cuda_emulated_asan.py in a subprocess): the CUDA
+    kernels, emulated on the CPU, replace the extension's CPU kernels for this run."""
+    from .cuda_emu import ENV_AS_CPU, override_cpu_kernels
+
+    if os.environ.get(ENV_AS_CPU) == "1":
+        with warnings.catch_warnings():  # "overriding a previously registered kernel": intended
+            warnings.simplefilter("ignore")
+            config._convlora_emulated_ops = override_cpu_kernels()
+
+
+def pytest_report_header(config):
+    ops = getattr(config, "_convlora_emulated_ops", None)
+    if ops:
+        return f"convlora: emulated CUDA kernels registered as the CPU kernels of {', '.join(ops)}"
+    return None

@@ -159,6 +159,17 @@ def test_gate_bwd(emu, n, r, e):
     _check(emu.gate_bwd(*args), torch.ops.convlora_cuda.gate_bwd(*args), 1e-11, "gate_bwd")
 
 
+def test_device_assertion_on_an_out_of_range_expert(emu):
+    """The CUDA path checks expert_index on the device (no host sync): a failed assertion must
+    surface as an error of the call (the CPU twin raises its own host-side message instead)."""
+    z, idx, ew, eb, dy = _experts_case(4, 3, 2, 3, False, torch.float64)
+    bad = torch.tensor([0, 8, 1, 2])
+    with pytest.raises(RuntimeError, match="device-side assertion failed.*expert_index out of range"):
+        emu.experts_fwd(z, bad, ew, eb)
+    with pytest.raises(RuntimeError, match="device-side assertion failed"):
+        emu.experts_bwd(z, bad, ew, eb, dy)
+
+
 # ------------------------------------------------------------------------------ SAM shapes
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["windows", "global"])

@@ -1,9 +1,10 @@
-"""The extension's CUDA kernels, emulated on the CPU (``tests/cuda_emu``), rebuilt with
-AddressSanitizer and UBSan's alignment check: every global and shared memory access of the
-kernels and their launchers is bounds-checked, and every typed access alignment-checked, which
-the value comparisons of ``test_cuda_emulated.py`` cannot do (an out-of-bounds read may return
-a plausible value; x86 forgives the misaligned vector load a GPU faults on). Each test runs in a
-subprocess that preloads the sanitizer's runtime; the mutants prove each check fires.
+"""The extension's CUDA kernels, emulated on the CPU (``tests/cuda_emu``), in subprocesses: the
+CUDA backend's layer tests with the emulated kernels in place of the CPU twins, and the kernels
+rebuilt with AddressSanitizer and UBSan's alignment check: every global and shared memory
+access of the kernels and their launchers is bounds-checked, and every typed access
+alignment-checked, which the value comparisons of ``test_cuda_emulated.py`` cannot do (an
+out-of-bounds read may return a plausible value; x86 forgives the misaligned vector load a GPU
+faults on). The sanitizer runs preload its runtime; the mutants prove each check fires.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def test_kernels_under_address_sanitizer():
     proc = subprocess.run(cmd, env=_asan_env(), cwd=cuda_emu.ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_cuda_backend_layer_tests_on_the_emulated_kernels():
+    """tests/test_cuda_ext.py (the CUDA backend on the CPU: whole-layer forward and every
+    gradient against the float64 reference, the gate, autocast, torch.compile, opcheck) with
+    the emulated CUDA kernels registered as the ops' CPU kernels in place of the CPU twins. Left
+    out: the two tests of the twins' host-side index validation (the CUDA kernels assert on the
+    device instead; test_cuda_emulated.py checks that)."""
+    env = dict(os.environ, **{cuda_emu.ENV_AS_CPU: "1"})
+    env.pop("CONVLORA_EMU_SANITIZE", None)
+    cmd = [sys.executable, "-m", "pytest", "tests/test_cuda_ext.py", "-p", "no:cacheprovider",
+           "-p", "no:xdist", "-k", "not validation"]  # (not -q: the report header says it took)
+    proc = subprocess.run(cmd, env=env, cwd=cuda_emu.ROOT, capture_output=True, text=True)
+    assert "emulated CUDA kernels registered as the CPU kernels" in proc.stdout, proc.stdout[-3000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 def _run_mutant(replace: tuple[str, str], namespace: str, call: str) -> subprocess.CompletedProcess:

@@ -173,3 +173,22 @@ def load(src: str | None = None, namespace: str = NAMESPACE):
     torch.ops.load_library(str(out))
     _LIBRARIES[namespace] = lib
     return getattr(torch.ops, namespace)
+
+
+#: Tests set this to "1" in a subprocess: the emulated CUDA kernels replace the extension's CPU
+#: kernels (see tests/conftest.py), so every CPU test of the CUDA backend runs the CUDA kernels.
+ENV_AS_CPU = "CONVLORA_EMU_AS_CPU"
+_OVERRIDES: list[torch.library.Library] = []
+
+
+def override_cpu_kernels() -> list[str]:
+    """Register the emulated CUDA kernels as the CPU kernels of ``torch.ops.convlora_cuda``
+    (replacing the CPU twins for the rest of the process); returns the op names."""
+    emu = load()
+    lib = torch.library.Library("convlora_cuda", "IMPL")
+    names = op_names()
+    for name in names:
+        op = getattr(emu, name)
+        lib.impl(name, lambda *args, _op=op: _op(*args), "CPU")
+    _OVERRIDES.append(lib)
+    return names

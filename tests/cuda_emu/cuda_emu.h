@@ -59,6 +59,13 @@ struct dim3 {
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// A failed device assertion surfaces like CUDA's "device-side assert triggered": as an error of
+// the launch (here a C++ exception, a RuntimeError in Python), not c10's host abort().
+#undef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(cond)                                                                  \
+  do {                                                                                            \
+    if (!(cond)) throw std::runtime_error("cuda_emu: device-side assertion failed: " #cond);     \
+  } while (0)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() \
   do {                                 \
   } while (0)
