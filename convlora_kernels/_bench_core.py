@@ -26,6 +26,7 @@ under ``torch.autocast`` in the benchmark dtype, as mixed-precision training doe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -34,7 +35,7 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -948,23 +949,29 @@ class Session:
         NVTX range ``name`` (warm-up, compilation and autotuning stay outside the capture)."""
         if self.device.type != "cuda":
             raise RuntimeError("profiling needs a CUDA device")
-        runner = build()
-        try:
-            for _ in range(1 + self.timing.warmup):
-                runner.fn()
-            torch.cuda.synchronize(self.device)
+        with self._warmed_up(build) as fn:
             torch.cuda.profiler.start()
             try:
                 for i in range(iters):
                     with torch.cuda.nvtx.range(f"{name}#{i}"):
-                        runner.fn()
+                        fn()
                 torch.cuda.synchronize(self.device)
             finally:
                 torch.cuda.profiler.stop()
+
+    @contextlib.contextmanager
+    def _warmed_up(self, build: Callable[[], Runner]) -> Iterator[Callable[[], Any]]:
+        """The runner's call after its first call and the warm-up (compilation and autotuning
+        done, queue drained); the runner is freed on exit."""
+        runner = build()
+        try:
+            for _ in range(1 + self.timing.warmup):
+                runner.fn()
+            _sync(self.device)
+            yield runner.fn
         finally:
             del runner
             _release(self.device)
-
 
     def kernel_times(self, build: Callable[[], Runner], iters: int) -> dict[str, Any]:
         """Where one call's time goes: warm up, then profile ``iters`` calls with
@@ -976,21 +983,13 @@ class Session:
         from torch.profiler import ProfilerActivity, profile
 
         cuda = self.device.type == "cuda"
-        runner = build()
-        try:
-            for _ in range(1 + self.timing.warmup):
-                runner.fn()
+        activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+        with self._warmed_up(build) as fn, profile(activities=[activity]) as prof:
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
             _sync(self.device)
-            activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
-            with profile(activities=[activity]) as prof:
-                start = time.perf_counter()
-                for _ in range(iters):
-                    runner.fn()
-                _sync(self.device)
-                wall_ms = (time.perf_counter() - start) * 1e3 / iters
-        finally:
-            del runner
-            _release(self.device)
+            wall_ms = (time.perf_counter() - start) * 1e3 / iters
         kernels = []
         for event in prof.key_averages():
             if cuda:
