@@ -17,7 +17,8 @@
 #
 # Knobs (environment): CONVLORA_CHECK_BUDGET_S (total seconds, default 570),
 # CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,ncu; add
-# tests for the CPU-side tests on the GPU machine, which CI runs anyway),
+# sanitize for compute-sanitizer's memcheck and racecheck of the kernels, ~3-5 min, and tests for
+# the CPU-side tests on the GPU machine, which CI runs anyway),
 # CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
 # convlora-bench arguments, e.g. "--preset full --sam vit_b,vit_h"), PYTHON.
 set -u
@@ -169,6 +170,31 @@ ncu_check() {
   (( rc == 0 && kernels > 0 ))
 }
 stage ncu 60 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
+
+# compute-sanitizer on the real launches (opt-in: add "sanitize" to CONVLORA_CHECK_STAGES; it
+# needs ~3-5 min, more than the default run can spare). memcheck bounds-checks every global
+# access of both backends' kernels at SAM's windowed shape (the allocator's cache is off, so a
+# bound is the tensor's own); racecheck checks the CUDA kernels' shared memory (the CPU emulator
+# checks barriers by poisoning, not the hardware's memory ordering).
+sanitize() {
+  if ! command -v compute-sanitizer >/dev/null; then
+    echo "compute-sanitizer not found"
+    return 1
+  fi
+  local rc=0 triton_case="tests/test_triton.py::test_gpu_sam_shapes_fp32[False-8-100-14-14]"
+  local cuda_cases=("tests/test_cuda_ext.py::test_gpu_sam_shapes_vs_reference[full-torch.float32-windows]"
+                    "tests/test_cuda_ext.py::test_gpu_kernels_match_cpu_kernels_float64"
+                    "tests/test_cuda_ext.py::test_gpu_gate_matches_cpu_float64")
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  echo "--- memcheck: triton and cuda kernels"
+  compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+    "$PY" -m pytest -q -p no:cacheprovider -x "$triton_case" "${cuda_cases[@]}" || rc=1
+  echo "--- racecheck: cuda kernels"
+  compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 \
+    "$PY" -m pytest -q -p no:cacheprovider -x "${cuda_cases[@]:1}" || rc=1
+  return $rc
+}
+stage sanitize 300 bash -c "$(declare -f sanitize); PY=$PY sanitize"
 
 # (The AOT compile check and the CPU emulation of the CUDA kernels need no GPU: CI runs them.)
 stage tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m "not gpu" --ignore=tests/test_triton_aot.py \

@@ -74,6 +74,21 @@ def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, rtol: float
     )
 
 
+@pytest.fixture
+def triton_race_check():
+    """Checks every interpreted Triton launch of the test for races between programs, missing
+    barriers inside a program and out-of-bounds accesses (tests/triton_race.py), which the
+    sequential interpreter would otherwise hide. On a GPU (no interpreter) it does nothing:
+    the parity tests at SAM shapes are the check there. CONVLORA_RACECHECK=0 turns it off."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1" or os.environ.get("CONVLORA_RACECHECK") == "0":
+        yield None
+        return
+    from .triton_race import race_check
+
+    with race_check() as checker:
+        yield checker
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need a CUDA device: skipped on CPU machines (CI), run by
     scripts/gpu_check.sh on a GPU."""

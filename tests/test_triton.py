@@ -3,8 +3,9 @@ depthwise convs, r in {1, 3, 8, 32}, maps 1x1 .. 64x64.
 
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by `make test`), which
 is slow: each case packs all 8 scales into one call (sample n uses expert n), and every buffer the
-kernels write starts out NaN (CONVLORA_POISON=1), so an unwritten element fails. Tests
-marked `gpu` run the same checks at SAM shapes on a CUDA device.
+kernels write starts out NaN (CONVLORA_POISON=1), so an unwritten element fails, and every
+launch runs under the race and bounds checker (tests/triton_race.py). Tests marked `gpu` run the
+same checks at SAM shapes on a CUDA device.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import convlora_kernels.ops.triton_conv_lora as T  # noqa: E402  (an import erro
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
-pytestmark = pytest.mark.skipif(
-    T.unavailable_reason(torch.empty(0, device=DEVICE)) is not None,
-    reason="Triton backend unavailable here (needs CUDA or TRITON_INTERPRET=1)",
-)
+pytestmark = [
+    pytest.mark.skipif(T.unavailable_reason(torch.empty(0, device=DEVICE)) is not None,
+                       reason="Triton backend unavailable here (needs CUDA or TRITON_INTERPRET=1)"),
+    pytest.mark.usefixtures("triton_race_check"),  # interpreted launches: races, bounds
+]
 gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs a CUDA device (and no interpreter)")
 
 RTOL32 = 1e-5

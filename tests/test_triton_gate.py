@@ -1,6 +1,7 @@
 """The Triton gate kernels (convlora_kernels/ops/triton_gate.py) against the float64 reference:
 routing, moe_loss and the gradients of the training gate's loss, over sample counts that span
-several row blocks, r = 1 .. 32 and 1 .. 8 experts; outputs start poisoned (NaN / -1)."""
+several row blocks, r = 1 .. 32 and 1 .. 8 experts; outputs start poisoned (NaN / -1), and the
+interpreted launches run under the race and bounds checker (tests/triton_race.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ TG = pytest.importorskip("convlora_kernels.ops.triton_gate")
 import convlora_kernels.ops.triton_conv_lora as T  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not TG.INTERPRET else "cpu"
-pytestmark = pytest.mark.skipif(
-    T.unavailable_reason(torch.empty(0, device=DEVICE)) is not None,
-    reason="Triton backend unavailable here (needs CUDA or TRITON_INTERPRET=1)",
-)
+pytestmark = [
+    pytest.mark.skipif(T.unavailable_reason(torch.empty(0, device=DEVICE)) is not None,
+                       reason="Triton backend unavailable here (needs CUDA or TRITON_INTERPRET=1)"),
+    pytest.mark.usefixtures("triton_race_check"),  # interpreted launches: races, bounds
+]
 RTOL = 1e-5
 
 

@@ -14,8 +14,9 @@
 //  - dynamic shared memory is poisoned (0xFF bytes: NaN in every float type) at each block start
 //    and ends at a guard page (an overflow past the launch's smem size faults);
 //  - static __shared__ arrays are poisoned when the block's first thread declares them;
-//  - CONVLORA_EMU_THREAD_ORDER=reverse schedules the threads of a block last-to-first, so a
-//    missing barrier shows as a NaN read in one of the two orders;
+//  - CONVLORA_EMU_THREAD_ORDER=reverse schedules the blocks of a grid and the threads of a
+//    block last-to-first, so a missing barrier (or a block reading what another block of the
+//    launch writes) shows as a NaN read in one of the two orders;
 //  - a barrier no remaining thread can pass is reported as a deadlock, not a hang, and a warp
 //    shuffle that not every lane of the warp reaches raises (undefined behaviour on a GPU);
 //  - dynamic shared memory above the 48 KB a launch gets without opting in raises.
@@ -273,13 +274,15 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, int 
   e.error = nullptr;
   e.grid_dim = grid;
   e.block_dim = block;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        e.block_idx = dim3(bx, by, bz);
-        run_block(smem_bytes, reverse);
-        if (e.error) std::rethrow_exception(e.error);
-      }
+  // Blocks are reversed with the threads: a block reading global memory another block of the
+  // same launch writes (a race on a GPU, where blocks are unordered) then reads poison.
+  const size_t blocks = size_t(grid.x) * grid.y * grid.z;
+  for (size_t k = 0; k < blocks; ++k) {
+    const size_t b = reverse ? blocks - 1 - k : k;
+    e.block_idx = dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y));
+    run_block(smem_bytes, reverse);
+    if (e.error) std::rethrow_exception(e.error);
+  }
   e.body = nullptr;
 }
 

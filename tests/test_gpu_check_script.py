@@ -1,0 +1,38 @@
+"""scripts/gpu_check.sh runs only on a lent GPU, a few minutes per session: what can be checked
+without one is checked here, so a rename does not cost a GPU session."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_every_stage_in_the_lists_exists():
+    text = SCRIPT.read_text()
+    defined = set(re.findall(r"^(?:\S+=\S+ )*stage ([a-z-]+) ", text, flags=re.M))
+    default = re.search(r'CONVLORA_CHECK_STAGES:-([a-z,-]+)\}', text).group(1).split(",")
+    assert set(default) <= defined, set(default) - defined
+    assert {"sanitize", "tests"} <= defined  # the opt-in stages the header documents
+
+
+def test_named_tests_exist():
+    """The pytest node ids the script names (the sanitize stage) are collected."""
+    ids = sorted(set(re.findall(r"tests/[\w/]+\.py::[\w\[\].-]+", SCRIPT.read_text())))
+    assert ids, "no test ids found in the script"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist", *ids], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for node in ids:
+        assert node in proc.stdout, f"{node} not collected"
