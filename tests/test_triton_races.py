@@ -145,6 +145,19 @@ def test_out_of_bounds_is_reported():
             _overrun_kernel[(1,)](torch.randn(5), torch.empty(8), 5, BLOCK=8)
 
 
+@triton.jit
+def _atomic_kernel(out_ptr):
+    tl.atomic_add(out_ptr, 1.0)
+
+
+def test_atomics_are_refused():
+    from triton.runtime.errors import InterpreterError  # what a kernel-side raise becomes
+
+    with pytest.raises((RaceError, InterpreterError), match="atomics are not modelled"):
+        with race_check():
+            _atomic_kernel[(1,)](torch.zeros(1))
+
+
 def test_checker_restores_the_interpreter():
     from triton.runtime import interpreter
 
