@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-#: Shadow memory costs 16 bytes per byte of the tensors a launch receives: keep the test shapes small.
+#: Shadow memory costs 24 bytes per byte of the tensors a launch receives: keep the test shapes small.
 MAX_TRACKED_BYTES = 64 << 20
 _NONE, _MANY = -1, -2
 
@@ -85,7 +85,7 @@ def _site_here() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if not name.startswith(skip) and name != __file__:
+        if not name.startswith(skip):
             return f"{name}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>:0"
@@ -122,7 +122,9 @@ class RaceChecker:
                             f"{MAX_TRACKED_BYTES} (use smaller shapes)")
         self.shadows = [_Shadow(b, n) for b, n in sorted(merged.items()) if n > 0]
         self.bases = np.array([s.base for s in self.shadows], dtype=np.uint64)
+        self.sizes = np.array([s.nbytes for s in self.shadows], dtype=np.int64)
         self.program = 0
+        self._pid = (0, 0, 0)
         self.epoch = 0
         self.errors: list[str] = []
 
@@ -165,8 +167,7 @@ class RaceChecker:
         ok = seg >= 0
         offs = np.zeros(addrs.shape, dtype=np.int64)
         offs[ok] = (addrs[ok] - self.bases[seg[ok]]).astype(np.int64)
-        sizes = np.array([s.nbytes for s in self.shadows], dtype=np.int64)
-        ok[ok] &= offs[ok] + size <= sizes[seg[ok]]
+        ok[ok] &= offs[ok] + size <= self.sizes[seg[ok]]
         if not ok.all():
             bad = int(addrs[~ok][0])
             self.errors.append(f"out-of-bounds access of {size} bytes at {_short(site)} (program "
