@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -362,3 +363,37 @@ def test_half_precision_parameters(backend, dtype):
         slack = torch.finfo(dtype).eps / 4 * max(ref.abs().max().item(), 1.0)
         assert err <= 2 * eager_err + slack, f"{name}: {backend} err {err:.3e}, eager {dtype} {eager_err:.3e}"
 
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_deterministic_algorithms_mode(monkeypatch, backend, device):
+    """Under torch.use_deterministic_algorithms(True) the fused backends raise nothing (no op
+    PyTorch flags as nondeterministic is on their path) and a training step repeats bit for
+    bit. cuBLAS (the CUDA backend's GEMMs, like any nn.Linear) needs CUBLAS_WORKSPACE_CONFIG in
+    this mode: set here as a user would."""
+    if device == "cuda" and (not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a CUDA device (and no interpreter)")
+    x = torch.randn(2, 2, 3, 16, device=device)
+    why = backends_mod.unavailable_reason(backend, x)
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    layer = make_layer(c_in=16, c_out=24, r=3, num_experts=8, dtype=torch.float32,
+                       backend=backend).to(device).train()
+
+    def run():
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(4)
+        (layer(xi).square().sum() + layer.moe_loss).backward()
+        return [xi.grad] + [getattr(layer, p).grad.clone() for p in PARAM_NAMES]
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, a, b in zip(("x",) + PARAM_NAMES, first, second):
+        assert torch.equal(a, b), name
