@@ -13,6 +13,9 @@ another and each program's tensor operations one after another, on all elements 
   it read, or wrote) since its last barrier is a race unless proven otherwise, and is reported.
   That includes a read-modify-write of one element (the same thread in any sane layout): the
   kernels here write each scratch slot once, and a kernel that needs it can add the barrier.
+  (Triton inserts barriers for shared memory only: global-memory hazards are the kernel
+  author's, and loads and stores through one pointer need not share a layout; see
+  triton-lang/triton PRs #11437 and #11872.)
 
 The checker keeps, for every byte of every tensor a launch receives, the program and the barrier
 epoch of its last write and of its reads, and reports, with the kernel and source lines:
