@@ -74,6 +74,18 @@ def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, rtol: float
     )
 
 
+def seeded_step(model: torch.nn.Module, loss_fn, x: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """One backward of ``loss_fn(x)`` from torch's RNG seeded with ``seed`` (gate noise and
+    dropout draw alike in every call), gradients zeroed first: [loss, x's gradient, the
+    gradient of every parameter of ``model`` that has one, in ``model.parameters()`` order]."""
+    model.zero_grad()
+    xi = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    loss = loss_fn(xi)
+    loss.backward()
+    return [loss.detach(), xi.grad] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
 @pytest.fixture
 def triton_race_check():
     """Checks every interpreted Triton launch of the test for races between programs, missing

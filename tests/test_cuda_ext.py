@@ -20,7 +20,7 @@ from convlora_kernels.modules import ConvLoRALinear
 from convlora_kernels.ops import cuda_conv_lora as cc
 from convlora_kernels.ops import eager
 
-from .conftest import GATE_CASES, assert_close_to_reference, gate_case, make_layer
+from .conftest import GATE_CASES, assert_close_to_reference, gate_case, make_layer, seeded_step
 
 
 def _build_expected() -> tuple[bool, str]:
@@ -226,17 +226,9 @@ def test_inductor_training_step():
     def step(inp):
         return (layer(inp) * upstream).sum() + 10 * layer.moe_loss
 
-    def run(fn):
-        layer.zero_grad()
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(2)
-        loss = fn(xi)
-        loss.backward()
-        return [loss.detach(), xi.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
-
     with inductor_config.patch(fallback_random=True):
-        got = run(torch.compile(step, backend="inductor", fullgraph=True))
-    want = run(step)
+        got = seeded_step(layer, torch.compile(step, backend="inductor", fullgraph=True), x, seed=2)
+    want = seeded_step(layer, step, x, seed=2)
     assert len(got) == len(want) == 8  # loss, x and the six adapter parameters
     for g, w in zip(got, want):
         assert_close_to_reference(g, w, 1e-5)  # Inductor may sum the loss in another order

@@ -12,7 +12,7 @@ import torch.nn as nn
 from convlora_kernels import BackendUnavailableError, ConvLoRALinear
 from convlora_kernels import backends as backends_mod
 
-from .conftest import PARAM_NAMES, assert_close_to_reference, make_layer, reference_out
+from .conftest import PARAM_NAMES, assert_close_to_reference, make_layer, reference_out, seeded_step
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -312,13 +312,14 @@ def test_activation_checkpointing_gives_the_same_gradients(backend):
 
     def run(checkpointed):
         model.checkpointed = checkpointed
-        model.zero_grad()
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(7)
-        out = model(xi)
-        loss = (out * out).sum() + sum(layer.moe_loss for layer in model.layers)
-        loss.backward()
-        return [out.detach(), xi.grad] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        outs = []
+
+        def loss_fn(xi):
+            outs.append(model(xi))
+            return (outs[0] * outs[0]).sum() + sum(layer.moe_loss for layer in model.layers)
+
+        grads = seeded_step(model, loss_fn, x, seed=7)
+        return [outs[0].detach()] + grads
 
     plain, recomputed = run(False), run(True)
     assert len(plain) == len(recomputed) > 2
@@ -383,11 +384,7 @@ def test_deterministic_algorithms_mode(monkeypatch, backend, device):
                        backend=backend).to(device).train()
 
     def run():
-        layer.zero_grad()
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(4)
-        (layer(xi).square().sum() + layer.moe_loss).backward()
-        return [xi.grad] + [getattr(layer, p).grad.clone() for p in PARAM_NAMES]
+        return seeded_step(layer, lambda xi: layer(xi).square().sum() + layer.moe_loss, x, seed=4)
 
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -395,5 +392,6 @@ def test_deterministic_algorithms_mode(monkeypatch, backend, device):
         first, second = run(), run()
     finally:
         torch.use_deterministic_algorithms(previous)
-    for name, a, b in zip(("x",) + PARAM_NAMES, first, second):
+    assert len(first) == len(second) == 2 + len(PARAM_NAMES)  # loss, x, the adapter
+    for name, a, b in zip(("loss", "x") + PARAM_NAMES, first, second):
         assert torch.equal(a, b), name

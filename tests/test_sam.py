@@ -21,7 +21,7 @@ from convlora_kernels import (
 )
 from convlora_kernels.sam import ADAPTER_PARAMS
 
-from .conftest import assert_close_to_reference, randomize_adapter
+from .conftest import assert_close_to_reference, randomize_adapter, seeded_step
 
 
 def small_encoder(img_size: int = 128) -> ImageEncoderViT:
@@ -185,21 +185,16 @@ def test_encoder_training_step_compiles_fullgraph(backend):
     for layer in conv_lora_layers(enc64):
         layer.backend = "eager"  # exact in float64
 
-    def run(model, fn, inp):
-        model.zero_grad()
-        torch.manual_seed(3)  # the same gate noise (drawn in float32) in every run
-        loss = fn(inp)
-        loss.backward()
-        return [loss.detach()] + [getattr(l, p).grad.clone() for l in conv_lora_layers(model)
-                                  for p in ADAPTER_PARAMS]
-
     def step(inp):
         return enc(inp).square().mean() + collect_moe_loss(enc)
 
-    want = run(enc64, lambda inp: enc64(inp).square().mean() + collect_moe_loss(enc64), x.double())
-    plain = run(enc, step, x)
-    got = run(enc, torch.compile(step, backend="aot_eager", fullgraph=True), x)
-    names = ["loss"] + [f"{i}.{p}" for i in range(len(layers)) for p in ADAPTER_PARAMS]
+    # seed 3: the same gate noise (drawn in float32) in every run
+    want = seeded_step(enc64, lambda inp: enc64(inp).square().mean() + collect_moe_loss(enc64),
+                       x.double(), seed=3)
+    plain = seeded_step(enc, step, x, seed=3)
+    got = seeded_step(enc, torch.compile(step, backend="aot_eager", fullgraph=True), x, seed=3)
+    names = ["loss", "x"] + [f"{i}.{p}" for i in range(len(layers)) for p in ADAPTER_PARAMS]
+    assert len(got) == len(plain) == len(want) == len(names)
     for name, g, p, w in zip(names, got, plain, want):
         err, base = (g.double() - w).abs().max().item(), (p.double() - w).abs().max().item()
         assert err <= 2 * base + 1e-6 * w.abs().max().item(), f"{name}: compiled {err:.3e}, eager {base:.3e}"
