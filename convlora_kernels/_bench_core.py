@@ -456,7 +456,7 @@ class ReferenceConvLoRALinear(ConvLoRALinear):
         out, index, moe_loss = reference.conv_lora_linear(
             x4, self.weight, self.bias, self.lora_A, self.lora_B, self.expert_weight,
             self.expert_bias, self.w_gate, self.w_noise, self.scaling, expert_index,
-            None if noise is None else noise.to(x4.dtype),
+            None if noise is None else noise.to(x4.dtype), multiply_by_gate=self.multiply_by_gate,
         )
         self.moe_loss = moe_loss
         self.last_expert_index = index

@@ -31,6 +31,10 @@ class ConvLoRALinear(nn.Module):
         bias: whether the frozen Linear has a bias.
         lora_dropout: dropout probability on the input of the down-projection.
         backend: "auto", "eager", "triton" or "cuda"; settable at any time.
+        multiply_by_gate: scale each sample's expert output by the softmax of the gate's
+            logits at its expert (``y = z + p D``), so the task loss trains the router too.
+            Off (the default) is the official Conv-LoRA: the factor is exactly 1 and the
+            router learns from the load-balancing loss alone. Settable at any time.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class ConvLoRALinear(nn.Module):
         bias: bool = True,
         lora_dropout: float = 0.0,
         backend: str = "auto",
+        multiply_by_gate: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -63,6 +68,7 @@ class ConvLoRALinear(nn.Module):
         self.depthwise = bool(depthwise)
         self.scaling = float(lora_alpha) / self.r
         self.lora_dropout = float(lora_dropout)
+        self.multiply_by_gate = bool(multiply_by_gate)
 
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         if bias:
@@ -161,6 +167,7 @@ class ConvLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha}, num_experts={self.num_experts}, "
             f"depthwise={self.depthwise}, bias={self.bias is not None}, backend={self.backend!r}"
+            + (", multiply_by_gate=True" if self.multiply_by_gate else "")
         )
 
     # ------------------------------------------------------------------ forward
@@ -259,6 +266,7 @@ class ConvLoRALinear(nn.Module):
             self.scaling,
             expert_index,
             noise,
+            multiply_by_gate=self.multiply_by_gate,
         )
         self.moe_loss = moe_loss
         self.last_expert_index = index

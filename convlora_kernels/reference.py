@@ -28,6 +28,7 @@ __all__ = [
     "gate_logits",
     "GateOutput",
     "route",
+    "gate_probability",
     "cv_squared",
     "moe_aux_loss",
     "moe_loss_from_index",
@@ -158,19 +159,33 @@ def route(
     return expert_index, moe_aux_loss(gate, expert_index)
 
 
+def gate_probability(gate: GateOutput, expert_index: torch.Tensor) -> torch.Tensor:
+    """Softmax over all E logits, at each sample's expert: (N,), differentiable.
+
+    The official code multiplies expert outputs by a softmax over the top-1 logit alone, which is
+    exactly 1 (SPEC section 2): the router then learns only from the load-balancing loss. With
+    ``multiply_by_gate`` this package scales each sample's expert output by this probability
+    instead (as Switch-style top-1 routers do), so the task loss reaches ``w_gate``, ``w_noise``
+    and z through the gate. It is at least 1/E for the routed expert (the argmax).
+    """
+    return torch.softmax(gate.logits, dim=1).gather(1, expert_index.view(-1, 1)).view(-1)
+
+
 def conv_lora_experts(
     z: torch.Tensor,
     expert_index: torch.Tensor,
     expert_weight: torch.Tensor,
     expert_bias: torch.Tensor,
+    gate_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The routed expert stage with residual: y = z + D.
+    """The routed expert stage with residual: y = z + D, or y = z + p D with gate_p.
 
     Args:
         z: (N, H, W, r).
         expert_index: (N,) integer, values in [0, E).
         expert_weight: (E, r, r, 3, 3) or (E, r, 1, 3, 3).
         expert_bias: (E, r).
+        gate_p: (N,) per-sample factor of the expert output (:func:`gate_probability`), or None.
     Returns:
         y: (N, H, W, r).
     """
@@ -181,6 +196,8 @@ def conv_lora_experts(
         if not bool(sel.any()):  # host sync, like the official dispatcher
             continue
         d = d.index_put((sel,), expert_forward(zc[sel], expert_weight[e], expert_bias[e], e + 1))
+    if gate_p is not None:
+        d = d * gate_p.to(d.dtype).view(-1, 1, 1, 1)
     return z + d.permute(0, 2, 3, 1)
 
 
@@ -197,6 +214,7 @@ def conv_lora_linear(
     scaling: float,
     expert_index: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    multiply_by_gate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole Conv-LoRA layer (SPEC section 2) on a 4-D input.
 
@@ -209,15 +227,22 @@ def conv_lora_linear(
         scaling: lora_alpha / r.
         expert_index: (N,) forced routing; None lets the gate decide.
         noise: (N, E) standard normal draws for the training-mode gate; None in eval.
+        multiply_by_gate: scale each sample's expert output by :func:`gate_probability` of the
+            gate's logits (noisy when ``noise`` is given), forced routing included. Off: the
+            official behaviour (a factor of exactly 1).
     Returns:
         out (N, H, W, C_out), expert_index (N,) long, moe_loss (0-dim).
     """
     z = x @ lora_A.t()
+    g = z.mean(dim=(1, 2))
     if expert_index is None:
-        expert_index, moe_loss = route(z.mean(dim=(1, 2)), w_gate, w_noise, noise)
+        expert_index, moe_loss = route(g, w_gate, w_noise, noise)
     else:
         moe_loss = moe_loss_from_index(expert_index, expert_weight.shape[0], z.dtype)
-    y = conv_lora_experts(z, expert_index, expert_weight, expert_bias)
+    gate_p = None
+    if multiply_by_gate:
+        gate_p = gate_probability(gate_logits(g, w_gate, w_noise, noise), expert_index)
+    y = conv_lora_experts(z, expert_index, expert_weight, expert_bias, gate_p)
     out = F.linear(x, weight, bias) + scaling * (y @ lora_B.t())
     return out, expert_index, moe_loss
 

@@ -32,12 +32,14 @@ def inject_conv_lora(
     backend: str = "auto",
     freeze_base: bool = True,
     lora_dropout: float = 0.0,
+    multiply_by_gate: bool = False,
 ) -> list[ConvLoRALinear]:
     """Replace, in place, every ``nn.Linear`` child named ``target`` by a ConvLoRALinear.
 
     The new layers reuse the Linears' weights, so right after injection the model computes
     exactly what it did (lora_B starts at zero). With ``freeze_base`` every parameter of
-    ``model`` other than the adapters' stops requiring grad.
+    ``model`` other than the adapters' stops requiring grad. The other keywords are
+    :class:`ConvLoRALinear`'s.
 
     Returns:
         The new layers, in ``named_modules`` order.
@@ -69,6 +71,7 @@ def inject_conv_lora(
             depthwise=depthwise,
             lora_dropout=lora_dropout,
             backend=backend,
+            multiply_by_gate=multiply_by_gate,
         )
         layer._base_requires_grad = flags  # as before freezing, for remove_conv_lora
         setattr(module, target, layer)

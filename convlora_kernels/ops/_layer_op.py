@@ -4,29 +4,34 @@ A fused backend (triton, cuda) supplies two implementations with these signature
 registered ops whose fake (meta) implementations and autograd formula live here, once:
 
 ``fwd(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-scaling, expert_index, noise) -> (out, index, moe_loss, z, g, y)``
+scaling, expert_index, noise, multiply_by_gate) -> (out, index, moe_loss, z, g, y, gate_p, d)``
 
 - x: (N, H, W, C_in); x_down: None when the down-projection reads x itself, else x after
   dropout, same shape. weight: (C_out, C_in); bias: (C_out,) or None; lora_A: (r, C_in);
   lora_B: (C_out, r); expert_weight: (E, r, r|1, 3, 3); expert_bias: (E, r); w_gate, w_noise:
   (r, E); expert_index: (N,) forced routing or None; noise: (N, E) gate noise or None.
 - out: (N, H, W, C_out) in x's dtype; index: (N,) long; moe_loss: 0-dim; z, y: (N*H*W, r)
-  (z = x_down A^T, y = z + expert(z)); g: (N, r) per-sample mean of z. z, g, y and moe_loss
-  are float32 (float64 for float64 x). The gate runs inside fwd (the backend's gate kernel).
+  (z = x_down A^T, y = z + expert(z), or z + p expert(z)); g: (N, r) per-sample mean of z.
+  With multiply_by_gate: gate_p (N,) the factor p (``gate.gate_probability``) and d
+  (N*H*W, r) the unscaled expert output; else both are empty (0,) tensors. z, g, y, gate_p,
+  d and moe_loss are float32 (float64 for float64 x). The gate runs inside fwd (the backend's
+  gate kernel; the factor p as PyTorch ops, see :func:`apply_gate_factor`).
 
 ``bwd(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
-expert_index, scaling, need_dx) -> (dx, dx_down, d_lora_A, d_lora_B, d_expert_weight,
-d_expert_bias)``
+expert_index, scaling, need_dx, g, w_gate, w_noise, noise, gate_p, d) -> (dx, dx_down,
+d_lora_A, d_lora_B, d_expert_weight, d_expert_bias, d_w_gate, d_w_noise)``
 
 - dout: (N, H, W, C_out) contiguous; dgs: (N, r), the gradient reaching g divided by H*W
   (every token's share of the mean). dx: (N, H, W, C_in) with row stride ``dx_row_stride``
   (see :func:`define_layer_ops`), or an empty tensor when not need_dx;
   dx_down: x_down's gradient, or an empty tensor when x_down is None (then dz A is in dx).
+  gate_p, d: the forward's, or None without multiply_by_gate; then d_w_gate and d_w_noise
+  (the gate factor's share of those gradients, float32/64) are empty tensors.
 
 What the forward saves for the backward: x (and x_down), the parameters, and z, g, y: r-wide
-tensors. U and V are recomputed. y is kept so dy and dB come from dout before the expert
-backward runs. The gate (N x r x E) is recomputed by ``gate_backward`` when its loss has a
-gradient (training with the noisy gate).
+tensors (and gate_p, d with multiply_by_gate). U and V are recomputed. y is kept so dy and dB
+come from dout before the expert backward runs. The gate (N x r x E) is recomputed by
+``gate_backward`` when its loss has a gradient (training with the noisy gate).
 """
 
 from __future__ import annotations
@@ -35,17 +40,21 @@ from collections.abc import Callable
 
 import torch
 
+from ..gate import gate_probability, gate_probability_backward
+
 # Written out (not inferred from a backend's annotations) so every backend registers the same op.
 FWD_SCHEMA = (
     "(Tensor x, Tensor? x_down, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
     "Tensor expert_weight, Tensor expert_bias, Tensor w_gate, Tensor w_noise, float scaling, "
-    "Tensor? expert_index, Tensor? noise) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? expert_index, Tensor? noise, bool multiply_by_gate) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "(Tensor dout, Tensor x, Tensor? x_down, Tensor weight, Tensor lora_A, Tensor lora_B, "
     "Tensor expert_weight, Tensor expert_bias, Tensor z, Tensor y, Tensor dgs, "
-    "Tensor expert_index, float scaling, bool need_dx) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor expert_index, float scaling, bool need_dx, Tensor g, Tensor w_gate, Tensor w_noise, "
+    "Tensor? noise, Tensor? gate_p, Tensor? d) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -55,28 +64,34 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fwd_fake(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate,
-              w_noise, scaling, expert_index, noise):
+              w_noise, scaling, expert_index, noise, multiply_by_gate):
     n, h, w, _ = x.shape
-    r = lora_A.shape[0]
+    m, r = n * h * w, lora_A.shape[0]
     acc = acc_dtype(x.dtype)
     return (
         x.new_empty((n, h, w, weight.shape[0])),
         x.new_empty((n,), dtype=torch.long),
         x.new_empty((), dtype=acc),
-        x.new_empty((n * h * w, r), dtype=acc),
+        x.new_empty((m, r), dtype=acc),
         x.new_empty((n, r), dtype=acc),
-        x.new_empty((n * h * w, r), dtype=acc),
+        x.new_empty((m, r), dtype=acc),
+        x.new_empty((n,) if multiply_by_gate else (0,), dtype=acc),
+        x.new_empty((m, r) if multiply_by_gate else (0,), dtype=acc),
     )
 
 
 def _make_bwd_fake(dx_row_stride: Callable[[int, int], int]):
     def bwd_fake(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
-                 expert_index, scaling, need_dx):
+                 expert_index, scaling, need_dx, g, w_gate, w_noise, noise, gate_p, d):
         n, h, w, c_in = x.shape
         ld = dx_row_stride(c_in, lora_A.shape[0])
         dx = x.new_empty_strided((n, h, w, c_in), (h * w * ld, w * ld, ld, 1))
-        return (dx if need_dx else x.new_empty((0,)),) + _grads_fake(x, x_down, lora_A, lora_B,
-                                                                      expert_weight, expert_bias)
+        gate_shape = (0,) if gate_p is None else w_gate.shape
+        return (
+            (dx if need_dx else x.new_empty((0,)),)
+            + _grads_fake(x, x_down, lora_A, lora_B, expert_weight, expert_bias)
+            + (g.new_empty(gate_shape), g.new_empty(gate_shape))
+        )
 
     return bwd_fake
 
@@ -94,8 +109,8 @@ def _grads_fake(x, x_down, lora_A, lora_B, expert_weight, expert_bias):
 
 def _setup_context(ctx, inputs, output):
     (x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-     scaling, expert_index, noise) = inputs
-    _, index, _, z, g, y = output
+     scaling, expert_index, noise, multiply_by_gate) = inputs
+    _, index, _, z, g, y, gate_p, d = output
     # z, g, y are outputs for the backward's sake only: no zero-filled gradients for them (three
     # launches, and M x r writes, per backward).
     ctx.set_materialize_grads(False)
@@ -103,14 +118,17 @@ def _setup_context(ctx, inputs, output):
     ctx.routed = expert_index is None
     ctx.has_x_down = x_down is not None
     ctx.has_noise = noise is not None
+    ctx.multiply_by_gate = multiply_by_gate
     ctx.save_for_backward(x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias,
-                          w_gate, w_noise, noise, z, g, y, index)
+                          w_gate, w_noise, noise, z, g, y, index, gate_p, d)
 
 
 def _make_backward(bwd_op, gate_backward):
-    def backward(ctx, dout, d_index, dmoe, d_z, d_g, d_y):
+    def backward(ctx, dout, d_index, dmoe, d_z, d_g, d_y, d_gate_p, d_d):
         (x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise, noise,
-         z, g, y, index) = ctx.saved_tensors
+         z, g, y, index, gate_p, d) = ctx.saved_tensors
+        if not ctx.multiply_by_gate:
+            gate_p = d = None
         _, h, w, _ = x.shape
         needs = ctx.needs_input_grad
         if ctx.routed and ctx.has_noise and dmoe is not None:
@@ -119,10 +137,12 @@ def _make_backward(bwd_op, gate_backward):
             dgs, dwg, dwn = torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
         if dout is None:
             dout = x.new_zeros(x.shape[:-1] + (weight.shape[0],))
-        dx, dx_down, d_a, d_b, d_ew, d_eb = bwd_op(
+        dx, dx_down, d_a, d_b, d_ew, d_eb, dwg_p, dwn_p = bwd_op(
             dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z,
-            y, dgs, index, ctx.scaling, bool(needs[0]),
+            y, dgs, index, ctx.scaling, bool(needs[0]), g, w_gate, w_noise, noise, gate_p, d,
         )
+        if gate_p is not None:
+            dwg, dwn = dwg + dwg_p, dwn + dwn_p
         d_w = d_bias = None
         if needs[2] or needs[3]:  # the frozen Linear made trainable: plain PyTorch
             dout2d = dout.reshape(-1, weight.shape[0])
@@ -135,7 +155,7 @@ def _make_backward(bwd_op, gate_backward):
             dx_down if ctx.has_x_down and needs[1] else None,
             d_w, d_bias, d_a, d_b, d_ew, d_eb,
             dwg.to(w_gate.dtype), dwn.to(w_noise.dtype),
-            None, None, None,
+            None, None, None, None,
         )
 
     return backward
@@ -159,6 +179,46 @@ def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
     bwd.register_fake(_make_bwd_fake(dx_row_stride))
     fwd.register_autograd(_make_backward(bwd, gate_backward), setup_context=_setup_context)
     return fwd, bwd
+
+
+def apply_gate_factor(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor, w_gate: torch.Tensor,
+                      w_noise: torch.Tensor, noise: torch.Tensor | None,
+                      expert_index: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """multiply_by_gate in a fused forward: y = z + p d from the expert kernel's y = z + d.
+
+    z, y: (M, r) float32/64 (M = N*H*W); g: (N, r). Returns (y, gate_p (N,), d (M, r)), the last
+    two saved for :func:`gate_factor_backward`. ``d = y - z`` carries an absolute rounding error
+    of half an ulp of y: p d then has the error a float32 ``z + p D`` has anyway.
+    """
+    n, r = g.shape
+    gate_p = gate_probability(g, w_gate, w_noise, noise, expert_index)
+    d = y - z
+    y = torch.addcmul(z.view(n, -1, r), d.view(n, -1, r), gate_p.view(n, 1, 1))
+    return y.view(-1, r), gate_p, d
+
+
+def gate_factor_backward(dy: torch.Tensor, dgs: torch.Tensor, gate_p: torch.Tensor,
+                         d: torch.Tensor, g: torch.Tensor, w_gate: torch.Tensor,
+                         w_noise: torch.Tensor, noise: torch.Tensor | None,
+                         expert_index: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """multiply_by_gate in a fused backward, between dy and the expert backward.
+
+    dy: (M, r), the gradient of y; dgs: (N, r), g's gradient / (H*W) so far. With y = z + p d:
+    the expert's output gradient is p dy (the residual keeps dy), and dp_n = <dy_n, d_n> flows
+    through p to g, w_gate and w_noise.
+
+    Returns:
+        dd (M, r) = p dy, the expert backward's input; dgs (N, r) with p's share of dg / (H*W)
+        added; d_w_gate, d_w_noise (r, E): p's share of those gradients.
+    """
+    n, r = g.shape
+    dy3 = dy.view(n, -1, r)
+    dp = (dy3 * d.view(n, -1, r)).sum((1, 2))
+    dg, dwg, dwn = gate_probability_backward(g, w_gate, w_noise, noise, expert_index, dp)
+    dd = dy3 * gate_p.view(n, 1, 1)
+    return dd.view(-1, r), dgs + dg / dy3.shape[1], dwg, dwn
 
 
 def prepare_inputs(x, x_down, weight, bias):

@@ -41,7 +41,8 @@ import functools
 import torch
 
 from .._nvtx import nvtx_range
-from ._layer_op import acc_dtype, define_layer_ops, prepare_inputs
+from ._layer_op import (acc_dtype, apply_gate_factor, define_layer_ops, gate_factor_backward,
+                        prepare_inputs)
 
 _BUILD_HINT = (
     "build it with `CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST='8.0;9.0' "
@@ -204,7 +205,7 @@ if _LOAD_ERROR is None:
     # ------------------------------------------------------------------ the layer
     @_autocast_off
     def _fwd_impl(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate,
-                  w_noise, scaling, expert_index, noise):
+                  w_noise, scaling, expert_index, noise, multiply_by_gate):
         n, h, w, c_in = x.shape
         m = n * h * w
         r = lora_A.shape[0]
@@ -217,15 +218,18 @@ if _LOAD_ERROR is None:
         with nvtx_range("convlora.cuda.gate"):
             index, moe_loss = _gate_forward(g, w_gate, w_noise, noise, expert_index)
         with nvtx_range("convlora.cuda.experts"):
-            y = _ops.experts_fwd(z, index, expert_weight, expert_bias)
+            y = _ops.experts_fwd(z, index, expert_weight, expert_bias).view(m, r)
+            gate_p, d = z.new_empty((0,)), z.new_empty((0,))  # distinct: outputs may not alias
+            if multiply_by_gate:
+                y, gate_p, d = apply_gate_factor(z.view(m, r), y, g, w_gate, w_noise, noise, index)
         with nvtx_range("convlora.cuda.up_proj"):
             out = _up_proj(x.reshape(m, c_in), xcat.view(m, -1) if fold else None,
-                           y.view(m, r), weight, bias, lora_B, scaling)
-        return out.view(n, h, w, c_out), index, moe_loss, z.view(m, r), g, y.view(m, r)
+                           y, weight, bias, lora_B, scaling)
+        return out.view(n, h, w, c_out), index, moe_loss, z.view(m, r), g, y, gate_p, d
 
     @_autocast_off
     def _bwd_impl(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y,
-                  dgs, expert_index, scaling, need_dx):
+                  dgs, expert_index, scaling, need_dx, g, w_gate, w_noise, noise, gate_p, d):
         n, h, w, c_in = x.shape
         m = n * h * w
         r = lora_A.shape[0]
@@ -239,10 +243,19 @@ if _LOAD_ERROR is None:
             else:
                 dx, dy = x.new_empty((0,)), d2 @ b_low
             dy = (dy.to(z.dtype) * scaling).view(n, h, w, r)
+        dd, d_wg, d_wn = dy, g.new_empty((0,)), g.new_empty((0,))  # dd: the expert output's grad
+        if gate_p is not None:
+            with nvtx_range("convlora.cuda.bwd.gate_factor"):
+                dd, dgs, d_wg, d_wn = gate_factor_backward(dy.view(m, r), dgs, gate_p, d, g,
+                                                           w_gate, w_noise, noise, expert_index)
+                dd = dd.view(n, h, w, r)
         with nvtx_range("convlora.cuda.bwd.experts"):
             dz, d_ew, d_eb = _ops.experts_bwd(z.view(n, h, w, r), expert_index, expert_weight,
-                                              expert_bias, dy)
-            dz = (dz + dgs.view(n, 1, 1, r)).view(m, r)  # g = mean: each token gets dg / HW
+                                              expert_bias, dd)
+            dz = dz + dgs.view(n, 1, 1, r)  # g = mean: each token gets dg / HW
+            if gate_p is not None:  # the kernel's residual term was dd = p dy, not dy
+                dz += dy - dd
+            dz = dz.view(m, r)
             dz_low = dz.to(x.dtype)
         with nvtx_range("convlora.cuda.bwd.dx"):
             if x_down is None:
@@ -257,7 +270,7 @@ if _LOAD_ERROR is None:
             xd2d = (x if x_down is None else x_down).reshape(m, c_in)
             d_a = (dz_low.t() @ xd2d).to(lora_A.dtype)
             d_b = ((d2.t() @ y.to(x.dtype)) * scaling).to(lora_B.dtype)
-        return dx, dx_down, d_a, d_b, d_ew, d_eb
+        return dx, dx_down, d_a, d_b, d_ew, d_eb, d_wg, d_wn
 
     conv_lora_fwd, conv_lora_bwd = define_layer_ops(
         "convlora_cuda_layer", _fwd_impl, _bwd_impl, _gate_backward,
@@ -279,6 +292,7 @@ def conv_lora_forward(
     scaling: float,
     expert_index: torch.Tensor | None,
     noise: torch.Tensor | None,
+    multiply_by_gate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's forward on the extension's ops; autograd differentiates it.
 
@@ -292,6 +306,7 @@ def conv_lora_forward(
         scaling: lora_alpha / r.
         expert_index: (N,) long forced routing, or None to route with the gate.
         noise: (N, E) standard normal draws for the training-mode gate, or None.
+        multiply_by_gate: scale each sample's expert output by the gate's probability.
     Returns:
         out (N, H, W, C_out), expert_index (N,) long, moe_loss (0-dim, float32 or float64).
 
@@ -305,8 +320,8 @@ def conv_lora_forward(
     x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
     if expert_index is not None:
         expert_index = expert_index.long()
-    out, index, moe_loss, _, _, _ = conv_lora_fwd(
+    out, index, moe_loss = conv_lora_fwd(
         x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-        float(scaling), expert_index, noise,
-    )
+        float(scaling), expert_index, noise, bool(multiply_by_gate),
+    )[:3]
     return out, index, moe_loss

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..gate import routing
+from ..gate import gate_probability, routing
 from .._nvtx import nvtx_range
 
 
@@ -31,6 +31,7 @@ def conv_lora_forward(
     scaling: float,
     expert_index: torch.Tensor | None,
     noise: torch.Tensor | None,
+    multiply_by_gate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's forward; autograd differentiates it.
 
@@ -44,6 +45,8 @@ def conv_lora_forward(
         scaling: lora_alpha / r.
         expert_index: (N,) long forced routing, or None to route with the gate.
         noise: (N, E) standard normal draws for the training-mode gate, or None.
+        multiply_by_gate: scale each sample's expert output by
+            :func:`convlora_kernels.gate.gate_probability` (off: the official factor of 1).
     Returns:
         out (N, H, W, C_out), expert_index (N,) long, moe_loss (0-dim, float32 or float64).
     """
@@ -51,14 +54,22 @@ def conv_lora_forward(
     with nvtx_range("convlora.down_proj"):
         z = F.linear(x_down, lora_A)
     with nvtx_range("convlora.gate"):
-        expert_index, moe_loss = routing(z.mean(dim=(1, 2)), w_gate, w_noise, noise, expert_index)
+        g = z.mean(dim=(1, 2))
+        expert_index, moe_loss = routing(g, w_gate, w_noise, noise, expert_index)
+        gate_p = None
+        if multiply_by_gate:
+            gate_p = gate_probability(g, w_gate, w_noise, noise, expert_index)
+            gate_p = gate_p.to(z.dtype).view(-1, 1, 1, 1)
     with nvtx_range("convlora.experts"):
         zc = z.permute(0, 3, 1, 2)
         y = z
         for e in range(num_experts):
             d = reference.expert_forward(zc, expert_weight[e], expert_bias[e], e + 1)
+            d = d.permute(0, 2, 3, 1)
+            if gate_p is not None:
+                d = d * gate_p
             chosen = (expert_index == e).view(-1, 1, 1, 1)
-            y = y + torch.where(chosen, d.permute(0, 2, 3, 1), 0.0)
+            y = y + torch.where(chosen, d, 0.0)
     with nvtx_range("convlora.up_proj"):
         out = F.linear(x, weight, bias) + scaling * F.linear(y, lora_B)
     return out, expert_index, moe_loss

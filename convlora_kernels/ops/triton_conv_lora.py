@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .._nvtx import nvtx_range
-from ._layer_op import define_layer_ops, prepare_inputs
+from ._layer_op import apply_gate_factor, define_layer_ops, gate_factor_backward, prepare_inputs
 from ._triton_common import ENV_POISON, register_op, traceable
 from ._triton_common import INTERPRET as _INTERPRET
 from ._triton_common import empty as _empty
@@ -1032,9 +1032,8 @@ def _fwd_impl(
     x: torch.Tensor, x_down: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_A: torch.Tensor, lora_B: torch.Tensor, expert_weight: torch.Tensor,
     expert_bias: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, scaling: float,
-    expert_index: torch.Tensor | None, noise: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+    expert_index: torch.Tensor | None, noise: torch.Tensor | None, multiply_by_gate: bool,
+) -> tuple[torch.Tensor, ...]:
     n, h, w, c_in = x.shape
     hw, m = h * w, n * h * w
     r = lora_A.shape[0]
@@ -1056,19 +1055,24 @@ def _fwd_impl(
         y = _empty((m, r), torch.float32, dev)
         _launch_experts_fwd(z, index, ew, expert_bias, n, h, w, usc, tsc, y, _precision(x.dtype))
         del usc, tsc
+        gate_p, d = z.new_empty((0,)), z.new_empty((0,))  # distinct: outputs may not alias
+        if multiply_by_gate:
+            y, gate_p, d = apply_gate_factor(z, y, g, w_gate, w_noise, noise, index)
     with nvtx_range("convlora.triton.up_proj"):
         out = _empty((m, c_out), x.dtype, dev)
         _launch_up_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, y, lora_B,
                         (lora_B.stride(1), lora_B.stride(0)), scaling, out)
-    return out.view(n, h, w, c_out), index, moe_loss, z, g, y
+    return out.view(n, h, w, c_out), index, moe_loss, z, g, y, gate_p, d
 
 
 def _bwd_impl(
     dout: torch.Tensor, x: torch.Tensor, x_down: torch.Tensor | None, weight: torch.Tensor,
     lora_A: torch.Tensor, lora_B: torch.Tensor, expert_weight: torch.Tensor,
     expert_bias: torch.Tensor, z: torch.Tensor, y: torch.Tensor, dgs: torch.Tensor,
-    expert_index: torch.Tensor, scaling: float, need_dx: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    expert_index: torch.Tensor, scaling: float, need_dx: bool, g: torch.Tensor,
+    w_gate: torch.Tensor, w_noise: torch.Tensor, noise: torch.Tensor | None,
+    gate_p: torch.Tensor | None, d: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
     n, h, w, c_in = x.shape
     hw, m = h * w, n * h * w
     r = lora_A.shape[0]
@@ -1082,6 +1086,11 @@ def _bwd_impl(
     with nvtx_range("convlora.triton.bwd.dy_dB"):
         dy, d_b = _dy_db(dout2d, lora_B, y, scaling)
         d_b = d_b.to(lora_B.dtype)
+    dd, d_wg, d_wn = dy, g.new_empty((0,)), g.new_empty((0,))  # dd: the expert output's gradient
+    if gate_p is not None:
+        with nvtx_range("convlora.triton.bwd.gate_factor"):
+            dd, dgs, d_wg, d_wn = gate_factor_backward(dy, dgs, gate_p, d, g, w_gate, w_noise,
+                                                       noise, expert_index)
     with nvtx_range("convlora.triton.bwd.experts"):
         nblk = triton.cdiv(hw, _expert_block_p(r, hw))
         kw = ew[0].numel()
@@ -1090,11 +1099,11 @@ def _bwd_impl(
         part = _empty((n * nblk, kw + r), torch.float32, dev)
         # tbuf: the U patches' separable pass here, then the dZ gather's column pass.
         tbuf = _empty((m, _TSLOTS, r), torch.float32, dev)
-        _launch_experts_bwd(z, dy, expert_index, ew, expert_bias, n, h, w, dup, tbuf, dps, part,
+        _launch_experts_bwd(z, dd, expert_index, ew, expert_bias, n, h, w, dup, tbuf, dps, part,
                             prec)
         del dps
         dz = _empty((m, r), torch.float32, dev)
-        _launch_dz(dup, dy, dgs, expert_index, n, h, w, tbuf, dz)
+        _launch_dz(dup, dy, dgs, expert_index, n, h, w, tbuf, dz)  # residual: dy itself
         del dup, tbuf
         d_ew = _empty((num_experts, kw), torch.float32, dev)
         d_eb = _empty((num_experts, r), torch.float32, dev)
@@ -1124,7 +1133,7 @@ def _bwd_impl(
             dx_down = dx_down.view(x_down.shape)
     with nvtx_range("convlora.triton.bwd.dA"):
         d_a = _tsmm(xd2d, dz, 1.0).to(lora_A.dtype)
-    return dx, dx_down, d_a, d_b, d_ew, d_eb
+    return dx, dx_down, d_a, d_b, d_ew, d_eb, d_wg, d_wn
 
 
 conv_lora_fwd, conv_lora_bwd = define_layer_ops(
@@ -1147,6 +1156,7 @@ def conv_lora_forward(
     scaling: float,
     expert_index: torch.Tensor | None,
     noise: torch.Tensor | None,
+    multiply_by_gate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's forward (signature of :func:`convlora_kernels.ops.eager.conv_lora_forward`).
 
@@ -1158,15 +1168,16 @@ def conv_lora_forward(
         scaling: lora_alpha / r.
         expert_index: (N,) long forced routing, or None to route with the gate.
         noise: (N, E) standard normal draws for the training-mode gate, or None.
+        multiply_by_gate: scale each sample's expert output by the gate's probability.
     Returns:
         out (N, H, W, C_out) in x's dtype (the autocast dtype under autocast), expert_index (N,)
         long, moe_loss (0-dim float32).
     """
     x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
-    out, index, moe_loss, _, _, _ = conv_lora_fwd(
+    out, index, moe_loss = conv_lora_fwd(
         x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
-        w_gate, w_noise, float(scaling), expert_index, noise,
-    )
+        w_gate, w_noise, float(scaling), expert_index, noise, bool(multiply_by_gate),
+    )[:3]
     return out, index, moe_loss
 
 
