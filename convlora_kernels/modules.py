@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from . import backends
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+ADAPTER_PARAMS = ("lora_A", "lora_B", "expert_weight", "expert_bias", "w_gate", "w_noise")
 
 
 class ConvLoRALinear(nn.Module):
@@ -24,7 +25,10 @@ class ConvLoRALinear(nn.Module):
 
     Args:
         in_features, out_features: as ``nn.Linear``.
-        r: LoRA rank (>= 1).
+        r: LoRA rank (>= 0). r = 0 is "no adapter", as in loralib: the layer computes its frozen
+            Linear exactly, ``moe_loss`` is 0 and ``last_expert_index`` None (forced routing is
+            echoed); its adapter parameters are empty and do not require grad (so DDP finds no
+            unused parameter). The official code fails at r = 0 (SPEC section 4).
         lora_alpha: the branch is scaled by ``scaling = lora_alpha / r``.
         num_experts: E; expert e (0-based) works at scale e + 1.
         depthwise: depthwise (groups = r) 3x3 expert convs instead of full r -> r convs.
@@ -53,8 +57,8 @@ class ConvLoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if int(r) != r or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if int(r) != r or r < 0:
+            raise ValueError(f"r must be a non-negative integer, got {r!r}")
         if int(num_experts) != num_experts or num_experts < 1:
             raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -66,7 +70,7 @@ class ConvLoRALinear(nn.Module):
         self.lora_alpha = lora_alpha
         self.num_experts = int(num_experts)
         self.depthwise = bool(depthwise)
-        self.scaling = float(lora_alpha) / self.r
+        self.scaling = float(lora_alpha) / self.r if self.r > 0 else 0.0
         self.lora_dropout = float(lora_dropout)
         self.multiply_by_gate = bool(multiply_by_gate)
 
@@ -99,6 +103,10 @@ class ConvLoRALinear(nn.Module):
 
     def reset_adapter(self) -> None:
         """Re-initialise the trainable adapter parameters only."""
+        if self.r == 0:  # empty tensors: nothing to initialise, nothing to train
+            for name in ADAPTER_PARAMS:
+                getattr(self, name).requires_grad_(False)
+            return
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         for e in range(self.num_experts):  # nn.Conv2d's default, per expert
@@ -135,7 +143,7 @@ class ConvLoRALinear(nn.Module):
         if linear.bias is not None:
             layer.bias = linear.bias
             layer.bias.requires_grad_(False)
-        for name in ("lora_A", "lora_B", "expert_weight", "expert_bias", "w_gate", "w_noise"):
+        for name in ADAPTER_PARAMS:
             setattr(layer, name, nn.Parameter(torch.empty_like(getattr(layer, name), device=device)))
         layer.reset_adapter()
         layer.train(linear.training)  # an adapter injected into an eval-mode model stays in eval
@@ -245,6 +253,11 @@ class ConvLoRALinear(nn.Module):
         n = x4.shape[0]
         if expert_index is not None:
             expert_index = self._check_expert_index(expert_index, n, x.device)
+        if self.r == 0:  # no adapter: the frozen Linear, no gate, no dropout (no RNG draw)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            self.moe_loss = x.new_zeros((), dtype=acc)
+            self.last_expert_index = expert_index
+            return F.linear(x, self.weight, self.bias)
         x_down = x4
         if self.training and self.lora_dropout > 0:
             x_down = F.dropout(x4, p=self.lora_dropout, training=True)

@@ -12,9 +12,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .modules import ConvLoRALinear
-
-ADAPTER_PARAMS = ("lora_A", "lora_B", "expert_weight", "expert_bias", "w_gate", "w_noise")
+from .modules import ADAPTER_PARAMS, ConvLoRALinear
 
 
 def conv_lora_layers(model: nn.Module) -> list[ConvLoRALinear]:

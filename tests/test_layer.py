@@ -236,7 +236,7 @@ def test_bad_expert_index(index, error, match):
         layer(torch.randn(2, 3, 3, 12), index)
 
 
-@pytest.mark.parametrize("kw, match", [({"r": 0}, "r must"), ({"num_experts": 0}, "num_experts"), ({"lora_dropout": 1.0}, "dropout")])
+@pytest.mark.parametrize("kw, match", [({"r": -1}, "r must"), ({"r": 1.5}, "r must"), ({"num_experts": 0}, "num_experts"), ({"lora_dropout": 1.0}, "dropout")])
 def test_bad_construction(kw, match):
     with pytest.raises(ValueError, match=match):
         ConvLoRALinear(4, 4, **kw)
@@ -395,3 +395,43 @@ def test_deterministic_algorithms_mode(monkeypatch, backend, device):
     assert len(first) == len(second) == 2 + len(PARAM_NAMES)  # loss, x, the adapter
     for name, a, b in zip(("loss", "x") + PARAM_NAMES, first, second):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_rank_zero_is_the_frozen_linear(training):
+    """r = 0 (the official code fails there, SPEC section 4) is loralib's "no adapter": exactly
+    the frozen Linear, no gate, no RNG draw, a zero loss, empty adapter tensors that need no
+    gradient, and the adapter file round trip still works."""
+    layer = ConvLoRALinear(12, 20, r=0, num_experts=4, lora_dropout=0.3).train(training)
+    assert layer.scaling == 0.0 and "r=0" in repr(layer)
+    for p in PARAM_NAMES:
+        assert getattr(layer, p).numel() == 0 and not getattr(layer, p).requires_grad
+    x = torch.randn(3, 4, 4, 12, requires_grad=True)
+    rng = torch.get_rng_state()
+    for inp, index in ((x, None), (x.reshape(3, 16, 12), torch.tensor([3, 0, 1]))):
+        out = layer(inp, index)
+        assert torch.equal(out, nn.functional.linear(inp, layer.weight, layer.bias))
+        assert layer.moe_loss.item() == 0 and layer.moe_loss.dtype == torch.float32
+        assert layer.last_expert_index is index
+    assert torch.equal(torch.get_rng_state(), rng)
+    (out.sum() + layer.moe_loss).backward()
+    assert x.grad is not None
+    layer.double()
+    layer(x.double().detach())
+    assert layer.moe_loss.dtype == torch.float64
+
+
+def test_rank_zero_in_a_model(tmp_path):
+    from convlora_kernels import collect_moe_loss, inject_conv_lora, load_adapter, save_adapter
+
+    model = nn.Sequential(nn.Module(), nn.Linear(24, 24))
+    model[0].qkv = nn.Linear(12, 24)
+    layers = inject_conv_lora(model, r=0, num_experts=3)
+    model[1].requires_grad_(True)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["1.weight", "1.bias"]
+    out = model[1](model[0].qkv(torch.randn(2, 3, 3, 12)))
+    assert collect_moe_loss(model).item() == 0
+    out.sum().backward()
+    save_adapter(model, tmp_path / "a.safetensors")
+    load_adapter(model, tmp_path / "a.safetensors")
+    assert layers[0].lora_A.shape == (0, 12)
