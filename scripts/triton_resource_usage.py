@@ -224,15 +224,15 @@ def record_launches(case: Case) -> list[dict]:
     mod.traceable = gate.traceable = _Recorder
     try:
         # training (noisy gate) forward, then the forced-routing gate variant
-        _, idx, _, z, g, y, _, _ = mod._fwd_impl(x, x_down, weight, bias, lora_a, lora_b, ew, eb,
-                                                 w_gate, w_noise, scaling, None, noise, False)
+        _, idx, _, z, g, y = mod._fwd_impl(x, x_down, weight, bias, lora_a, lora_b, ew, eb, w_gate,
+                                           w_noise, scaling, None, noise, False)
         gate.gate_forward(torch.empty(n, 1, r, dtype=torch.float32, **meta), h * w, w_gate,
                           w_noise, None, index)
         dout = torch.empty(n, h, w, C_OUT, dtype=dt, **meta)
         dgs = torch.empty(n, r, dtype=torch.float32, **meta)
         gate._gate_bwd_impl(g, w_gate, w_noise, noise, torch.empty((), **meta), 1.0 / (h * w))
         mod._bwd_impl(dout, x, x_down, weight, lora_a, lora_b, ew, eb, z, y, dgs, idx, scaling,
-                      True, g, w_gate, w_noise, noise, None, None)
+                      True, None)
     finally:
         mod.traceable, gate.traceable = saved
     return launches

@@ -272,33 +272,33 @@ def test_opcheck_cpu(which):
     torch.library.opcheck(ops.experts_fwd, _requires_grad(s[which]))
 
 
-def _layer_op_args(requires_grad, gated, x_down=False, multiply_by_gate=False):
+def _layer_op_args(requires_grad, gated, x_down=False):
     inputs = _layer_inputs(4, 2, 3, 6, 10, 3, False, torch.float64, num_experts=4, seed=5)
     p = {k: v.clone().requires_grad_(requires_grad) for k, v in inputs.items()}
     noise = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     xd = (p["x"] * 0.5).detach().requires_grad_(requires_grad) if x_down else None
     return (p["x"], xd, p["weight"], p["bias"], p["lora_A"], p["lora_B"], p["expert_weight"],
             p["expert_bias"], p["w_gate"], p["w_noise"], 1.5,
-            None if gated else torch.tensor([0, 3, 1, 2]), noise if gated else None,
-            multiply_by_gate)
+            None if gated else torch.tensor([0, 3, 1, 2]), noise if gated else None)
 
 
 @pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["p1", "gate_factor"])
 @pytest.mark.parametrize("x_down", [False, True], ids=["x", "x_down"])
 def test_opcheck_layer_ops(x_down, multiply_by_gate):
     """The layer op pair: schema, fakes (dx's strided layout included), autograd registration."""
-    torch.library.opcheck(cc.conv_lora_fwd, _layer_op_args(True, gated=True, x_down=x_down,
-                                                           multiply_by_gate=multiply_by_gate))
+    fwd, bwd = ((cc.conv_lora_gated_fwd, cc.conv_lora_gated_bwd) if multiply_by_gate
+                else (cc.conv_lora_fwd, cc.conv_lora_bwd))
+    torch.library.opcheck(fwd, _layer_op_args(True, gated=True, x_down=x_down))
     for gated in (False, True):
-        args = _layer_op_args(False, gated=gated, x_down=x_down, multiply_by_gate=multiply_by_gate)
-        out, index, _, z, g, y, gate_p, d = cc.conv_lora_fwd(*args)
-        if not multiply_by_gate:
-            gate_p = d = None
-        x, xd, weight, _, a, b, ew, eb, wg, wn, _, _, noise = args[:13]
+        args = _layer_op_args(False, gated=gated, x_down=x_down)
+        out, index, _, z, g, y, *gate_p_d = fwd(*args)
+        x, xd, weight, _, a, b, ew, eb, wg, wn, _, _, noise = args
         for need_dx in (True, False):
-            torch.library.opcheck(cc.conv_lora_bwd, (torch.randn_like(out), x, xd, weight, a, b,
-                                                     ew, eb, z, y, torch.randn_like(g), index, 1.5,
-                                                     need_dx, g, wg, wn, noise, gate_p, d))
+            bwd_args = (torch.randn_like(out), x, xd, weight, a, b, ew, eb, z, y,
+                        torch.randn_like(g), index, 1.5, need_dx)
+            if multiply_by_gate:
+                bwd_args += (g, wg, wn, noise, *gate_p_d)
+            torch.library.opcheck(bwd, bwd_args)
 
 
 @pytest.mark.parametrize("n, r, e", GATE_CASES)

@@ -235,32 +235,32 @@ def test_unavailable_reason():
     assert backends.unavailable_reason("triton", torch.empty(1, device=DEVICE)) is None
 
 
-def _small_op_args(requires_grad=True, gated=True, multiply_by_gate=False):
+def _small_op_args(requires_grad=True, gated=True):
     case = make_case(2, 1, 2, 3, 2, False, c_in=4, c_out=4, seed=41)
     p = {k: v.clone().requires_grad_(requires_grad and k in GRAD_NAMES) for k, v in case.items()}
     return (p["x"], None, p["weight"], p["bias"], p["lora_A"], p["lora_B"], p["expert_weight"],
             p["expert_bias"], p["w_gate"], p["w_noise"], 2.5,
-            None if gated else torch.tensor([1, 0], device=DEVICE), p["noise"] if gated else None,
-            multiply_by_gate)
+            None if gated else torch.tensor([1, 0], device=DEVICE), p["noise"] if gated else None)
 
 
 @pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["p1", "gate_factor"])
 def test_opcheck_forward(multiply_by_gate):
-    torch.library.opcheck(T.conv_lora_fwd, _small_op_args(gated=True,
-                                                          multiply_by_gate=multiply_by_gate))
+    op = T.conv_lora_gated_fwd if multiply_by_gate else T.conv_lora_fwd
+    torch.library.opcheck(op, _small_op_args(gated=True))
 
 
 @pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["p1", "gate_factor"])
 def test_opcheck_backward(multiply_by_gate):
-    args = _small_op_args(requires_grad=False, gated=multiply_by_gate,
-                          multiply_by_gate=multiply_by_gate)
-    out, index, _, z, g, y, gate_p, d = T.conv_lora_fwd(*args)
-    if not multiply_by_gate:
-        gate_p = d = None
-    x, _, weight, _, A, B, ew, eb, wg, wn, _, _, noise = args[:13]
+    args = _small_op_args(requires_grad=False, gated=multiply_by_gate)
+    fwd, bwd = ((T.conv_lora_gated_fwd, T.conv_lora_gated_bwd) if multiply_by_gate
+                else (T.conv_lora_fwd, T.conv_lora_bwd))
+    out, index, _, z, g, y, *gate_p_d = fwd(*args)
+    x, _, weight, _, A, B, ew, eb, wg, wn, _, _, noise = args
     bwd_args = (torch.randn_like(out), x, None, weight, A, B, ew, eb, z, y, torch.randn_like(g),
-                index, 2.5, True, g, wg, wn, noise, gate_p, d)
-    torch.library.opcheck(T.conv_lora_bwd, bwd_args)
+                index, 2.5, True)
+    if multiply_by_gate:
+        bwd_args += (g, wg, wn, noise, *gate_p_d)
+    torch.library.opcheck(bwd, bwd_args)
 
 
 def test_compile_fullgraph():

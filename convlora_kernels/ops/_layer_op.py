@@ -1,35 +1,37 @@
-"""The fused layer as two dispatcher ops plus their autograd: the glue every fused backend shares.
+"""The fused layer as dispatcher ops plus their autograd: the glue every fused backend shares.
 
-A fused backend (triton, cuda) supplies two implementations with these signatures and gets back
-registered ops whose fake (meta) implementations and autograd formula live here, once:
+A fused backend (triton, cuda) supplies two implementations and gets back registered ops whose
+fake (meta) implementations and autograd formula live here, once: the layer pair
+``conv_lora_fwd`` / ``conv_lora_bwd`` and, for ``multiply_by_gate``, the pair
+``conv_lora_gated_fwd`` / ``conv_lora_gated_bwd`` (same inputs, two more tensors each way).
 
 ``fwd(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-scaling, expert_index, noise, multiply_by_gate) -> (out, index, moe_loss, z, g, y, gate_p, d)``
+scaling, expert_index, noise) -> (out, index, moe_loss, z, g, y)``; ``gated_fwd`` adds
+``(gate_p, d)``.
 
 - x: (N, H, W, C_in); x_down: None when the down-projection reads x itself, else x after
   dropout, same shape. weight: (C_out, C_in); bias: (C_out,) or None; lora_A: (r, C_in);
   lora_B: (C_out, r); expert_weight: (E, r, r|1, 3, 3); expert_bias: (E, r); w_gate, w_noise:
   (r, E); expert_index: (N,) forced routing or None; noise: (N, E) gate noise or None.
 - out: (N, H, W, C_out) in x's dtype; index: (N,) long; moe_loss: 0-dim; z, y: (N*H*W, r)
-  (z = x_down A^T, y = z + expert(z), or z + p expert(z)); g: (N, r) per-sample mean of z.
-  With multiply_by_gate: gate_p (N,) the factor p (``gate.gate_probability``) and d
-  (N*H*W, r) the unscaled expert output; else both are empty (0,) tensors. z, g, y, gate_p,
-  d and moe_loss are float32 (float64 for float64 x). The gate runs inside fwd (the backend's
-  gate kernel; the factor p as PyTorch ops, see :func:`apply_gate_factor`).
+  (z = x_down A^T, y = z + expert(z), or z + p expert(z) in the gated pair); g: (N, r)
+  per-sample mean of z; gate_p: (N,) the factor p (``gate.gate_probability``); d: (N*H*W, r)
+  the unscaled expert output. z, g, y, gate_p, d and moe_loss are float32 (float64 for
+  float64 x). The gate runs inside fwd (the backend's gate kernel; the factor p as PyTorch
+  ops, see :func:`apply_gate_factor`).
 
 ``bwd(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
-expert_index, scaling, need_dx, g, w_gate, w_noise, noise, gate_p, d) -> (dx, dx_down,
-d_lora_A, d_lora_B, d_expert_weight, d_expert_bias, d_w_gate, d_w_noise)``
+expert_index, scaling, need_dx) -> (dx, dx_down, d_lora_A, d_lora_B, d_expert_weight,
+d_expert_bias)``; ``gated_bwd`` takes ``g, w_gate, w_noise, noise, gate_p, d`` more and adds
+``(d_w_gate, d_w_noise)``: the gate factor's share of those gradients (float32/64).
 
 - dout: (N, H, W, C_out) contiguous; dgs: (N, r), the gradient reaching g divided by H*W
   (every token's share of the mean). dx: (N, H, W, C_in) with row stride ``dx_row_stride``
   (see :func:`define_layer_ops`), or an empty tensor when not need_dx;
   dx_down: x_down's gradient, or an empty tensor when x_down is None (then dz A is in dx).
-  gate_p, d: the forward's, or None without multiply_by_gate; then d_w_gate and d_w_noise
-  (the gate factor's share of those gradients, float32/64) are empty tensors.
 
 What the forward saves for the backward: x (and x_down), the parameters, and z, g, y: r-wide
-tensors (and gate_p, d with multiply_by_gate). U and V are recomputed. y is kept so dy and dB
+tensors (and gate_p, d in the gated pair). U and V are recomputed. y is kept so dy and dB
 come from dout before the expert backward runs. The gate (N x r x E) is recomputed by
 ``gate_backward`` when its loss has a gradient (training with the noisy gate).
 """
@@ -37,25 +39,42 @@ come from dout before the expert backward runs. The gate (N x r x E) is recomput
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from ..gate import gate_probability, gate_probability_backward
 
 # Written out (not inferred from a backend's annotations) so every backend registers the same op.
-FWD_SCHEMA = (
+_FWD_ARGS = (
     "(Tensor x, Tensor? x_down, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
     "Tensor expert_weight, Tensor expert_bias, Tensor w_gate, Tensor w_noise, float scaling, "
-    "Tensor? expert_index, Tensor? noise, bool multiply_by_gate) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? expert_index, Tensor? noise)"
 )
-BWD_SCHEMA = (
-    "(Tensor dout, Tensor x, Tensor? x_down, Tensor weight, Tensor lora_A, Tensor lora_B, "
+_BWD_ARGS = (
+    "Tensor dout, Tensor x, Tensor? x_down, Tensor weight, Tensor lora_A, Tensor lora_B, "
     "Tensor expert_weight, Tensor expert_bias, Tensor z, Tensor y, Tensor dgs, "
-    "Tensor expert_index, float scaling, bool need_dx, Tensor g, Tensor w_gate, Tensor w_noise, "
-    "Tensor? noise, Tensor? gate_p, Tensor? d) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor expert_index, float scaling, bool need_dx"
 )
+FWD_SCHEMA = _FWD_ARGS + " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+BWD_SCHEMA = f"({_BWD_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+# multiply_by_gate: a pair of its own, so the default pair's calls pay nothing for the option
+# (every custom-op argument and output costs host time: schema walks, alias checks; widening the
+# default schemas by 6 inputs and 2 outputs cost ~10% of a tiny layer's fwd+bwd host time here).
+GATED_FWD_SCHEMA = _FWD_ARGS + " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+GATED_BWD_SCHEMA = (
+    f"({_BWD_ARGS}, Tensor g, Tensor w_gate, Tensor w_noise, Tensor? noise, Tensor gate_p, "
+    "Tensor d) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+class LayerOps(NamedTuple):
+    """The registered ops of one backend: the layer pair and the multiply_by_gate pair."""
+
+    fwd: Callable
+    bwd: Callable
+    gated_fwd: Callable
+    gated_bwd: Callable
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,35 +82,36 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_fake(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate,
-              w_noise, scaling, expert_index, noise, multiply_by_gate):
-    n, h, w, _ = x.shape
-    m, r = n * h * w, lora_A.shape[0]
-    acc = acc_dtype(x.dtype)
-    return (
-        x.new_empty((n, h, w, weight.shape[0])),
-        x.new_empty((n,), dtype=torch.long),
-        x.new_empty((), dtype=acc),
-        x.new_empty((m, r), dtype=acc),
-        x.new_empty((n, r), dtype=acc),
-        x.new_empty((m, r), dtype=acc),
-        x.new_empty((n,) if multiply_by_gate else (0,), dtype=acc),
-        x.new_empty((m, r) if multiply_by_gate else (0,), dtype=acc),
-    )
+def _make_fwd_fake(gated: bool):
+    def fwd_fake(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate,
+                 w_noise, scaling, expert_index, noise):
+        n, h, w, _ = x.shape
+        m, r = n * h * w, lora_A.shape[0]
+        acc = acc_dtype(x.dtype)
+        out = (
+            x.new_empty((n, h, w, weight.shape[0])),
+            x.new_empty((n,), dtype=torch.long),
+            x.new_empty((), dtype=acc),
+            x.new_empty((m, r), dtype=acc),
+            x.new_empty((n, r), dtype=acc),
+            x.new_empty((m, r), dtype=acc),
+        )
+        return out + ((x.new_empty((n,), dtype=acc), x.new_empty((m, r), dtype=acc)) if gated else ())
+
+    return fwd_fake
 
 
 def _make_bwd_fake(dx_row_stride: Callable[[int, int], int]):
     def bwd_fake(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
-                 expert_index, scaling, need_dx, g, w_gate, w_noise, noise, gate_p, d):
+                 expert_index, scaling, need_dx, *gate):
         n, h, w, c_in = x.shape
         ld = dx_row_stride(c_in, lora_A.shape[0])
         dx = x.new_empty_strided((n, h, w, c_in), (h * w * ld, w * ld, ld, 1))
-        gate_shape = (0,) if gate_p is None else w_gate.shape
-        return (
-            (dx if need_dx else x.new_empty((0,)),)
-            + _grads_fake(x, x_down, lora_A, lora_B, expert_weight, expert_bias)
-            + (g.new_empty(gate_shape), g.new_empty(gate_shape))
-        )
+        out = (dx if need_dx else x.new_empty((0,)),) + _grads_fake(
+            x, x_down, lora_A, lora_B, expert_weight, expert_bias)
+        if gate:  # (g, w_gate, w_noise, noise, gate_p, d): d_w_gate, d_w_noise in g's dtype
+            out += (gate[0].new_empty(gate[1].shape), gate[0].new_empty(gate[1].shape))
+        return out
 
     return bwd_fake
 
@@ -109,26 +129,24 @@ def _grads_fake(x, x_down, lora_A, lora_B, expert_weight, expert_bias):
 
 def _setup_context(ctx, inputs, output):
     (x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-     scaling, expert_index, noise, multiply_by_gate) = inputs
-    _, index, _, z, g, y, gate_p, d = output
-    # z, g, y are outputs for the backward's sake only: no zero-filled gradients for them (three
-    # launches, and M x r writes, per backward).
+     scaling, expert_index, noise) = inputs
+    _, index, _, z, g, y = output[:6]
+    # z, g, y (and gate_p, d) are outputs for the backward's sake only: no zero-filled gradients
+    # for them (three launches, and M x r writes, per backward).
     ctx.set_materialize_grads(False)
     ctx.scaling = scaling
     ctx.routed = expert_index is None
     ctx.has_x_down = x_down is not None
     ctx.has_noise = noise is not None
-    ctx.multiply_by_gate = multiply_by_gate
+    ctx.gated = len(output) == 8  # the multiply_by_gate pair: + gate_p, d
     ctx.save_for_backward(x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias,
-                          w_gate, w_noise, noise, z, g, y, index, gate_p, d)
+                          w_gate, w_noise, noise, z, g, y, index, *output[6:])
 
 
-def _make_backward(bwd_op, gate_backward):
-    def backward(ctx, dout, d_index, dmoe, d_z, d_g, d_y, d_gate_p, d_d):
+def _make_backward(ops: dict, gate_backward):
+    def backward(ctx, dout, d_index, dmoe, *unused):
         (x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise, noise,
-         z, g, y, index, gate_p, d) = ctx.saved_tensors
-        if not ctx.multiply_by_gate:
-            gate_p = d = None
+         z, g, y, index, *gate_saved) = ctx.saved_tensors
         _, h, w, _ = x.shape
         needs = ctx.needs_input_grad
         if ctx.routed and ctx.has_noise and dmoe is not None:
@@ -137,12 +155,14 @@ def _make_backward(bwd_op, gate_backward):
             dgs, dwg, dwn = torch.zeros_like(g), torch.zeros_like(w_gate), torch.zeros_like(w_noise)
         if dout is None:
             dout = x.new_zeros(x.shape[:-1] + (weight.shape[0],))
-        dx, dx_down, d_a, d_b, d_ew, d_eb, dwg_p, dwn_p = bwd_op(
-            dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z,
-            y, dgs, index, ctx.scaling, bool(needs[0]), g, w_gate, w_noise, noise, gate_p, d,
-        )
-        if gate_p is not None:
-            dwg, dwn = dwg + dwg_p, dwn + dwn_p
+        args = (dout.contiguous(), x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias,
+                z, y, dgs, index, ctx.scaling, bool(needs[0]))
+        if ctx.gated:
+            grads = ops["gated_bwd"](*args, g, w_gate, w_noise, noise, *gate_saved)
+            dwg, dwn = dwg + grads[6], dwn + grads[7]
+        else:
+            grads = ops["bwd"](*args)
+        dx, dx_down, d_a, d_b, d_ew, d_eb = grads[:6]
         d_w = d_bias = None
         if needs[2] or needs[3]:  # the frozen Linear made trainable: plain PyTorch
             dout2d = dout.reshape(-1, weight.shape[0])
@@ -155,7 +175,7 @@ def _make_backward(bwd_op, gate_backward):
             dx_down if ctx.has_x_down and needs[1] else None,
             d_w, d_bias, d_a, d_b, d_ew, d_eb,
             dwg.to(w_gate.dtype), dwn.to(w_noise.dtype),
-            None, None, None, None,
+            None, None, None,
         )
 
     return backward
@@ -163,22 +183,51 @@ def _make_backward(bwd_op, gate_backward):
 
 def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
                      gate_backward: Callable, register: Callable = torch.library.custom_op,
-                     dx_row_stride: Callable[[int, int], int] = lambda c_in, r: c_in):
-    """Register ``{namespace}::conv_lora_fwd`` / ``conv_lora_bwd`` with fakes and autograd.
+                     dx_row_stride: Callable[[int, int], int] = lambda c_in, r: c_in) -> LayerOps:
+    """Register ``{namespace}::conv_lora_fwd`` / ``conv_lora_bwd`` and the multiply_by_gate pair
+    ``conv_lora_gated_fwd`` / ``conv_lora_gated_bwd``, with fakes and autograd.
 
+    ``fwd_impl(*fwd args, multiply_by_gate)`` returns 6 tensors, 8 with multiply_by_gate;
+    ``bwd_impl(*bwd args, gate)`` takes ``gate`` = None or (g, w_gate, w_noise, noise, gate_p, d)
+    and returns 6 tensors, 8 with ``gate`` (see the module docstring).
     ``register(qualname, fn, mutates_args=(), schema=...)`` is ``torch.library.custom_op`` (opaque to
     Inductor) or ``torch.library.triton_op`` (Inductor sees the Triton kernels).
     ``dx_row_stride(C_in, r)`` is the row stride of the dx the backward returns (C_in when it is
     contiguous; the fake must report the real layout). ``gate_backward(g, w_gate, w_noise,
     noise, dmoe, dg_scale) -> (dg * dg_scale in g's dtype, d_w_gate, d_w_noise)`` differentiates
-    the training gate's moe_loss (the backend's gate kernel). Returns (fwd_op, bwd_op).
+    the training gate's moe_loss (the backend's gate kernel).
     """
-    fwd = register(f"{namespace}::conv_lora_fwd", fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
-    bwd = register(f"{namespace}::conv_lora_bwd", bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
-    fwd.register_fake(_fwd_fake)
-    bwd.register_fake(_make_bwd_fake(dx_row_stride))
-    fwd.register_autograd(_make_backward(bwd, gate_backward), setup_context=_setup_context)
-    return fwd, bwd
+    # Named functions, not lambdas: triton_op reads its function's source (to find the Triton
+    # kernels Inductor must see), and a lambda's source line does not parse on its own.
+    def layer_fwd(*args):
+        return fwd_impl(*args, False)
+
+    def layer_bwd(*args):
+        return bwd_impl(*args, None)
+
+    def gated_fwd(*args):
+        return fwd_impl(*args, True)
+
+    def gated_bwd(*args):  # the 14 layer arguments, then (g, w_gate, w_noise, noise, gate_p, d)
+        return bwd_impl(*args[:14], args[14:])
+
+    ops = {
+        key: register(f"{namespace}::{name}", fn, mutates_args=(), schema=schema)
+        for key, name, fn, schema in (
+            ("fwd", "conv_lora_fwd", layer_fwd, FWD_SCHEMA),
+            ("bwd", "conv_lora_bwd", layer_bwd, BWD_SCHEMA),
+            ("gated_fwd", "conv_lora_gated_fwd", gated_fwd, GATED_FWD_SCHEMA),
+            ("gated_bwd", "conv_lora_gated_bwd", gated_bwd, GATED_BWD_SCHEMA),
+        )
+    }
+    backward = _make_backward(ops, gate_backward)
+    for key in ("fwd", "gated_fwd"):
+        ops[key].register_fake(_make_fwd_fake(key == "gated_fwd"))
+        ops[key].register_autograd(backward, setup_context=_setup_context)
+    bwd_fake = _make_bwd_fake(dx_row_stride)
+    ops["bwd"].register_fake(bwd_fake)
+    ops["gated_bwd"].register_fake(bwd_fake)
+    return LayerOps(**ops)
 
 
 def apply_gate_factor(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor, w_gate: torch.Tensor,
@@ -198,14 +247,14 @@ def apply_gate_factor(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor, w_gate:
     return y.view(-1, r), gate_p, d
 
 
-def gate_factor_backward(dy: torch.Tensor, dgs: torch.Tensor, gate_p: torch.Tensor,
-                         d: torch.Tensor, g: torch.Tensor, w_gate: torch.Tensor,
-                         w_noise: torch.Tensor, noise: torch.Tensor | None,
-                         expert_index: torch.Tensor
+def gate_factor_backward(dy: torch.Tensor, dgs: torch.Tensor, g: torch.Tensor,
+                         w_gate: torch.Tensor, w_noise: torch.Tensor, noise: torch.Tensor | None,
+                         gate_p: torch.Tensor, d: torch.Tensor, expert_index: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """multiply_by_gate in a fused backward, between dy and the expert backward.
 
-    dy: (M, r), the gradient of y; dgs: (N, r), g's gradient / (H*W) so far. With y = z + p d:
+    dy: (M, r), the gradient of y; dgs: (N, r), g's gradient / (H*W) so far; then the gated
+    backward op's gate inputs (g, w_gate, w_noise, noise, gate_p, d). With y = z + p d:
     the expert's output gradient is p dy (the residual keeps dy), and dp_n = <dy_n, d_n> flows
     through p to g, w_gate and w_noise.
 

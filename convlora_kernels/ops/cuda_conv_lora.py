@@ -219,17 +219,18 @@ if _LOAD_ERROR is None:
             index, moe_loss = _gate_forward(g, w_gate, w_noise, noise, expert_index)
         with nvtx_range("convlora.cuda.experts"):
             y = _ops.experts_fwd(z, index, expert_weight, expert_bias).view(m, r)
-            gate_p, d = z.new_empty((0,)), z.new_empty((0,))  # distinct: outputs may not alias
+            gate_outputs = ()
             if multiply_by_gate:
                 y, gate_p, d = apply_gate_factor(z.view(m, r), y, g, w_gate, w_noise, noise, index)
+                gate_outputs = (gate_p, d)
         with nvtx_range("convlora.cuda.up_proj"):
             out = _up_proj(x.reshape(m, c_in), xcat.view(m, -1) if fold else None,
                            y, weight, bias, lora_B, scaling)
-        return out.view(n, h, w, c_out), index, moe_loss, z.view(m, r), g, y, gate_p, d
+        return (out.view(n, h, w, c_out), index, moe_loss, z.view(m, r), g, y) + gate_outputs
 
     @_autocast_off
     def _bwd_impl(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y,
-                  dgs, expert_index, scaling, need_dx, g, w_gate, w_noise, noise, gate_p, d):
+                  dgs, expert_index, scaling, need_dx, gate):
         n, h, w, c_in = x.shape
         m = n * h * w
         r = lora_A.shape[0]
@@ -243,17 +244,16 @@ if _LOAD_ERROR is None:
             else:
                 dx, dy = x.new_empty((0,)), d2 @ b_low
             dy = (dy.to(z.dtype) * scaling).view(n, h, w, r)
-        dd, d_wg, d_wn = dy, g.new_empty((0,)), g.new_empty((0,))  # dd: the expert output's grad
-        if gate_p is not None:
+        dd, gate_grads = dy, ()  # dd: the expert output's gradient
+        if gate:
             with nvtx_range("convlora.cuda.bwd.gate_factor"):
-                dd, dgs, d_wg, d_wn = gate_factor_backward(dy.view(m, r), dgs, gate_p, d, g,
-                                                           w_gate, w_noise, noise, expert_index)
+                dd, dgs, *gate_grads = gate_factor_backward(dy.view(m, r), dgs, *gate, expert_index)
                 dd = dd.view(n, h, w, r)
         with nvtx_range("convlora.cuda.bwd.experts"):
             dz, d_ew, d_eb = _ops.experts_bwd(z.view(n, h, w, r), expert_index, expert_weight,
                                               expert_bias, dd)
             dz = dz + dgs.view(n, 1, 1, r)  # g = mean: each token gets dg / HW
-            if gate_p is not None:  # the kernel's residual term was dd = p dy, not dy
+            if gate:  # the kernel's residual term was dd = p dy, not dy
                 dz += dy - dd
             dz = dz.view(m, r)
             dz_low = dz.to(x.dtype)
@@ -270,9 +270,9 @@ if _LOAD_ERROR is None:
             xd2d = (x if x_down is None else x_down).reshape(m, c_in)
             d_a = (dz_low.t() @ xd2d).to(lora_A.dtype)
             d_b = ((d2.t() @ y.to(x.dtype)) * scaling).to(lora_B.dtype)
-        return dx, dx_down, d_a, d_b, d_ew, d_eb, d_wg, d_wn
+        return (dx, dx_down, d_a, d_b, d_ew, d_eb, *gate_grads)
 
-    conv_lora_fwd, conv_lora_bwd = define_layer_ops(
+    conv_lora_fwd, conv_lora_bwd, conv_lora_gated_fwd, conv_lora_gated_bwd = define_layer_ops(
         "convlora_cuda_layer", _fwd_impl, _bwd_impl, _gate_backward,
         dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r),
     )
@@ -320,8 +320,9 @@ def conv_lora_forward(
     x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
     if expert_index is not None:
         expert_index = expert_index.long()
-    out, index, moe_loss = conv_lora_fwd(
+    op = conv_lora_gated_fwd if multiply_by_gate else conv_lora_fwd
+    out, index, moe_loss = op(
         x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-        float(scaling), expert_index, noise, bool(multiply_by_gate),
+        float(scaling), expert_index, noise,
     )[:3]
     return out, index, moe_loss

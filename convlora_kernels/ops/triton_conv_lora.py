@@ -1055,23 +1055,22 @@ def _fwd_impl(
         y = _empty((m, r), torch.float32, dev)
         _launch_experts_fwd(z, index, ew, expert_bias, n, h, w, usc, tsc, y, _precision(x.dtype))
         del usc, tsc
-        gate_p, d = z.new_empty((0,)), z.new_empty((0,))  # distinct: outputs may not alias
+        gate_outputs = ()
         if multiply_by_gate:
             y, gate_p, d = apply_gate_factor(z, y, g, w_gate, w_noise, noise, index)
+            gate_outputs = (gate_p, d)
     with nvtx_range("convlora.triton.up_proj"):
         out = _empty((m, c_out), x.dtype, dev)
         _launch_up_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, y, lora_B,
                         (lora_B.stride(1), lora_B.stride(0)), scaling, out)
-    return out.view(n, h, w, c_out), index, moe_loss, z, g, y, gate_p, d
+    return (out.view(n, h, w, c_out), index, moe_loss, z, g, y) + gate_outputs
 
 
 def _bwd_impl(
     dout: torch.Tensor, x: torch.Tensor, x_down: torch.Tensor | None, weight: torch.Tensor,
     lora_A: torch.Tensor, lora_B: torch.Tensor, expert_weight: torch.Tensor,
     expert_bias: torch.Tensor, z: torch.Tensor, y: torch.Tensor, dgs: torch.Tensor,
-    expert_index: torch.Tensor, scaling: float, need_dx: bool, g: torch.Tensor,
-    w_gate: torch.Tensor, w_noise: torch.Tensor, noise: torch.Tensor | None,
-    gate_p: torch.Tensor | None, d: torch.Tensor | None,
+    expert_index: torch.Tensor, scaling: float, need_dx: bool, gate: tuple | None,
 ) -> tuple[torch.Tensor, ...]:
     n, h, w, c_in = x.shape
     hw, m = h * w, n * h * w
@@ -1086,11 +1085,10 @@ def _bwd_impl(
     with nvtx_range("convlora.triton.bwd.dy_dB"):
         dy, d_b = _dy_db(dout2d, lora_B, y, scaling)
         d_b = d_b.to(lora_B.dtype)
-    dd, d_wg, d_wn = dy, g.new_empty((0,)), g.new_empty((0,))  # dd: the expert output's gradient
-    if gate_p is not None:
+    dd, gate_grads = dy, ()  # dd: the expert output's gradient
+    if gate:
         with nvtx_range("convlora.triton.bwd.gate_factor"):
-            dd, dgs, d_wg, d_wn = gate_factor_backward(dy, dgs, gate_p, d, g, w_gate, w_noise,
-                                                       noise, expert_index)
+            dd, dgs, *gate_grads = gate_factor_backward(dy, dgs, *gate, expert_index)
     with nvtx_range("convlora.triton.bwd.experts"):
         nblk = triton.cdiv(hw, _expert_block_p(r, hw))
         kw = ew[0].numel()
@@ -1133,10 +1131,10 @@ def _bwd_impl(
             dx_down = dx_down.view(x_down.shape)
     with nvtx_range("convlora.triton.bwd.dA"):
         d_a = _tsmm(xd2d, dz, 1.0).to(lora_A.dtype)
-    return dx, dx_down, d_a, d_b, d_ew, d_eb, d_wg, d_wn
+    return (dx, dx_down, d_a, d_b, d_ew, d_eb, *gate_grads)
 
 
-conv_lora_fwd, conv_lora_bwd = define_layer_ops(
+conv_lora_fwd, conv_lora_bwd, conv_lora_gated_fwd, conv_lora_gated_bwd = define_layer_ops(
     _NAMESPACE, _fwd_impl, _bwd_impl, gate_backward, register=register_op,
 )
 
@@ -1174,9 +1172,10 @@ def conv_lora_forward(
         long, moe_loss (0-dim float32).
     """
     x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
-    out, index, moe_loss = conv_lora_fwd(
+    op = conv_lora_gated_fwd if multiply_by_gate else conv_lora_fwd
+    out, index, moe_loss = op(
         x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
-        w_gate, w_noise, float(scaling), expert_index, noise, bool(multiply_by_gate),
+        w_gate, w_noise, float(scaling), expert_index, noise,
     )[:3]
     return out, index, moe_loss
 
