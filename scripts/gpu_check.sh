@@ -20,13 +20,16 @@
 # sanitize for compute-sanitizer's memcheck and racecheck of the kernels, ~3-5 min, and tests for
 # the CPU-side tests on the GPU machine, which CI runs anyway),
 # CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
-# convlora-bench arguments, e.g. "--preset full --sam vit_b,vit_h"), PYTHON.
+# convlora-bench arguments, e.g. "--preset full --sam vit_b,vit_h"), PYTHON (default python,
+# else python3), CONVLORA_CHECK_PACK (a .tgz path: pack everything under $OUT into it at the
+# end; the device tool returns at most 8 files from its $OUT, and this run writes ~20).
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT/logs"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+PACK="${CONVLORA_CHECK_PACK:-}"
 BUDGET_S="${CONVLORA_CHECK_BUDGET_S:-570}"
 STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,kernels,ncu},"
 BENCH_MINUTES="${CONVLORA_BENCH_MINUTES:-6}"
@@ -127,7 +130,9 @@ stage build 300 bash -c "$(declare -f build); PY=$PY build"
 
 # Order = priority: GPU correctness, then the benchmark (the issues' figures), then ncu, then the
 # CPU-side tests on this machine (they also run in CI).
-stage gpu-tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfEs "${GPU_XDIST[@]}"
+# -v: a run cut by the timeout still names every test that finished (logs/gpu-tests.log).
+TAIL_LINES=40 stage gpu-tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -v -p no:cacheprovider -rfEs \
+  --durations=10 "${GPU_XDIST[@]}"
 
 # The benchmark gets what is left but ~120 s (kernel breakdown and ncu; the regular tests, when
 # asked for, get what remains after those), at most CONVLORA_BENCH_MINUTES. With the default
@@ -211,5 +216,8 @@ fi
 if [[ -f "$OUT/bench/convlora-bench.txt" ]]; then
   echo
   cat "$OUT/bench/convlora-bench.txt"
+fi
+if [[ -n "$PACK" ]]; then
+  tar -czf "$PACK" -C "$OUT" . && echo && echo "packed $OUT into $PACK ($(du -h "$PACK" | cut -f1))"
 fi
 exit "$FAILED"
