@@ -4,7 +4,7 @@ sm_90 (H100) and sm_80 (A100), with no GPU, and print registers / spills / share
 kernel and launch configuration.
 
 The configurations are not a hand-written table: the module's own launchers are run on ``meta``
-tensors of SAM shapes with ``traceable`` (their wrap_triton) replaced by a recorder, so the
+tensors of SAM shapes with ``kernel_launcher`` (their wrap_triton) replaced by a recorder, so the
 recorded arguments, constexprs (BLOCK sizes, PREC, DEPTHWISE, ...) and num_warps / num_stages
 are exactly those a GPU launch would use. Each recorded launch is then bound and specialised by Triton's own binder
 (the one ``JITFunction.run`` uses: integer == 1 and divisibility-by-16 specialisation included)
@@ -220,8 +220,8 @@ def record_launches(case: Case) -> list[dict]:
     index = torch.zeros(n, dtype=torch.long, **meta)
     scaling = 32.0 / r
     noise = torch.empty(n, NUM_EXPERTS, dtype=torch.float32, **meta)
-    saved = mod.traceable, gate.traceable
-    mod.traceable = gate.traceable = _Recorder
+    saved = mod.kernel_launcher, gate.kernel_launcher
+    mod.kernel_launcher = gate.kernel_launcher = _Recorder
     try:
         # training (noisy gate) forward, then the forced-routing gate variant
         _, idx, _, z, g, y = mod._fwd_impl(x, x_down, weight, bias, lora_a, lora_b, ew, eb, w_gate,
@@ -234,7 +234,7 @@ def record_launches(case: Case) -> list[dict]:
         mod._bwd_impl(dout, x, x_down, weight, lora_a, lora_b, ew, eb, z, y, dgs, idx, scaling,
                       True, None)
     finally:
-        mod.traceable, gate.traceable = saved
+        mod.kernel_launcher, gate.kernel_launcher = saved
     return launches
 
 

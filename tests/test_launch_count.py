@@ -64,7 +64,7 @@ def _mark_triton_launches(monkeypatch):
     """Wrap every Triton launch of the backend in a profiler range."""
     from convlora_kernels.ops import triton_conv_lora, triton_gate
 
-    real = triton_conv_lora.traceable
+    real = triton_conv_lora.kernel_launcher
 
     class Marked:
         def __init__(self, fn):
@@ -78,8 +78,8 @@ def _mark_triton_launches(monkeypatch):
                     return launch(*args, **kwargs)
             return run
 
-    monkeypatch.setattr(triton_conv_lora, "traceable", Marked)
-    monkeypatch.setattr(triton_gate, "traceable", Marked)
+    monkeypatch.setattr(triton_conv_lora, "kernel_launcher", Marked)
+    monkeypatch.setattr(triton_gate, "kernel_launcher", Marked)
     yield
 
 

@@ -436,20 +436,3 @@ def test_rank_zero_in_a_model(tmp_path):
     load_adapter(model, tmp_path / "a.safetensors")
     assert layers[0].lora_A.shape == (0, 12)
 
-
-@pytest.mark.parametrize("schema_name", ["FWD_SCHEMA", "BWD_SCHEMA", "GATED_FWD_SCHEMA", "GATED_BWD_SCHEMA"])
-def test_op_wrapper_signature_infers_the_declared_schema(schema_name):
-    """torch 2.11's triton_op (the GPU machine's torch) infers the schema from the function and
-    ignores the one passed; the ``*args`` wrappers carry ``__signature__`` so that inference gives
-    exactly the declared schema, names and optionals included."""
-    from torch._library.infer_schema import infer_schema
-
-    from convlora_kernels.ops import _layer_op
-
-    schema = getattr(_layer_op, schema_name)
-
-    def wrapper(*args):
-        return args
-
-    wrapper.__signature__ = _layer_op._schema_signature(schema)
-    assert infer_schema(wrapper, mutates_args=()) == schema

@@ -265,9 +265,8 @@ def test_opcheck_backward(multiply_by_gate):
 
 def test_compile_fullgraph():
     """torch.compile(fullgraph=True) with Inductor: no graph break, same output and gradients.
-    (On the CPU the op is opaque to Inductor, which still plans its buffers from the fakes and
-    compiles the code around it; the GPU test below lets Inductor see the kernels through
-    triton_op.)"""
+    (The op is opaque to Inductor, which plans its buffers from the fakes and compiles the code
+    around it; the GPU test below does the same at SAM scale.)"""
     torch._dynamo.reset()
     layer = randomize_adapter(ConvLoRALinear(12, 20, r=3, num_experts=4, backend="triton", device=DEVICE))
     layer.train()

@@ -14,8 +14,9 @@ from .conftest import GATE_CASES, assert_close_to_reference, gate_case
 
 TG = pytest.importorskip("convlora_kernels.ops.triton_gate")
 import convlora_kernels.ops.triton_conv_lora as T  # noqa: E402
+from convlora_kernels.ops._triton_common import INTERPRET  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and not TG.INTERPRET else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 pytestmark = [
     pytest.mark.skipif(T.unavailable_reason(torch.empty(0, device=DEVICE)) is not None,
                        reason="Triton backend unavailable here (needs CUDA or TRITON_INTERPRET=1)"),

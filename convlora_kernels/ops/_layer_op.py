@@ -38,10 +38,8 @@ come from dout before the expert backward runs. The gate (N x r x E) is recomput
 
 from __future__ import annotations
 
-import inspect
-import re
 from collections.abc import Callable
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -68,29 +66,6 @@ GATED_BWD_SCHEMA = (
     f"({_BWD_ARGS}, Tensor g, Tensor w_gate, Tensor w_noise, Tensor? noise, Tensor gate_p, "
     "Tensor d) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-
-
-_SCHEMA_TYPES = {"Tensor": torch.Tensor, "Tensor?": Optional[torch.Tensor], "float": float,
-                 "bool": bool, "int": int}
-
-
-def _schema_signature(schema: str) -> inspect.Signature:
-    """The Python signature an op schema describes, for a ``*args`` implementation.
-
-    torch 2.11's ``triton_op`` (the device's) ignores its ``schema`` argument and infers the
-    schema from the function's signature, refusing ``*args``; the wrappers below therefore carry
-    the schema as ``__signature__`` (which inference reads), and every torch infers ``schema``.
-    """
-    match = re.fullmatch(r"\((.*)\) -> \((.*)\)", schema)
-    if match is None:
-        raise ValueError(f"not an op schema: {schema!r}")
-    params = []
-    for arg in match.group(1).split(", "):
-        kind, name = arg.split(" ")
-        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                        annotation=_SCHEMA_TYPES[kind]))
-    returns = [_SCHEMA_TYPES[kind] for kind in match.group(2).split(", ")]
-    return inspect.Signature(params, return_annotation=tuple[tuple(returns)])
 
 
 class LayerOps(NamedTuple):
@@ -215,15 +190,13 @@ def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
     ``fwd_impl(*fwd args, multiply_by_gate)`` returns 6 tensors, 8 with multiply_by_gate;
     ``bwd_impl(*bwd args, gate)`` takes ``gate`` = None or (g, w_gate, w_noise, noise, gate_p, d)
     and returns 6 tensors, 8 with ``gate`` (see the module docstring).
-    ``register(qualname, fn, mutates_args=(), schema=...)`` is ``torch.library.custom_op`` (opaque to
-    Inductor) or ``torch.library.triton_op`` (Inductor sees the Triton kernels).
+    ``register(qualname, fn, mutates_args=(), schema=...)`` is ``torch.library.custom_op`` (both
+    backends: see ``_triton_common.register_op`` for why not ``triton_op``).
     ``dx_row_stride(C_in, r)`` is the row stride of the dx the backward returns (C_in when it is
     contiguous; the fake must report the real layout). ``gate_backward(g, w_gate, w_noise,
     noise, dmoe, dg_scale) -> (dg * dg_scale in g's dtype, d_w_gate, d_w_noise)`` differentiates
     the training gate's moe_loss (the backend's gate kernel).
     """
-    # Named functions, not lambdas: triton_op reads its function's source (to find the Triton
-    # kernels Inductor must see), and a lambda's source line does not parse on its own.
     def layer_fwd(*args):
         return fwd_impl(*args, False)
 
@@ -236,12 +209,8 @@ def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
     def gated_bwd(*args):  # the 14 layer arguments, then (g, w_gate, w_noise, noise, gate_p, d)
         return bwd_impl(*args[:14], args[14:])
 
-    def registered(name: str, fn: Callable, schema: str):
-        fn.__signature__ = _schema_signature(schema)
-        return register(f"{namespace}::{name}", fn, mutates_args=(), schema=schema)
-
     ops = {
-        key: registered(name, fn, schema)
+        key: register(f"{namespace}::{name}", fn, mutates_args=(), schema=schema)
         for key, name, fn, schema in (
             ("fwd", "conv_lora_fwd", layer_fwd, FWD_SCHEMA),
             ("bwd", "conv_lora_bwd", layer_bwd, BWD_SCHEMA),

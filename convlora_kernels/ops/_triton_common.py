@@ -5,23 +5,27 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.library import triton_op, wrap_triton
-
 #: Triton decides at decoration time whether kernels run in its interpreter; so do we.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Tests set this to "1": every buffer the kernels write is allocated full of NaN.
 ENV_POISON = "CONVLORA_POISON"
-#: Under the interpreter ops are plain custom ops (``torch.library.custom_op``): wrap_triton hands
-#: back the interpreted function, which graph tracing would run on fake tensors. On a GPU they are
-#: ``triton_op``s, whose kernels Inductor sees.
-register_op = torch.library.custom_op if INTERPRET else triton_op
+#: The ops are opaque custom ops on every device (their fake implementations stand in for them
+#: under tracing), not ``triton_op``s whose kernels Inductor traces through ``wrap_triton``.
+#: Measured reason (H200, torch 2.11 + Triton 3.6, 2026-11-28): torch's TTIR mutation analysis
+#: follows the results of the kernels' helper-function calls conservatively and reports the
+#: expert backward's read-only inputs (z, expert_bias, the routing index) as written; AOTAutograd
+#: then copies "mutated" values back into expert_bias, a leaf that requires grad, and Inductor
+#: fails ("a leaf Variable that requires grad is being used in an in-place operation"). Opaque
+#: ops compile with ``fullgraph=True`` just the same, and are exactly what the CPU tests (the
+#: interpreter) exercise.
+register_op = torch.library.custom_op
 
 
-def traceable(kernel):
-    """``wrap_triton(kernel)`` (Inductor then sees the launch) on a GPU; the kernel itself under
-    the interpreter, where the ops are opaque custom ops anyway, and where torch 2.11 with
-    Triton 3.6 (the lent GPU machine's versions) refuses to wrap an interpreted function."""
-    return kernel if INTERPRET else wrap_triton(kernel)
+def kernel_launcher(kernel):
+    """The one indirection every launch goes through: ``kernel_launcher(k)[grid](...)``. It is the
+    kernel itself (launches run only inside the opaque ops); tests and
+    ``scripts/triton_resource_usage.py`` replace it to count or record launches."""
+    return kernel
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

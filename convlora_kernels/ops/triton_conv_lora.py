@@ -25,10 +25,8 @@ backward ``convlora_triton::conv_lora_bwd`` (the training gate's gradients come 
 Everything is deterministic (no atomics), free of host syncs and CUDA-graph capturable.
 Intermediates are float32. Inputs may be float32, bfloat16 or float16 (float64 goes to eager).
 
-Under ``TRITON_INTERPRET=1`` (CPU tests) the ops are registered with ``torch.library.custom_op``
-instead of ``triton_op``: the interpreter cannot trace user kernels into a graph (``wrap_triton``
-hands back the interpreted function, which would run on fake tensors), so there the op stays
-opaque to ``torch.compile``; the body, fake impls and autograd are the same.
+The ops are ``torch.library.custom_op``s on every device, opaque to ``torch.compile`` (their
+fakes stand in): see ``_triton_common.register_op`` for the measured reason (not ``triton_op``).
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ import triton.language as tl
 
 from .._nvtx import nvtx_range
 from ._layer_op import apply_gate_factor, define_layer_ops, gate_factor_backward, prepare_inputs
-from ._triton_common import ENV_POISON, register_op, traceable
+from ._triton_common import ENV_POISON, register_op, kernel_launcher
 from ._triton_common import INTERPRET as _INTERPRET
 from ._triton_common import empty as _empty
 from .triton_gate import gate_backward, gate_forward
@@ -830,7 +828,7 @@ def _launch_down(x2d: torch.Tensor, lora_A: torch.Tensor, z: torch.Tensor, gpart
     r = z.shape[1]
     block_m = 64
     grid = (triton.cdiv(hw, block_m), n)
-    traceable(_convlora_down_fwd_kernel)[grid](
+    kernel_launcher(_convlora_down_fwd_kernel)[grid](
         x2d, lora_A, z, gpart,
         hw, x2d.shape[1], r,
         x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -888,7 +886,7 @@ def _launch_up_gemm(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int]
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nn, meta["BLOCK_N"]),)
 
-    traceable(kernel)[grid](
+    kernel_launcher(kernel)[grid](
         a, w, out if bias is None else bias, y, b, out,
         m, nn, k, r,
         a.stride(0), a.stride(1), w_strides[0], w_strides[1], y.stride(0), b_strides[0],
@@ -911,7 +909,7 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
     r = z.shape[1]
     bp = _expert_block_p(r, h * w)
     grid = (triton.cdiv(h * w, bp), n)
-    traceable(_convlora_experts_fwd_kernel)[grid](
+    kernel_launcher(_convlora_experts_fwd_kernel)[grid](
         z, expert_index, expert_weight, expert_bias, usc, tsc, y,
         h, w, r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
@@ -930,7 +928,7 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
     r = z.shape[1]
     bp = _expert_block_p(r, h * w)
     grid = (triton.cdiv(h * w, bp), n)
-    traceable(_convlora_experts_bwd_kernel)[grid](
+    kernel_launcher(_convlora_experts_bwd_kernel)[grid](
         z, dy, expert_index, expert_weight, expert_bias, usc, tsc, dps, part,
         h, w, r, part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
@@ -947,12 +945,12 @@ def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_in
     br = _expert_block_r(r)
     bp = _block_p(r, h * w, 512)
     grid = (triton.cdiv(h * w, bp), n)
-    traceable(_convlora_experts_dz_cols_kernel)[grid](
+    kernel_launcher(_convlora_experts_dz_cols_kernel)[grid](
         dup, expert_index, tbuf, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
     bp = _block_p(r, h * w, 1024)
     grid = (triton.cdiv(h * w, bp), n)
-    traceable(_convlora_experts_dz_rows_kernel)[grid](
+    kernel_launcher(_convlora_experts_dz_rows_kernel)[grid](
         tbuf, dy, dgs, expert_index, dz, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
 
@@ -963,7 +961,7 @@ def _launch_expert_reduce(part: torch.Tensor, expert_index: torch.Tensor, nblk: 
     nprog, k = part.shape
     block_k = 256
     grid = (triton.cdiv(k, block_k), dw.shape[0])
-    traceable(_convlora_expert_grad_reduce_kernel)[grid](
+    kernel_launcher(_convlora_expert_grad_reduce_kernel)[grid](
         part, expert_index, dw, db, nprog, nblk, k, dw.shape[1], BLOCK_J=32, BLOCK_K=block_k,
         num_warps=4,
     )
@@ -987,7 +985,7 @@ def _dy_db(dout2d: torch.Tensor, lora_B: torch.Tensor, y: torch.Tensor,
     nblk = triton.cdiv(m, block_m)
     dy = _empty((m, r), torch.float32, y.device)
     part = _empty((nblk, c_out, r), torch.float32, y.device)
-    traceable(_convlora_dy_db_kernel)[(nblk,)](
+    kernel_launcher(_convlora_dy_db_kernel)[(nblk,)](
         dout2d, lora_B, y, dy, part,
         m, c_out, r,
         dout2d.stride(0), dout2d.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -1008,7 +1006,7 @@ def _launch_tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float, part: torch.T
     block_m, block_c = 64, 64
     m_per = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
     grid = (triton.cdiv(c, block_c), split)
-    traceable(_convlora_tsmm_kernel)[grid](
+    kernel_launcher(_convlora_tsmm_kernel)[grid](
         x2d, y, part, m, c, r, m_per, x2d.stride(0), x2d.stride(1), y.stride(0), scale,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=_block_r(r), PREC=_precision(x2d.dtype),
         num_warps=4,

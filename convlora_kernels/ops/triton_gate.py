@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import empty, register_op, traceable
+from ._triton_common import empty, register_op, kernel_launcher
 
 # reference.NOISE_EPSILON and reference.MOE_LOSS_WEIGHT (0.01 each) are literals in the kernels:
 # a plain global is a compile error there, and a tl.constexpr global breaks the interpreter.
@@ -259,7 +259,7 @@ def gate_forward(gpart: torch.Tensor, hw: int, w_gate: torch.Tensor, w_noise: to
     g = empty((n, r), torch.float32, gpart.device)
     index = empty((n,), torch.int64, gpart.device)
     loss = empty((1,), torch.float32, gpart.device)
-    traceable(_convlora_gate_fwd_kernel)[(1,)](
+    kernel_launcher(_convlora_gate_fwd_kernel)[(1,)](
         gpart.contiguous(), g, wg, wn, nz, fi, index, loss, n, r, num_experts, nb, 1.0 / hw,
         HAS_NOISE=has_noise, FORCED=forced, BLOCK_N=bn, BLOCK_R=br, BLOCK_E=be, num_warps=4,
     )
@@ -287,7 +287,7 @@ def _gate_bwd_impl(g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
     dg = empty((n, r), torch.float32, g.device)
     dwg = empty((r, num_experts), torch.float32, g.device)
     dwn = empty((r, num_experts), torch.float32, g.device)
-    traceable(_convlora_gate_bwd_kernel)[(1,)](
+    kernel_launcher(_convlora_gate_bwd_kernel)[(1,)](
         g.contiguous(), w_gate.detach().float().contiguous(), w_noise.detach().float().contiguous(),
         noise.float().contiguous(), dloss.float().reshape(1), dg, dwg, dwn,
         n, r, num_experts, float(dg_scale),
