@@ -54,23 +54,25 @@ def _seed():
     torch.manual_seed(1234)
 
 
-def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str = "") -> None:
-    """|got - want| <= rtol * (|want| + max|want|), elementwise, with ``want`` from a float64
-    reference. The max|want| term scales the absolute slack to the tensor: gradients are long
-    sums with cancellation, so an element far below the tensor's scale only carries the error of
-    its large terms."""
+def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str = "",
+                              atol: float = 0.0) -> None:
+    """|got - want| <= rtol * (|want| + max|want|) + atol, elementwise, with ``want`` from a
+    float64 reference. The max|want| term scales the absolute slack to the tensor: gradients are
+    long sums with cancellation, so an element far below the tensor's scale only carries the error
+    of its large terms. ``atol`` is for a floor measured on the same inputs (twice eager
+    PyTorch's error in the same precision), never a guess."""
     want = want.to(torch.float64)
     got = got.to(torch.float64)
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert not torch.isnan(got).any() or torch.isnan(want).any(), f"{name}: NaN in result"
     scale = want.abs().max() if want.numel() else torch.zeros((), dtype=torch.float64)
     err = (got - want).abs()
-    bound = rtol * (want.abs() + scale)
+    bound = rtol * (want.abs() + scale) + atol
     worst = int((err - bound).argmax()) if err.numel() else 0
     assert bool((err <= bound).all()), (
         f"{name}: max error {float(err.max()):.3e} over bound at flat index {worst} "
         f"(got {float(got.flatten()[worst]):.6e}, want {float(want.flatten()[worst]):.6e}, "
-        f"scale {float(scale):.3e}, rtol {rtol})"
+        f"scale {float(scale):.3e}, rtol {rtol}, atol {atol:.3e})"
     )
 
 

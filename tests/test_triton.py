@@ -91,15 +91,32 @@ def reference_fn(x, x_down, weight, bias, A, B, ew, eb, wg, wn, scaling, expert_
     return torch.nn.functional.linear(x, weight, bias) + out_lora, idx, loss
 
 
-def check_against_reference(case, expert_index=None, gated=False, rtol=RTOL32, x_down=None):
+def check_against_reference(case, expert_index=None, gated=False, rtol=RTOL32, x_down=None,
+                            eager_floor=False):
+    """The float32 Triton layer against the float64 reference, forward and every gradient.
+
+    ``eager_floor``: also allow, elementwise, twice the largest error eager PyTorch itself makes in
+    float32 on the same inputs (the SAM-shape tests). Measured reason (H200, 2026-11-28): at
+    scales 3, 5, 6 and 7, whose bicubic weights are not exact in binary, float32 rounding is
+    amplified by cancellation in dz at a few tokens per 64x64 map; eager float32 PyTorch reached
+    4.0x (s = 3) and 4.6x (s = 7) the 3e-5 bound on dx_down, Triton 4.2x and 4.6x (the error
+    does not change between runs: no race), while power-of-two scales stay under 0.4x.
+    """
     want = run(case, expert_index, gated, reference_fn, torch.float64, x_down)
     got = run(case, expert_index, gated, T.conv_lora_forward, torch.float32, x_down)
+    floor = {}
+    if eager_floor:
+        base = run(case, expert_index, gated, reference_fn, torch.float32, x_down)
+        floor = {name: 2 * float((b.double() - wnt.double()).abs().max())
+                 for name, b, wnt in [("out", base[0], want[0]), ("moe_loss", base[2], want[2])]
+                 + [(f"grad {k}", base[3][k], want[3][k]) for k in want[3]]}
     assert torch.equal(got[1].cpu(), want[1].cpu()), f"routing {got[1].tolist()} != {want[1].tolist()}"
     assert got[0].dtype == torch.float32
-    assert_close_to_reference(got[0], want[0], rtol, "out")
-    assert_close_to_reference(got[2], want[2], rtol, "moe_loss")
+    assert_close_to_reference(got[0], want[0], rtol, "out", floor.get("out", 0.0))
+    assert_close_to_reference(got[2], want[2], rtol, "moe_loss", floor.get("moe_loss", 0.0))
     for name in want[3]:
-        assert_close_to_reference(got[3][name], want[3][name], rtol, f"grad {name}")
+        assert_close_to_reference(got[3][name], want[3][name], rtol, f"grad {name}",
+                                  floor.get(f"grad {name}", 0.0))
     # Experts no sample chose: exact zero gradients (not None), as DDP needs.
     chosen = torch.zeros(case["expert_weight"].shape[0], dtype=torch.bool)
     chosen[got[1].cpu()] = True
@@ -289,6 +306,26 @@ def test_compile_fullgraph():
         torch.testing.assert_close(getattr(layer, p).grad, g, rtol=1e-6, atol=1e-6)
 
 
+def test_compile_fullgraph_training_gate_noise():
+    """The noisy training gate under Inductor: with ``fallback_random`` the compiled layer draws
+    the same noise as eager from the same seed (same routing, same output). Without it Inductor
+    uses its own generator: same distribution, other samples (README, torch.compile)."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    layer = randomize_adapter(ConvLoRALinear(12, 20, r=3, num_experts=4, backend="triton", device=DEVICE))
+    layer.train()
+    x = torch.randn(6, 2, 3, 12, device=DEVICE)
+    torch.manual_seed(0)
+    want = layer(x)
+    want_index = layer.last_expert_index.clone()
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+        torch.manual_seed(0)
+        got = compiled(x)
+    assert torch.equal(layer.last_expert_index, want_index)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- GPU only
 SAM_SHAPES = [(100, 14, 14), (4, 64, 64)]
 
@@ -300,7 +337,7 @@ SAM_SHAPES = [(100, 14, 14), (4, 64, 64)]
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_gpu_sam_shapes_fp32(n, h, w, r, depthwise):
     case = make_case(n, h, w, r, 8, depthwise, c_in=768, c_out=2304, seed=r, device="cuda")
-    check_against_reference(case, torch.arange(n, device="cuda") % 8, rtol=3e-5)
+    check_against_reference(case, torch.arange(n, device="cuda") % 8, rtol=3e-5, eager_floor=True)
 
 
 @gpu
@@ -310,7 +347,7 @@ def test_gpu_gated_training_sam_windows(depthwise):
     """The training gate's kernels at SAM's windowed shape (100 samples): routing, moe_loss and
     the w_gate / w_noise gradients through the load term."""
     case = make_case(100, 14, 14, 8, 8, depthwise, c_in=768, c_out=2304, seed=11, device="cuda")
-    check_against_reference(case, gated=True, rtol=3e-5)
+    check_against_reference(case, gated=True, rtol=3e-5, eager_floor=True)
 
 
 @gpu
@@ -376,6 +413,9 @@ def test_gpu_compile_fullgraph_inductor():
     want = layer(x)
     compiled = torch.compile(layer, fullgraph=True)
     torch.manual_seed(0)
-    got = compiled(x)
+    # Inductor draws randn (the gate noise) from its own generator unless told to fall back to
+    # torch's: with it, the same seed gives the same routing (first GPU run: without it, not).
+    with torch._inductor.config.patch(fallback_random=True):
+        got = compiled(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     got.square().mean().backward()
