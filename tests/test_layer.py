@@ -436,3 +436,57 @@ def test_rank_zero_in_a_model(tmp_path):
     load_adapter(model, tmp_path / "a.safetensors")
     assert layers[0].lora_A.shape == (0, 12)
 
+
+
+# Triton (interpreted, ~1-2 min per case) on the fuller case only.
+@pytest.mark.parametrize("backend, multiply_by_gate, dropout",
+                         [("cuda", False, 0.0), ("cuda", True, 0.3), ("triton", True, 0.3)])
+def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, monkeypatch):
+    """Eager calls skip the dispatcher (an autograd Function on the implementations,
+    ``_layer_op.LayerOps.__call__``); CONVLORA_DISPATCH=op, a dispatch mode or tracing take the
+    registered ops. Both must give bit-identical outputs and gradients (training gate, noise,
+    dropout), and each must really be the one taken."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.randn(3, 2, 5, 12)
+    why = backends_mod.unavailable_reason(backend, x)
+    if why is not None:
+        pytest.skip(why)
+    layer = make_layer(dtype=torch.float32, lora_dropout=dropout, multiply_by_gate=multiply_by_gate)
+    layer.backend = backend
+    layer.train()
+    upstream = torch.randn(3, 2, 5, 20)
+
+    def layer_node(out):
+        """Name of the layer's autograd node (behind the module's reshapes)."""
+        frontier = [out.grad_fn]
+        for _ in range(4):
+            for fn in frontier:
+                name = type(fn).__name__
+                if "eager" in name or name.startswith("GeneratedBackwardFor"):
+                    return name
+            frontier = [nxt for fn in frontier for nxt, _ in fn.next_functions if nxt is not None]
+        return None
+
+    def loss_fn(xi):
+        out = layer(xi)
+        loss_fn.node = layer_node(out)
+        return (out * upstream).sum() + 10 * layer.moe_loss
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("CONVLORA_DISPATCH", "auto")
+    eager_path = seeded_step(layer, loss_fn, x, seed=3)
+    assert loss_fn.node is not None and "eager" in loss_fn.node, loss_fn.node
+    monkeypatch.setenv("CONVLORA_DISPATCH", "op")
+    op_path = seeded_step(layer, loss_fn, x, seed=3)
+    assert loss_fn.node is not None and loss_fn.node.startswith("GeneratedBackwardFor"), loss_fn.node
+    monkeypatch.setenv("CONVLORA_DISPATCH", "auto")
+    with Passthrough():
+        moded = seeded_step(layer, loss_fn, x, seed=3)
+    assert loss_fn.node is not None and loss_fn.node.startswith("GeneratedBackwardFor"), loss_fn.node
+    assert len(eager_path) == len(op_path) == len(moded) == 8  # loss, dx, 6 adapter params
+    for a, b, c in zip(eager_path, op_path, moded):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -272,10 +272,11 @@ if _LOAD_ERROR is None:
             d_b = ((d2.t() @ y.to(x.dtype)) * scaling).to(lora_B.dtype)
         return (dx, dx_down, d_a, d_b, d_ew, d_eb, *gate_grads)
 
-    conv_lora_fwd, conv_lora_bwd, conv_lora_gated_fwd, conv_lora_gated_bwd = define_layer_ops(
+    _LAYER = define_layer_ops(
         "convlora_cuda_layer", _fwd_impl, _bwd_impl, _gate_backward,
         dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r),
     )
+    conv_lora_fwd, conv_lora_bwd, conv_lora_gated_fwd, conv_lora_gated_bwd = _LAYER[:4]
 
 
 def conv_lora_forward(
@@ -320,9 +321,8 @@ def conv_lora_forward(
     x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
     if expert_index is not None:
         expert_index = expert_index.long()
-    op = conv_lora_gated_fwd if multiply_by_gate else conv_lora_fwd
-    out, index, moe_loss = op(
-        x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise,
-        float(scaling), expert_index, noise,
+    out, index, moe_loss = _LAYER(
+        multiply_by_gate, x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
+        w_gate, w_noise, float(scaling), expert_index, noise,
     )[:3]
     return out, index, moe_loss

@@ -43,6 +43,7 @@ from ._triton_common import ENV_POISON, register_op, kernel_launcher
 from ._triton_common import INTERPRET as _INTERPRET
 from ._triton_common import empty as _empty
 from .triton_gate import gate_backward, gate_forward
+from .triton_gate import _gate_bwd_impl as gate_backward_impl
 
 __all__ = ["ENV_AUTOTUNE", "ENV_POISON", "conv_lora_forward", "unavailable_reason"]
 
@@ -1132,9 +1133,11 @@ def _bwd_impl(
     return (dx, dx_down, d_a, d_b, d_ew, d_eb, *gate_grads)
 
 
-conv_lora_fwd, conv_lora_bwd, conv_lora_gated_fwd, conv_lora_gated_bwd = define_layer_ops(
+_LAYER = define_layer_ops(
     _NAMESPACE, _fwd_impl, _bwd_impl, gate_backward, register=register_op,
+    gate_backward_impl=gate_backward_impl,
 )
+conv_lora_fwd, conv_lora_bwd, conv_lora_gated_fwd, conv_lora_gated_bwd = _LAYER[:4]
 
 
 # ----------------------------------------------------------------------------- backend API
@@ -1170,9 +1173,8 @@ def conv_lora_forward(
         long, moe_loss (0-dim float32).
     """
     x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
-    op = conv_lora_gated_fwd if multiply_by_gate else conv_lora_fwd
-    out, index, moe_loss = op(
-        x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
+    out, index, moe_loss = _LAYER(
+        multiply_by_gate, x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias,
         w_gate, w_noise, float(scaling), expert_index, noise,
     )[:3]
     return out, index, moe_loss
