@@ -90,12 +90,12 @@ class LayerOps(NamedTuple):
         """The layer forward (the 13 inputs of ``conv_lora_fwd``; outputs as the op's).
 
         Eager calls on plain tensors skip the dispatcher: a ``torch.autograd.Function`` runs the
-        implementation and the same backward formula directly. Measured reason: on CPU-side
-        overhead alone, the custom-op route (Python dispatch of ``conv_lora_fwd`` and
-        ``conv_lora_bwd``, ``register_autograd``'s argument binding, the gate backward op) cost
-        ~0.3-0.45 ms per forward+backward on the 2-core development machine, and the H200 run of
-        2026-11-28 found the layer host-bound (host ~2.1 ms against ~1.0-1.25 ms of kernels for
-        the cuda backend). Under torch.compile/export, inside a Python dispatch mode (fake
+        implementation and the same backward formula directly. Measured reason: the H200 run
+        of 2026-11-28 found the layer host-bound (cuda backend: ~2.1 ms of host time per
+        forward+backward against ~1.0-1.25 ms of kernels), and the custom-op route (Python
+        dispatch of ``conv_lora_fwd`` and ``conv_lora_bwd``, ``register_autograd``'s argument
+        binding, the gate backward op) costs 0.16-0.28 ms of that per step on the 2-core
+        development machine (cuda backend's CPU kernels, tiny shape, interleaved A/B: 9-16%). Under torch.compile/export, inside a Python dispatch mode (fake
         tensors, opcheck, a user's TorchDispatchMode), for tensor subclasses, or with
         ``CONVLORA_DISPATCH=op``, the registered ops run: same implementations, same formula.
         """
