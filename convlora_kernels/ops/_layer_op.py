@@ -95,8 +95,9 @@ class LayerOps(NamedTuple):
         forward+backward against ~1.0-1.25 ms of kernels), and the custom-op route (Python
         dispatch of ``conv_lora_fwd`` and ``conv_lora_bwd``, ``register_autograd``'s argument
         binding, the gate backward op) costs 0.16-0.28 ms of that per step on the 2-core
-        development machine (cuda backend's CPU kernels, tiny shape, interleaved A/B: 9-16%). Under torch.compile/export, inside a Python dispatch mode (fake
-        tensors, opcheck, a user's TorchDispatchMode), for tensor subclasses, or with
+        development machine (cuda backend's CPU kernels, tiny shape, interleaved A/B: 9-16%).
+        Under torch.compile/export, inside a Python dispatch mode (fake tensors, opcheck, a
+        user's TorchDispatchMode), under torch.func transforms, for tensor subclasses, or with
         ``CONVLORA_DISPATCH=op``, the registered ops run: same implementations, same formula.
         """
         if _skip_dispatcher(inputs):
@@ -110,7 +111,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _skip_dispatcher(inputs: tuple) -> bool:
     if torch.compiler.is_compiling() or os.environ.get(ENV_DISPATCH, "auto") == "op":
         return False
-    if _get_current_dispatch_mode() is not None:
+    # torch.func transforms wrap plain-typed tensors: the ops' autograd registration serves them.
+    if _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active():
         return False
     return all(t is None or type(t) in _PLAIN for t in inputs if not isinstance(t, float))
 
