@@ -97,8 +97,9 @@ class LayerOps(NamedTuple):
         binding, the gate backward op) costs 0.16-0.28 ms of that per step on the 2-core
         development machine (cuda backend's CPU kernels, tiny shape, interleaved A/B: 9-16%).
         Under torch.compile/export, inside a Python dispatch mode (fake tensors, opcheck, a
-        user's TorchDispatchMode), under torch.func transforms, for tensor subclasses, or with
-        ``CONVLORA_DISPATCH=op``, the registered ops run: same implementations, same formula.
+        user's TorchDispatchMode), for tensor subclasses, or with ``CONVLORA_DISPATCH=op``, the
+        registered ops run: same implementations, same formula. (torch.func transforms work on
+        neither path, as before: torch 2.11-2.14's ``register_autograd`` does not support them.)
         """
         if _skip_dispatcher(inputs):
             return (self.gated_eager if gated else self.eager).apply(*inputs)
@@ -111,8 +112,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _skip_dispatcher(inputs: tuple) -> bool:
     if torch.compiler.is_compiling() or os.environ.get(ENV_DISPATCH, "auto") == "op":
         return False
-    # torch.func transforms wrap plain-typed tensors: the ops' autograd registration serves them.
-    if _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active():
+    if _get_current_dispatch_mode() is not None:
         return False
     return all(t is None or type(t) in _PLAIN for t in inputs if not isinstance(t, float))
 
