@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 #: Triton decides at decoration time whether kernels run in its interpreter; so do we.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Tests set this to "1": every buffer the kernels write is allocated full of NaN.

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .._nvtx import nvtx_range
 from ._layer_op import apply_gate_factor, define_layer_ops, gate_factor_backward, prepare_inputs
-from ._triton_common import ENV_POISON, register_op, kernel_launcher
+from ._triton_common import ENV_POISON, kernel_launcher, register_op
 from ._triton_common import INTERPRET as _INTERPRET
 from ._triton_common import empty as _empty
 from .triton_gate import gate_backward, gate_forward

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import empty, register_op, kernel_launcher
+from ._triton_common import empty, kernel_launcher, register_op
 
 # reference.NOISE_EPSILON and reference.MOE_LOSS_WEIGHT (0.01 each) are literals in the kernels:
 # a plain global is a compile error there, and a tl.constexpr global breaks the interpreter.
