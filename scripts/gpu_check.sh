@@ -16,7 +16,7 @@
 # summary and the benchmark table are printed last. Exit status 1 if any stage failed.
 #
 # Knobs (environment): CONVLORA_CHECK_BUDGET_S (total seconds, default 570),
-# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,ncu; add
+# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,pytest-bench,ncu; add
 # sanitize for compute-sanitizer's memcheck and racecheck of the kernels, ~3-5 min, and tests for
 # the CPU-side tests on the GPU machine, which CI runs anyway),
 # CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
@@ -31,7 +31,7 @@ mkdir -p "$OUT/logs"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 PACK="${CONVLORA_CHECK_PACK:-}"
 BUDGET_S="${CONVLORA_CHECK_BUDGET_S:-570}"
-STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,kernels,ncu},"
+STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,kernels,pytest-bench,ncu},"
 BENCH_MINUTES="${CONVLORA_BENCH_MINUTES:-6}"
 BENCH_ARGS="${CONVLORA_BENCH_ARGS:-}"
 START=$(date +%s)
@@ -134,14 +134,14 @@ stage build 300 bash -c "$(declare -f build); PY=$PY build"
 TAIL_LINES=40 stage gpu-tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests -m gpu -v -p no:cacheprovider -rfEs \
   --durations=10 "${GPU_XDIST[@]}"
 
-# The benchmark gets what is left but ~120 s (kernel breakdown and ncu; the regular tests, when
+# The benchmark gets what is left but ~160 s (kernels, pytest-bench, ncu; the regular tests, when
 # asked for, get what remains after those), at most CONVLORA_BENCH_MINUTES. With the default
 # budget, a ~60 s build and a full gpu-tests stage that is ~3 min of rows. --max-minutes stops
 # starting rows 60 s before the stage's timeout, and the JSON is rewritten after every row
 # (meta.partial), so a row that overruns (a torch.compile row runs last and can take a minute)
 # still leaves the rows before it.
 LEFT=$(remaining)
-RESERVE=120
+RESERVE=160  # kernels ~15 s, pytest-bench ~40 s, ncu ~25 s (H200, 2026-11-28), with margin
 MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - $RESERVE - 60) / 60)), 1))")
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
 stage bench $(( LEFT - RESERVE )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
@@ -153,6 +153,12 @@ stage bench $(( LEFT - RESERVE )) "$PY" -m convlora_kernels.bench --out "$OUT/be
 TAIL_LINES=60 stage kernels 45 "$PY" -m convlora_kernels.bench --kernels --out "$OUT/kernels" \
   --shapes vitb-window-b4,vitb-global-b4 --providers linear,triton,cuda --dtype bf16 --r 8 \
   --routing random --mode fwdbwd --sam none
+
+# `pytest benchmarks/` on the GPU (the pytest-benchmark face of the same harness): one shape,
+# the fused backends against the Linear and LoRA, no SAM rows; its JSON beside the others.
+stage pytest-bench 60 "$PY" -m pytest benchmarks -q -p no:cacheprovider -p no:xdist \
+  --convlora-preset quick --convlora-providers linear,lora,triton,cuda --convlora-sam none \
+  --benchmark-json "$OUT/pytest-bench.json"
 
 # Profile mode under Nsight Compute: only the steady-state iterations are captured, and their
 # kernels carry the NVTX stack (convlora-bench:<row>#i > convlora.<stage>). One Triton
