@@ -240,7 +240,7 @@ def _make_backward(bwd: Callable, gated_bwd: Callable, gate_backward: Callable):
 
 
 def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
-                     gate_backward: Callable, register: Callable = torch.library.custom_op,
+                     gate_backward: Callable,
                      dx_row_stride: Callable[[int, int], int] = lambda c_in, r: c_in,
                      gate_backward_impl: Callable | None = None) -> LayerOps:
     """Register ``{namespace}::conv_lora_fwd`` / ``conv_lora_bwd`` and the multiply_by_gate pair
@@ -249,8 +249,8 @@ def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
     ``fwd_impl(*fwd args, multiply_by_gate)`` returns 6 tensors, 8 with multiply_by_gate;
     ``bwd_impl(*bwd args, gate)`` takes ``gate`` = None or (g, w_gate, w_noise, noise, gate_p, d)
     and returns 6 tensors, 8 with ``gate`` (see the module docstring).
-    ``register(qualname, fn, mutates_args=(), schema=...)`` is ``torch.library.custom_op`` (both
-    backends: see ``_triton_common.register_op`` for why not ``triton_op``).
+    The ops are ``torch.library.custom_op``s for both backends (see ``_triton_common`` for why
+    the Triton ones are not ``triton_op``s).
     ``dx_row_stride(C_in, r)`` is the row stride of the dx the backward returns (C_in when it is
     contiguous; the fake must report the real layout). ``gate_backward(g, w_gate, w_noise,
     noise, dmoe, dg_scale) -> (dg * dg_scale in g's dtype, d_w_gate, d_w_noise)`` differentiates
@@ -270,7 +270,7 @@ def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
         return bwd_impl(*args[:14], args[14:])
 
     ops = {
-        key: register(f"{namespace}::{name}", fn, mutates_args=(), schema=schema)
+        key: torch.library.custom_op(f"{namespace}::{name}", fn, mutates_args=(), schema=schema)
         for key, name, fn, schema in (
             ("fwd", "conv_lora_fwd", layer_fwd, FWD_SCHEMA),
             ("bwd", "conv_lora_bwd", layer_bwd, BWD_SCHEMA),

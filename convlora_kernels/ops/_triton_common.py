@@ -1,4 +1,5 @@
-"""What the Triton op files share: interpreter detection, op registration, poisoned buffers."""
+"""What the Triton op files share: interpreter detection, why the ops are custom ops, the launch
+indirection, poisoned buffers."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Tests set this to "1": every buffer the kernels write is allocated full of NaN.
 ENV_POISON = "CONVLORA_POISON"
-#: The ops are opaque custom ops on every device (their fake implementations stand in for them
-#: under tracing), not ``triton_op``s whose kernels Inductor traces through ``wrap_triton``.
+#: The Triton ops are ``torch.library.custom_op``s on every device, opaque to Inductor (their fake
+#: implementations stand in for them under tracing), not ``triton_op``s whose kernels Inductor
+#: traces through ``wrap_triton``.
 #: Measured reason (H200, torch 2.11 + Triton 3.6, 2026-11-28): torch's TTIR mutation analysis
 #: follows the results of the kernels' helper-function calls conservatively and reports the
 #: expert backward's read-only inputs (z, expert_bias, the routing index) as written; AOTAutograd
@@ -19,7 +21,6 @@ ENV_POISON = "CONVLORA_POISON"
 #: fails ("a leaf Variable that requires grad is being used in an in-place operation"). Opaque
 #: ops compile with ``fullgraph=True`` just the same, and are exactly what the CPU tests (the
 #: interpreter) exercise.
-register_op = torch.library.custom_op
 
 
 def kernel_launcher(kernel):

@@ -26,7 +26,7 @@ Everything is deterministic (no atomics), free of host syncs and CUDA-graph capt
 Intermediates are float32. Inputs may be float32, bfloat16 or float16 (float64 goes to eager).
 
 The ops are ``torch.library.custom_op``s on every device, opaque to ``torch.compile`` (their
-fakes stand in): see ``_triton_common.register_op`` for the measured reason (not ``triton_op``).
+fakes stand in): see ``_triton_common`` for the measured reason (not ``triton_op``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .._nvtx import nvtx_range
 from ._layer_op import apply_gate_factor, define_layer_ops, gate_factor_backward, prepare_inputs
-from ._triton_common import ENV_POISON, kernel_launcher, register_op
+from ._triton_common import ENV_POISON, kernel_launcher
 from ._triton_common import INTERPRET as _INTERPRET
 from ._triton_common import empty as _empty
 from .triton_gate import gate_backward, gate_forward
@@ -1134,7 +1134,7 @@ def _bwd_impl(
 
 
 _LAYER = define_layer_ops(
-    _NAMESPACE, _fwd_impl, _bwd_impl, gate_backward, register=register_op,
+    _NAMESPACE, _fwd_impl, _bwd_impl, gate_backward,
     gate_backward_impl=gate_backward_impl,
 )
 conv_lora_fwd, conv_lora_bwd, conv_lora_gated_fwd, conv_lora_gated_bwd = _LAYER[:4]

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import empty, kernel_launcher, register_op
+from ._triton_common import empty, kernel_launcher
 
 # reference.NOISE_EPSILON and reference.MOE_LOSS_WEIGHT (0.01 each) are literals in the kernels:
 # a plain global is a compile error there, and a tl.constexpr global breaks the interpreter.
@@ -298,7 +298,7 @@ def _gate_bwd_impl(g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
 
 # The backward runs from the layer's autograd formula, outside the layer ops: an op of its own
 # so that torch.compile traces it like the others.
-gate_backward = register_op(
+gate_backward = torch.library.custom_op(
     "convlora_triton::gate_bwd", _gate_bwd_impl, mutates_args=(),
     schema="(Tensor g, Tensor w_gate, Tensor w_noise, Tensor noise, Tensor dloss, float dg_scale)"
     " -> (Tensor, Tensor, Tensor)",
