@@ -1,19 +1,23 @@
 """NVTX ranges around the stages of the layer, for Nsight Systems and Nsight Compute.
 
-A range is pushed only when ``CONVLORA_NVTX=1`` is set and a CUDA device is present, so the
-layer pays nothing (one environment lookup) when nobody profiles; under ``torch.compile``
-tracing it is a no-op, so it never causes a graph break.
+A range is pushed only when ``CONVLORA_NVTX=1`` is set and a CUDA device is present; under
+``torch.compile`` tracing it is a no-op, so it never causes a graph break. When nobody profiles,
+``nvtx_range`` costs one environment lookup and returns a shared no-op context: measured reason,
+the ``contextlib.contextmanager`` version cost ~5 us per range on the 2-core development
+machine (a generator per call), and the fused backends enter up to nine ranges per
+forward+backward. (The cuda backend's stages are ranges pushed from C++: csrc/layer.cpp.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 
 ENV_NVTX = "CONVLORA_NVTX"
+
+_OFF = contextlib.nullcontext()  # stateless, so one instance serves every call
 
 
 def nvtx_enabled() -> bool:
@@ -25,14 +29,20 @@ def nvtx_enabled() -> bool:
     )
 
 
-@contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """Bracket a block with an NVTX range named ``name`` when profiling is enabled."""
-    if not nvtx_enabled():
-        yield
-        return
-    torch.cuda.nvtx.range_push(name)
-    try:
-        yield
-    finally:
+class _Range:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        torch.cuda.nvtx.range_push(self.name)
+
+    def __exit__(self, *exc) -> None:
         torch.cuda.nvtx.range_pop()
+
+
+def nvtx_range(name: str) -> contextlib.AbstractContextManager:
+    """Bracket a block (``with nvtx_range(name):``) with an NVTX range named ``name`` when
+    profiling is enabled."""
+    return _Range(name) if nvtx_enabled() else _OFF

@@ -2,9 +2,9 @@
 // Python module stub that makes `import convlora_kernels._C` load this library (which runs the
 // registrations below).
 //
-// Fake (meta) implementations, autograd, and the layer built from these ops (with the cuBLAS
-// GEMMs of the up-projection and of dx) live on the Python side
-// (convlora_kernels/ops/cuda_conv_lora.py), which is where torch.library expects them.
+// Fake (meta) implementations and autograd live on the Python side
+// (convlora_kernels/ops/cuda_conv_lora.py), which is where torch.library expects them; the
+// layer's composition of these ops with the cuBLAS GEMMs is in layer.cpp (its own fragment).
 #include <Python.h>
 #include <torch/library.h>
 

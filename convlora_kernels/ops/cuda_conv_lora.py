@@ -18,7 +18,10 @@ arithmetic (``csrc/convlora_math.h``):
 
 The layer is the op pair ``convlora_cuda_layer::conv_lora_fwd`` / ``conv_lora_bwd``
 (:mod:`convlora_kernels.ops._layer_op`: the same signatures, fakes and autograd as the Triton
-backend) built from those ops and cuBLAS GEMMs (through ATen):
+backend) built from those ops and cuBLAS GEMMs (through ATen). The composition is C++
+(``csrc/layer.cpp``): ``layer_fwd_head`` (down-projection, gate, experts) and ``layer_fwd_up``
+forward, ``layer_bwd_dy`` and ``layer_bwd_rest`` backward, split where the optional gate factor's
+PyTorch ops go, so a layer call crosses from Python into C++ twice each way:
 
 - forward: ``out = [x | y | 0] [W | s B | 0]^T + b``, one GEMM with K = C_in + r rounded up to 8
   (tensor-core alignment), whose left operand down_proj wrote (one extra write of x, no extra
@@ -50,8 +53,9 @@ _BUILD_HINT = (
     "CONVLORA_BUILD_CUDA=1 makes a missing toolkit an error instead of a silent skip)"
 )
 
-#: The ops this module needs from the extension (csrc/ops.cpp).
-_OPS = ("down_proj", "experts_fwd", "experts_bwd", "gate_fwd", "gate_bwd")
+#: The ops this module needs from the extension (csrc/ops.cpp, csrc/layer.cpp).
+_OPS = ("down_proj", "experts_fwd", "experts_bwd", "gate_fwd", "gate_bwd", "layer_fwd_head",
+        "layer_fwd_up", "layer_bwd_dy", "layer_bwd_rest")
 
 
 def _load_extension() -> str | None:
@@ -93,54 +97,23 @@ def unavailable_reason(x: torch.Tensor) -> str | None:
 
 
 def _autocast_off(fn):
-    """Run ``fn(t, ...)`` with autocast disabled on ``t``'s device: the layer picks its own
-    precisions (float32 intermediates), and the ATen GEMMs inside it must not be re-cast by an
-    enclosing autocast region."""
+    """Run ``fn(t, ...)`` with autocast disabled on ``t``'s device when it is enabled: the layer
+    picks its own precisions (float32 intermediates). The C++ composition excludes autocast
+    itself; this covers the Python gate-factor ops between its pieces."""
     @functools.wraps(fn)
     def wrapper(t, *args):
+        if not torch.is_autocast_enabled(t.device.type):
+            return fn(t, *args)
         with torch.autocast(t.device.type, enabled=False):
             return fn(t, *args)
     return wrapper
 
 
-def _round_up(v: int, k: int) -> int:
-    return (v + k - 1) // k * k
-
-
 def _gemm_cols(c_in: int, r: int) -> int:
-    """Width of the [x | y | 0] and [dx | dy | 0] GEMM operands: 16-byte aligned rows."""
-    return _round_up(c_in + r, 8)
-
-
-def _up_proj(x2d: torch.Tensor, xcat: torch.Tensor | None, y: torch.Tensor,
-             weight: torch.Tensor, bias: torch.Tensor | None, lora_B: torch.Tensor,
-             scaling: float) -> torch.Tensor:
-    """out = x W^T + b + scaling y B^T, (M, C_out) in x's dtype.
-
-    x2d: (M, C_in); xcat: (M, _gemm_cols) with x in its first C_in columns and zeros after, or
-    None; y: (M, r) float32/64, rounded to x's dtype for the GEMM as eager autocast code would.
-    """
-    m, c_in = x2d.shape
-    c_out, r = lora_B.shape
-    b_low = lora_B.to(x2d.dtype)
-    if c_in > c_out:  # the copy of x would cost more than a second pass over out
-        out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        return out.addmm_(y.to(x2d.dtype), b_low.t(), beta=1, alpha=scaling)
-    cols = _gemm_cols(c_in, r)
-    if xcat is None:  # x_down differs from x (dropout): down_proj could not write the copy
-        xcat = _with_columns(x2d, None, cols)
-    xcat[:, c_in:c_in + r].copy_(y)  # rounds y to x's dtype
-    wcat = _with_columns(weight, b_low * scaling, cols)
-    return torch.addmm(bias, xcat, wcat.t()) if bias is not None else xcat @ wcat.t()
-
-
-def _with_columns(a: torch.Tensor, extra: torch.Tensor | None, width: int) -> torch.Tensor:
-    """[a | extra | 0], width columns in all: one concatenation launch.
-
-    a: (rows, C); extra: (rows, r) or None (zeros there too)."""
-    parts = [a] if extra is None else [a, extra]
-    pad = width - sum(p.shape[1] for p in parts)
-    return torch.cat(parts + ([a.new_zeros((a.shape[0], pad))] if pad else []), dim=1)
+    """Width of the [x | y | 0] and [dx | dy | 0] GEMM operands, C_in + r rounded up to 8 (16-byte
+    aligned rows): the row stride of the dx the backward returns. Must equal ``gemm_cols`` in
+    csrc/layer.cpp (the fake declares it; opcheck and the compile tests compare)."""
+    return (c_in + r + 7) // 8 * 8
 
 
 if _LOAD_ERROR is None:
@@ -203,74 +176,36 @@ if _LOAD_ERROR is None:
     )
 
     # ------------------------------------------------------------------ the layer
+    # The composition is C++ (csrc/layer.cpp: two ops each way, split where the optional gate
+    # factor's PyTorch ops sit); see the module docstring for the GEMM layout.
     @_autocast_off
     def _fwd_impl(x, x_down, weight, bias, lora_A, lora_B, expert_weight, expert_bias, w_gate,
                   w_noise, scaling, expert_index, noise, multiply_by_gate):
-        n, h, w, c_in = x.shape
-        m = n * h * w
-        r = lora_A.shape[0]
-        c_out = weight.shape[0]
-        fold = x_down is None and c_in <= c_out  # down_proj writes [x | 0] for the up GEMM
-        xd = x if x_down is None else x_down
-        with nvtx_range("convlora.cuda.down_proj"):
-            z, g, xcat = _ops.down_proj(xd.contiguous(), lora_A.to(x.dtype).contiguous(),
-                                        _gemm_cols(c_in, r) if fold else 0)
-        with nvtx_range("convlora.cuda.gate"):
-            index, moe_loss = _gate_forward(g, w_gate, w_noise, noise, expert_index)
-        with nvtx_range("convlora.cuda.experts"):
-            y = _ops.experts_fwd(z, index, expert_weight, expert_bias).view(m, r)
-            gate_outputs = ()
-            if multiply_by_gate:
-                y, gate_p, d = apply_gate_factor(z.view(m, r), y, g, w_gate, w_noise, noise, index)
-                gate_outputs = (gate_p, d)
-        with nvtx_range("convlora.cuda.up_proj"):
-            out = _up_proj(x.reshape(m, c_in), xcat.view(m, -1) if fold else None,
-                           y, weight, bias, lora_B, scaling)
-        return (out.view(n, h, w, c_out), index, moe_loss, z.view(m, r), g, y) + gate_outputs
+        z, g, xcat, index, moe_loss, y = _ops.layer_fwd_head(
+            x, x_down, weight, lora_A, expert_weight, expert_bias, w_gate, w_noise, expert_index,
+            noise)
+        gate_outputs = ()
+        if multiply_by_gate:
+            with nvtx_range("convlora.cuda.gate_factor"):
+                y, gate_p, d = apply_gate_factor(z, y, g, w_gate, w_noise, noise, index)
+            gate_outputs = (gate_p, d)
+        out = _ops.layer_fwd_up(x, xcat, y, weight, bias, lora_B, scaling)
+        return (out, index, moe_loss, z, g, y) + gate_outputs
 
     @_autocast_off
     def _bwd_impl(dout, x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, z, y,
                   dgs, expert_index, scaling, need_dx, gate):
-        n, h, w, c_in = x.shape
-        m = n * h * w
-        r = lora_A.shape[0]
-        c_out = weight.shape[0]
-        d2 = dout.reshape(m, c_out).to(x.dtype)
-        a_low, b_low = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        with nvtx_range("convlora.cuda.bwd.dx_dy"):
-            if need_dx:  # dx and dy from one read of dout
-                both = d2 @ _with_columns(weight, b_low, _gemm_cols(c_in, r))
-                dx, dy = both[:, :c_in], both[:, c_in:c_in + r]
-            else:
-                dx, dy = x.new_empty((0,)), d2 @ b_low
-            dy = (dy.to(z.dtype) * scaling).view(n, h, w, r)
-        dd, gate_grads = dy, ()  # dd: the expert output's gradient
+        dxy, dy = _ops.layer_bwd_dy(dout, x, weight, lora_B, scaling, need_dx)
+        dd, gate_grads = None, ()  # dd: the expert output's gradient, when it is not dy
         if gate:
             with nvtx_range("convlora.cuda.bwd.gate_factor"):
-                dd, dgs, *gate_grads = gate_factor_backward(dy.view(m, r), dgs, *gate, expert_index)
+                n, h, w, r = dy.shape
+                dd, dgs, *gate_grads = gate_factor_backward(dy.view(-1, r), dgs, *gate,
+                                                            expert_index)
                 dd = dd.view(n, h, w, r)
-        with nvtx_range("convlora.cuda.bwd.experts"):
-            dz, d_ew, d_eb = _ops.experts_bwd(z.view(n, h, w, r), expert_index, expert_weight,
-                                              expert_bias, dd)
-            dz = dz + dgs.view(n, 1, 1, r)  # g = mean: each token gets dg / HW
-            if gate:  # the kernel's residual term was dd = p dy, not dy
-                dz += dy - dd
-            dz = dz.view(m, r)
-            dz_low = dz.to(x.dtype)
-        with nvtx_range("convlora.cuda.bwd.dx"):
-            if x_down is None:
-                if need_dx:
-                    dx.addmm_(dz_low, a_low)  # in place, beta = 1: no second dx, no sum
-                dx_down = x.new_empty((0,))
-            else:
-                dx_down = (dz_low @ a_low).view(x_down.shape)
-            if need_dx:
-                dx = dx.view(n, h, w, c_in)
-        with nvtx_range("convlora.cuda.bwd.dA_dB"):
-            xd2d = (x if x_down is None else x_down).reshape(m, c_in)
-            d_a = (dz_low.t() @ xd2d).to(lora_A.dtype)
-            d_b = ((d2.t() @ y.to(x.dtype)) * scaling).to(lora_B.dtype)
-        return (dx, dx_down, d_a, d_b, d_ew, d_eb, *gate_grads)
+        grads = _ops.layer_bwd_rest(dout, x, x_down, lora_A, lora_B, expert_weight, expert_bias,
+                                    z, y, dgs, expert_index, dxy, dy, dd, scaling, need_dx)
+        return (*grads, *gate_grads)
 
     _LAYER = define_layer_ops(
         "convlora_cuda_layer", _fwd_impl, _bwd_impl, _gate_backward,
