@@ -16,7 +16,7 @@
 # summary and the benchmark table are printed last. Exit status 1 if any stage failed.
 #
 # Knobs (environment): CONVLORA_CHECK_BUDGET_S (total seconds, default 570),
-# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,pytest-bench,ncu; add
+# CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,host,pytest-bench,ncu; add
 # sanitize for compute-sanitizer's memcheck and racecheck of the kernels, ~3-5 min, and tests for
 # the CPU-side tests on the GPU machine, which CI runs anyway),
 # CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
@@ -31,7 +31,7 @@ mkdir -p "$OUT/logs"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 PACK="${CONVLORA_CHECK_PACK:-}"
 BUDGET_S="${CONVLORA_CHECK_BUDGET_S:-570}"
-STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,kernels,pytest-bench,ncu},"
+STAGES=",${CONVLORA_CHECK_STAGES:-env,install,build,gpu-tests,bench,kernels,host,pytest-bench,ncu},"
 BENCH_MINUTES="${CONVLORA_BENCH_MINUTES:-6}"
 BENCH_ARGS="${CONVLORA_BENCH_ARGS:-}"
 START=$(date +%s)
@@ -141,7 +141,7 @@ TAIL_LINES=40 stage gpu-tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests 
 # (meta.partial), so a row that overruns (a torch.compile row runs last and can take a minute)
 # still leaves the rows before it.
 LEFT=$(remaining)
-RESERVE=160  # kernels ~15 s, pytest-bench ~40 s, ncu ~25 s (H200, 2026-11-28), with margin
+RESERVE=180  # kernels ~15 s, host ~15 s, pytest-bench ~40 s, ncu ~25 s (H200, 2026-11-28), with margin
 MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - $RESERVE - 60) / 60)), 1))")
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
 stage bench $(( LEFT - RESERVE )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
@@ -153,6 +153,10 @@ stage bench $(( LEFT - RESERVE )) "$PY" -m convlora_kernels.bench --out "$OUT/be
 TAIL_LINES=60 stage kernels 45 "$PY" -m convlora_kernels.bench --kernels --out "$OUT/kernels" \
   --shapes vitb-window-b4,vitb-global-b4 --providers linear,triton,cuda --dtype bf16 --r 8 \
   --routing random --mode fwdbwd --sam none
+
+# Host time per layer call at a tiny shape (kernels negligible: what the host needs to issue a
+# forward+backward), fused backends against the frozen Linear (scripts/host_time.py, ~15 s).
+stage host 40 "$PY" scripts/host_time.py --device cuda --backends cuda,triton --rounds 5 --calls 50
 
 # `pytest benchmarks/` on the GPU (the pytest-benchmark face of the same harness): one shape,
 # the fused backends against the Linear and LoRA, no SAM rows; its JSON beside the others.

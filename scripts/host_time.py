@@ -8,7 +8,7 @@ bounds the fused layer on a GPU when its kernels are shorter than the host's tim
 the CPU the figure also includes the CPU kernels' work, which the Linear's row puts in scale.
 
 Usage:
-    python scripts/host_time.py [--backends cuda,triton] [--rounds 7] [--calls 100]
+    python scripts/host_time.py [--device cuda] [--backends cuda,triton] [--rounds 7] [--calls 100]
     python scripts/host_time.py --against /path/to/other/checkout   # A/B, interleaved processes
 
 Prints, per row, the median over rounds of the mean time per call (us) and its ratio to the
@@ -35,7 +35,11 @@ def measure(backends: list[str], rounds: int, calls: int, device: str) -> dict[s
     """Median over ``rounds`` of the mean us per call, for each row; rows interleave per round."""
     import torch
 
-    from convlora_kernels import ConvLoRALinear
+    try:
+        from convlora_kernels import ConvLoRALinear
+    except ImportError:  # run as `python scripts/host_time.py` from a checkout not installed
+        sys.path.insert(0, str(ROOT))
+        from convlora_kernels import ConvLoRALinear
 
     torch.manual_seed(0)
     n, h, w, c_in, c_out, r = 2, 2, 2, 8, 24, 3
@@ -86,7 +90,9 @@ def report(label: str, result: dict[str, float]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="cuda,triton")
+    parser.add_argument("--backends", default=None,
+                        help="comma list (default: cuda,triton on a GPU, cuda on the CPU, where "
+                             "Triton's interpreter would time the interpreter)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--device", default="cpu")
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=3, help="A/B: processes per side")
     parser.add_argument("--json", action="store_true", help="print one JSON result line only")
     args = parser.parse_args(argv)
+    if args.backends is None:
+        args.backends = "cuda,triton" if args.device == "cuda" else "cuda"
     backends = [b for b in args.backends.split(",") if b]
     if args.against is None:
         result = measure(backends, args.rounds, args.calls, args.device)
