@@ -168,9 +168,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd_head(
 }
 
 // out = x W^T + b + scaling y B^T, (N, H, W, C_out) in x's dtype. x: (N, H, W, C_in); xcat: the
-// head's (N, H, W, gemm_cols) operand with x in its first C_in columns, or empty; y: (M, r)
-// float32/64, rounded to x's dtype for the GEMM as eager autocast code would.
-Tensor layer_fwd_up(const Tensor& x, const Tensor& xcat_in, const Tensor& y, const Tensor& weight,
+// head's (N, H, W, gemm_cols) operand with x in its first C_in columns (y is written into the
+// next r: the op mutates it), or empty; y: (M, r) float32/64, rounded to x's dtype for the GEMM
+// as eager autocast code would.
+Tensor layer_fwd_up(const Tensor& x, Tensor& xcat_in, const Tensor& y, const Tensor& weight,
                     const OptTensor& bias, const Tensor& lora_B, double scaling) {
   LayerScope scope;
   NvtxRange range(x, "convlora.cuda.up_proj");
@@ -185,7 +186,7 @@ Tensor layer_fwd_up(const Tensor& x, const Tensor& xcat_in, const Tensor& y, con
   } else {
     const int64_t cols = gemm_cols(c_in, r);
     // x_down differs from x (dropout): the head could not write the copy.
-    Tensor xcat = xcat_in.numel() > 0 ? xcat_in.view({m, cols}) : with_columns(x2d, Tensor(), cols);
+    Tensor xcat = xcat_in.dim() == 4 ? xcat_in.view({m, cols}) : with_columns(x2d, Tensor(), cols);
     xcat.narrow(1, c_in, r).copy_(y);  // rounds y to x's dtype
     const Tensor wcat = with_columns(weight, b_low * scaling, cols);
     out = bias.has_value() ? at::addmm(*bias, xcat, wcat.t()) : at::mm(xcat, wcat.t());
@@ -219,14 +220,15 @@ std::tuple<Tensor, Tensor> layer_bwd_dy(const Tensor& dout, const Tensor& x, con
 
 // The rest of the backward. dy: layer_bwd_dy's; dd: the expert output's gradient when it differs
 // from dy (the gate factor: dd = p dy), else absent; dgs (N, r): g's gradient / (H*W); dxy:
-// layer_bwd_dy's GEMM output. z, y: (M, r). Returns dx (N, H, W, C_in), a view of dxy (row stride
-// gemm_cols), or empty when not need_dx; dx_down (x_down's shape) or empty when x_down is absent
-// (then dz A is in dx); d lora_A, d lora_B, d expert_weight, d expert_bias in their dtypes.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
+// layer_bwd_dy's GEMM output, or empty: when x_down is absent, dz A is added in place to its
+// first C_in columns, which then hold dx (the caller views them: row stride gemm_cols). z, y:
+// (M, r). Returns dx_down (x_down's shape), or empty when x_down is absent; d lora_A, d lora_B,
+// d expert_weight, d expert_bias in their dtypes.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
     const Tensor& dout, const Tensor& x, const OptTensor& x_down, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& expert_weight, const Tensor& expert_bias, const Tensor& z,
-    const Tensor& y, const Tensor& dgs, const Tensor& expert_index, const Tensor& dxy,
-    const Tensor& dy, const OptTensor& dd, double scaling, bool need_dx) {
+    const Tensor& y, const Tensor& dgs, const Tensor& expert_index, Tensor& dxy, const Tensor& dy,
+    const OptTensor& dd, double scaling) {
   LayerScope scope;
   const int64_t n = x.size(0), h = x.size(1), w = x.size(2), c_in = x.size(3);
   const int64_t r = lora_A.size(0), c_out = lora_B.size(0), m = n * h * w;
@@ -241,26 +243,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
   }
   const Tensor dz_low = dz.view({m, r}).to(x.scalar_type());
   const Tensor a_low = lora_A.to(x.scalar_type());
-  Tensor dx = x.new_empty({0}), dx_down = x.new_empty({0});
+  Tensor dx_down = x.new_empty({0});
   {
     NvtxRange range(x, "convlora.cuda.bwd.dx");
-    if (!x_down.has_value()) {
-      if (need_dx) {
-        dx = dxy.narrow(1, 0, c_in);
-        dx.addmm_(dz_low, a_low);  // in place, beta = 1: no second dx, no sum
-        dx = dx.view({n, h, w, c_in});
-      }
-    } else {
+    if (x_down.has_value())
       dx_down = at::mm(dz_low, a_low).view(x_down->sizes());
-      if (need_dx) dx = dxy.narrow(1, 0, c_in).view({n, h, w, c_in});
-    }
+    else if (dxy.dim() == 2)  // in place, beta = 1: no second dx, no sum
+      dxy.narrow(1, 0, c_in).addmm_(dz_low, a_low);
   }
   NvtxRange range(x, "convlora.cuda.bwd.dA_dB");
   const Tensor xd2d = (x_down.has_value() ? *x_down : x).reshape({m, c_in});
   const Tensor d2 = dout.reshape({m, c_out}).to(x.scalar_type());
   const Tensor d_a = at::mm(dz_low.t(), xd2d).to(lora_A.scalar_type());
   const Tensor d_b = at::mm(d2.t(), y.to(x.scalar_type())).mul_(scaling).to(lora_B.scalar_type());
-  return {dx, dx_down, d_a, d_b, d_ew, d_eb};
+  return {dx_down, d_a, d_b, d_ew, d_eb};
 }
 
 }  // namespace
@@ -273,7 +269,7 @@ TORCH_LIBRARY_FRAGMENT(convlora_cuda, m) {
       "Tensor? expert_index, Tensor? noise) -> (Tensor z, Tensor g, Tensor xcat, Tensor index, "
       "Tensor moe_loss, Tensor y)");
   m.def(
-      "layer_fwd_up(Tensor x, Tensor xcat, Tensor y, Tensor weight, Tensor? bias, "
+      "layer_fwd_up(Tensor x, Tensor(a!) xcat, Tensor y, Tensor weight, Tensor? bias, "
       "Tensor lora_B, float scaling) -> Tensor");
   m.def(
       "layer_bwd_dy(Tensor dout, Tensor x, Tensor weight, Tensor lora_B, float scaling, "
@@ -281,8 +277,8 @@ TORCH_LIBRARY_FRAGMENT(convlora_cuda, m) {
   m.def(
       "layer_bwd_rest(Tensor dout, Tensor x, Tensor? x_down, Tensor lora_A, Tensor lora_B, "
       "Tensor expert_weight, Tensor expert_bias, Tensor z, Tensor y, Tensor dgs, "
-      "Tensor expert_index, Tensor dxy, Tensor dy, Tensor? dd, float scaling, bool need_dx) -> "
-      "(Tensor dx, Tensor dx_down, Tensor d_lora_A, Tensor d_lora_B, Tensor d_expert_weight, "
+      "Tensor expert_index, Tensor(a!) dxy, Tensor dy, Tensor? dd, float scaling) -> "
+      "(Tensor dx_down, Tensor d_lora_A, Tensor d_lora_B, Tensor d_expert_weight, "
       "Tensor d_expert_bias)");
 }
 

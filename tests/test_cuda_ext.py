@@ -301,6 +301,29 @@ def test_opcheck_layer_ops(x_down, multiply_by_gate):
             torch.library.opcheck(bwd, bwd_args)
 
 
+@pytest.mark.parametrize("x_down", [False, True], ids=["x", "x_down"])
+def test_opcheck_composition_ops(x_down):
+    """The C++ composition's four ops (csrc/layer.cpp): schemas (xcat and dxy are declared
+    mutated, nothing aliases), their fake-tensor and traced behaviour. They are not
+    differentiable (their callers own the backward): inputs do not require grad."""
+    ops = torch.ops.convlora_cuda
+    x, xd, weight, bias, a, b, ew, eb, wg, wn, scaling, _, noise = _layer_op_args(
+        False, gated=True, x_down=x_down)
+    head_args = (x, xd, weight, a, ew, eb, wg, wn, None, noise)
+    torch.library.opcheck(ops.layer_fwd_head, head_args)
+    z, g, xcat, index, _, y = ops.layer_fwd_head(*head_args)
+    assert (xcat.numel() > 0) == (not x_down)  # C_in 6 <= C_out 10: x folded into the up GEMM
+    torch.library.opcheck(ops.layer_fwd_up, (x, xcat, y, weight, bias, b, scaling))
+    dout = torch.randn(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    for need_dx in (True, False):
+        torch.library.opcheck(ops.layer_bwd_dy, (dout, x, weight, b, scaling, need_dx))
+        dxy, dy = ops.layer_bwd_dy(dout, x, weight, b, scaling, need_dx)
+        for dd in (None, dy * 0.5):
+            rest = (dout, x, xd, a, b, ew, eb, z, y, torch.randn_like(g), index, dxy.clone(), dy,
+                    dd, scaling)
+            torch.library.opcheck(ops.layer_bwd_rest, rest)
+
+
 @pytest.mark.parametrize("n, r, e", GATE_CASES)
 @pytest.mark.parametrize("mode", ["train", "eval", "forced"])
 def test_gate_fwd_cpu_float64(n, r, e, mode):

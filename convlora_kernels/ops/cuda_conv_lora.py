@@ -204,8 +204,10 @@ if _LOAD_ERROR is None:
                                                             expert_index)
                 dd = dd.view(n, h, w, r)
         grads = _ops.layer_bwd_rest(dout, x, x_down, lora_A, lora_B, expert_weight, expert_bias,
-                                    z, y, dgs, expert_index, dxy, dy, dd, scaling, need_dx)
-        return (*grads, *gate_grads)
+                                    z, y, dgs, expert_index, dxy, dy, dd, scaling)
+        # dx: the first C_in columns of the dx/dy GEMM's output (finished in place by bwd_rest).
+        dx = dxy[:, :x.shape[-1]].view(x.shape) if need_dx else x.new_empty((0,))
+        return (dx, *grads, *gate_grads)
 
     _LAYER = define_layer_ops(
         "convlora_cuda_layer", _fwd_impl, _bwd_impl, _gate_backward,
