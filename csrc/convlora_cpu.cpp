@@ -122,8 +122,10 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
       const int i = static_cast<int>((m % hw) / W), j = static_cast<int>(m % W);
       const int s = static_cast<int>(idx[n]) + 1;
       const T* dup_n = dup + n * hw * r * kPatchArea;
+      GatherWeights<T> gw;
+      gather_weights<T>(H, W, i, j, s, gw);
       for (int c = 0; c < r; ++c)
-        dz[m * r + c] = dy[m * r + c] + gather_dz<T>(dup_n, H, W, r, c, i, j, s);
+        dz[m * r + c] = dy[m * r + c] + gather_dz<T>(dup_n, H, W, r, c, i, j, s, gw);
     }
   });
 }

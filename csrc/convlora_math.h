@@ -294,49 +294,67 @@ CONVLORA_HD int64_t dup_index(int64_t m, int r, int uy, int ux, int c) {
   return (m * kPatchArea + uy * kPatch + ux) * r + c;
 }
 
+// The weights of the dZ gather at input pixel (zi, zj), the same for every channel: for the 7
+// output rows i = zi - 3 + di, wrow[di][u] is the weight of their patch row u on input row zi
+// (zero when i is off the map, u is past the patch side or the U row is padding), any_row[di]
+// whether one is non-zero; wcol[dj][v] likewise for the output columns j = zj - 3 + dj.
+constexpr int kGatherSpan = 2 * kGatherRadius + 1;
+
+template <typename T>
+struct GatherWeights {
+  T wrow[kGatherSpan][kPatch];
+  T wcol[kGatherSpan][kPatch];
+  bool any_row[kGatherSpan];
+};
+
+// Row (axis 0) or column (axis 1) d of the weights: one output row/column's 6 patch weights on
+// input index z along an axis of `size` pixels. ~40 instructions per upsample_weight_on call,
+// 6 calls: the gather's weights cost more than its sums, hence computed once per pixel (CPU) or
+// once per pixel and block (GPU), not once per channel.
+template <typename T>
+CONVLORA_HD bool gather_axis_weights(int z, int d, int s, int size, T w[kPatch]) {
+  const int side = patch_side(s);
+  const int o = z - kGatherRadius + d;  // the output row (column)
+  const int origin = patch_origin(o, s);
+  bool any = false;
+  CONVLORA_UNROLL
+  for (int u = 0; u < kPatch; ++u) {
+    const int p = origin + u;
+    const bool used = o >= 0 && o < size && u < side && p >= 0 && p < s * size;
+    w[u] = used ? upsample_weight_on<T>(p, s, size, z) : T(0);
+    any = any || w[u] != T(0);
+  }
+  return any;
+}
+
+template <typename T>
+CONVLORA_HD void gather_weights(int H, int W, int zi, int zj, int s, GatherWeights<T>& g) {
+  for (int d = 0; d < kGatherSpan; ++d) {
+    g.any_row[d] = gather_axis_weights<T>(zi, d, s, H, g.wrow[d]);
+    gather_axis_weights<T>(zj, d, s, W, g.wcol[d]);
+  }
+}
+
 // dZ[n, zi, zj, c] gathered from the per-output-pixel U patch gradients of the outputs around
 // it, in a fixed order (deterministic, no atomics). dup_n points at the (H*W, 6, 6, r) patch
-// gradients of sample n (dup_index). The weights of the 7 x 6 patch columns around zj do not depend on the
-// output row, so they are computed once, not once per row (7x fewer upsample_weight_on calls,
-// ~40 instructions each); fixed trip counts let the GPU keep them in registers.
+// gradients of sample n (dup_index); gw: gather_weights(H, W, zi, zj, s).
 template <typename T>
-CONVLORA_HD T gather_dz(const T* dup_n, int H, int W, int r, int c, int zi, int zj, int s) {
-  constexpr int kSpan = 2 * kGatherRadius + 1;
+CONVLORA_HD T gather_dz(const T* dup_n, int H, int W, int r, int c, int zi, int zj, int s,
+                        const GatherWeights<T>& gw) {
   const int side = patch_side(s);
-  T wcol[kSpan][kPatch];
-  CONVLORA_UNROLL
-  for (int dj = 0; dj < kSpan; ++dj) {
-    const int j = zj - kGatherRadius + dj;
-    const int ox = patch_origin(j, s);
-    CONVLORA_UNROLL
-    for (int v = 0; v < kPatch; ++v) {
-      const int q = ox + v;
-      const bool used = j >= 0 && j < W && v < side && q >= 0 && q < s * W;
-      wcol[dj][v] = used ? upsample_weight_on<T>(q, s, W, zj) : T(0);
-    }
-  }
   T acc = T(0);
-  for (int di = 0; di < kSpan; ++di) {
+  for (int di = 0; di < kGatherSpan; ++di) {
     const int i = zi - kGatherRadius + di;
-    if (i < 0 || i >= H) continue;
-    const int oy = patch_origin(i, s);
-    T wrow[kPatch];
-    bool any_row = false;
+    if (i < 0 || i >= H || !gw.any_row[di]) continue;
+    const T* wrow = gw.wrow[di];
     CONVLORA_UNROLL
-    for (int u = 0; u < kPatch; ++u) {
-      const int p = oy + u;
-      wrow[u] = (u >= side || p < 0 || p >= s * H) ? T(0) : upsample_weight_on<T>(p, s, H, zi);
-      any_row = any_row || wrow[u] != T(0);
-    }
-    if (!any_row) continue;
-    CONVLORA_UNROLL
-    for (int dj = 0; dj < kSpan; ++dj) {
+    for (int dj = 0; dj < kGatherSpan; ++dj) {
       const int j = zj - kGatherRadius + dj;
       if (j < 0 || j >= W) continue;
       const int64_t m = static_cast<int64_t>(i) * W + j;
       CONVLORA_UNROLL
       for (int v = 0; v < kPatch; ++v) {
-        const T wq = wcol[dj][v];
+        const T wq = gw.wcol[dj][v];
         if (wq == T(0)) continue;
         T col = T(0);
         CONVLORA_UNROLL

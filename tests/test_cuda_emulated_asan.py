@@ -83,8 +83,9 @@ print("NOT CAUGHT")
 def test_address_sanitizer_catches_an_overflow():
     """A mutant whose dz gather's last block runs one thread past the end must be reported."""
     proc = _run_mutant(
-        ("if (k >= total) return;", "if (k > total) return;"), "convlora_cuda_emu_overflow",
-        # 8 samples x 5 x 7 pixels x r = 3: 840 = 3 * 256 + 72 threads, the last block partial.
+        ("if (p >= npix) return;", "if (p > npix) return;"), "convlora_cuda_emu_overflow",
+        # 8 samples x 5 x 7 pixels at r = 3: 280 = 4 * 64 + 24 pixels of 64 per block, the last
+        # block partial (its thread for pixel 24 then reads and writes one pixel past the end).
         "ops.experts_bwd(*_experts_case(8, 5, 7, 3, False, torch.float64))")
     assert proc.returncode != 0 and "heap-buffer-overflow" in proc.stderr, (proc.stdout + proc.stderr)[-4000:]
 
