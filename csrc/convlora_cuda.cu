@@ -62,6 +62,11 @@ void check_cuda(const at::Tensor& t, const char* name) {
 constexpr int kThreadsPerToken = 4;
 constexpr int kTokensPerBlock = kThreads / kThreadsPerToken;
 constexpr int kDownSmemBytes = 32 * 1024;
+// x vectors each thread loads ahead (see the kernel): 4 at r <= 8; one above, where the r
+// partial sums take the registers and each byte of x feeds 4-8x more FMAs (ptxas, sm_90, bf16:
+// 4 at RMAX = 8 is 79 registers, no spills; 2 at RMAX = 32 spilled 24 B, 4 at RMAX = 64 took 231).
+template <int RMAX>
+constexpr int loads_in_flight() { return RMAX <= 8 ? 4 : 1; }
 
 template <typename scalar_t, typename acc_t, int RMAX, int VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -89,15 +94,29 @@ __global__ void __launch_bounds__(kThreads)
           static_cast<acc_t>(a[static_cast<int64_t>(k / width) * C + c_base + k % width]);
     __syncthreads();
     if (active) {
-      for (int c = q * VEC; c < width; c += kThreadsPerToken * VEC) {
-        const Vec xv = *reinterpret_cast<const Vec*>(xm + c_base + c);
-        if (xcat != nullptr) *reinterpret_cast<Vec*>(xcat + m * ldc + c_base + c) = xv;
+      // kLoadsInFlight vectors are loaded before any is used: with four threads per token the
+      // whole grid is only ~600 threads per SM at SAM's shapes, and one 16-byte load in flight
+      // per thread leaves DRAM latency-bound (H200, 100 windows 14x14, bf16: 58 us for ~60 MB
+      // of traffic, ~5x the bandwidth's time).
+      constexpr int kStep = kThreadsPerToken * VEC;
+      constexpr int kLoadsInFlight = loads_in_flight<RMAX>();
+      for (int c0 = q * VEC; c0 < width; c0 += kStep * kLoadsInFlight) {
+        Vec xv[kLoadsInFlight];
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) {
-          const acc_t xf = static_cast<acc_t>(xv.v[u]);
+        for (int l = 0; l < kLoadsInFlight; ++l)
+          if (c0 + l * kStep < width) xv[l] = *reinterpret_cast<const Vec*>(xm + c_base + c0 + l * kStep);
 #pragma unroll
-          for (int k = 0; k < RMAX; ++k)
-            if (k < r) acc[k] += xf * a_s[k * kc + c + u];
+        for (int l = 0; l < kLoadsInFlight; ++l) {
+          const int c = c0 + l * kStep;
+          if (c >= width) break;
+          if (xcat != nullptr) *reinterpret_cast<Vec*>(xcat + m * ldc + c_base + c) = xv[l];
+#pragma unroll
+          for (int u = 0; u < VEC; ++u) {
+            const acc_t xf = static_cast<acc_t>(xv[l].v[u]);
+#pragma unroll
+            for (int k = 0; k < RMAX; ++k)
+              if (k < r) acc[k] += xf * a_s[k * kc + c + u];
+          }
         }
       }
     }
