@@ -123,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             runs[side].append(json.loads(out.strip().splitlines()[-1]))
     for side, root in sides.items():
         # Per process: each row over that process's own Linear, then the median of the ratios.
-        merged = {k: statistics.median(r[k] for r in runs[side]) for k in runs[side][0]}
-        ratios = {k: statistics.median(r[k] / r["linear fwdbwd"] for r in runs[side])
-                  for k in runs[side][0]}
+        results = runs[side]
+        merged = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        ratios = {k: statistics.median(r[k] / r["linear fwdbwd"] for r in results)
+                  for k in results[0]}
         print(f"{side} ({root}): median us per call, median of per-process ratios")
-        for name in merged:
-            print(f"  {name:16s} {merged[name]:9.1f} us  {ratios[name]:6.2f}x linear fwdbwd")
+        for name, us in merged.items():
+            print(f"  {name:16s} {us:9.1f} us  {ratios[name]:6.2f}x linear fwdbwd")
     return 0
 
 

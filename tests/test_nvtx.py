@@ -22,18 +22,15 @@ def test_off_without_the_variable(monkeypatch, recorded) -> None:
     monkeypatch.delenv(_nvtx.ENV_NVTX, raising=False)
     first, second = _nvtx.nvtx_range("a"), _nvtx.nvtx_range("b")
     assert first is second  # one shared no-op context: nothing allocated per call
-    with first:
-        with second:
-            pass
+    with first, second:
+        pass
     assert recorded == []
 
 
 def test_ranges_nest_and_pop_on_exceptions(monkeypatch, recorded) -> None:
     monkeypatch.setenv(_nvtx.ENV_NVTX, "1")
-    with pytest.raises(ValueError):
-        with _nvtx.nvtx_range("outer"):
-            with _nvtx.nvtx_range("inner"):
-                raise ValueError("boom")
+    with pytest.raises(ValueError), _nvtx.nvtx_range("outer"), _nvtx.nvtx_range("inner"):
+        raise ValueError("boom")
     assert recorded == [("push", "outer"), ("push", "inner"), ("pop",), ("pop",)]
 
 

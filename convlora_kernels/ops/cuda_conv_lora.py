@@ -148,11 +148,6 @@ if _LOAD_ERROR is None:
     def _gate_bwd_fake(g, w_gate, w_noise, noise, dloss, dg_scale):
         return torch.empty_like(g), g.new_empty(w_gate.shape), g.new_empty(w_gate.shape)
 
-    def _gate_forward(g, w_gate, w_noise, noise, expert_index):
-        """routing (gate.py) in one launch: (expert_index (N,) long, moe_loss 0-dim)."""
-        return _ops.gate_fwd(g, w_gate.to(g.dtype), w_noise.to(g.dtype),
-                             None if noise is None else noise.to(g.dtype), expert_index)
-
     def _gate_backward(g, w_gate, w_noise, noise, dmoe, dg_scale):
         """The training gate's loss gradient in one launch (the _layer_op gate_backward)."""
         if w_gate.shape[1] == 1:  # one expert: the loss is the constant 0
