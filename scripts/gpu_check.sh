@@ -141,7 +141,7 @@ TAIL_LINES=40 stage gpu-tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests 
 # (meta.partial), so a row that overruns (a torch.compile row runs last and can take a minute)
 # still leaves the rows before it.
 LEFT=$(remaining)
-RESERVE=180  # kernels ~15 s, host ~15 s, pytest-bench ~40 s, ncu ~25 s (H200, 2026-11-28), with margin
+RESERVE=195  # kernels ~15 s, host ~15 s, pytest-bench ~40 s, ncu ~40 s (H200, 2026-11-28), with margin
 MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - $RESERVE - 60) / 60)), 1))")
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
 stage bench $(( LEFT - RESERVE )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
@@ -165,9 +165,10 @@ stage pytest-bench 60 "$PY" -m pytest benchmarks -q -p no:cacheprovider -p no:xd
   --benchmark-json "$OUT/pytest-bench.json"
 
 # Profile mode under Nsight Compute: only the steady-state iterations are captured, and their
-# kernels carry the NVTX stack (convlora-bench:<row>#i > convlora.<stage>). One Triton
-# forward+backward of ViT-B's windowed qkv (100 windows, r = 8, random routing): the per-kernel
-# table (scripts/ncu_summary.py) says which kernel to work on next.
+# kernels carry the NVTX stack (convlora-bench:<row>#i > convlora.<stage>). One Triton and one
+# cuda forward+backward of ViT-B's windowed qkv (100 windows, r = 8, random routing): the
+# per-kernel table (scripts/ncu_summary.py) says which kernel to work on next, and the cuda
+# rows show the ranges csrc/layer.cpp pushes from C++ (convlora.cuda.*).
 ncu_check() {
   if ! command -v ncu >/dev/null; then
     echo "ncu not found: profile mode not checked"
@@ -175,7 +176,7 @@ ncu_check() {
   fi
   ncu --profile-from-start off --nvtx --section SpeedOfLight -c 80 \
     "$PY" -m convlora_kernels.bench --profile --profile-iters 1 --shapes vitb-window-b4 \
-    --providers triton --dtype bf16 --r 8 --routing random --mode fwdbwd --sam none \
+    --providers triton,cuda --dtype bf16 --r 8 --routing random --mode fwdbwd --sam none \
     >"$OUT/ncu.txt" 2>&1
   local rc=$?
   "$PY" scripts/ncu_summary.py "$OUT/ncu.txt" | tee "$OUT/ncu_summary.txt" | head -n 40
@@ -184,7 +185,7 @@ ncu_check() {
   echo "ncu captured $kernels kernel(s); NVTX stage ranges seen: $(grep -oE 'convlora\.[a-z_]+' "$OUT/ncu.txt" | sort -u | tr '\n' ' ')"
   (( rc == 0 && kernels > 0 ))
 }
-stage ncu 60 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
+stage ncu 75 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
 
 # compute-sanitizer on the real launches (opt-in: add "sanitize" to CONVLORA_CHECK_STAGES; it
 # needs ~3-5 min, more than the default run can spare). memcheck bounds-checks every global
