@@ -527,6 +527,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
     const int dz_pixels = dz_pixels_per_block(r);
     const int64_t dz_blocks = (M + dz_pixels - 1) / dz_pixels;
     TORCH_CHECK(dz_blocks < (int64_t(1) << 31), "convlora: too many pixels for one launch: ", M);
+    // (prepare_experts' shared-memory check already bounds r well below kThreads)
+    TORCH_CHECK(dz_pixels * r <= kThreads, "convlora: rank r = ", r, " too large for the dz kernel");
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_bwd_cuda", [&] {
       convlora_experts_bwd_kernel<scalar_t><<<grid, kThreads, expert_smem(a), stream>>>(
           a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
