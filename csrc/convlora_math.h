@@ -231,8 +231,9 @@ CONVLORA_HD void taps_covering(const int rows[4], int n, int origin, int u, int&
 // visited (at most 3 x 3 of the 4 x 4), in the order of a full scan that skips the others, so the
 // sum is the same to the bit. Why: this is the GPU expert backward's largest stage by instruction
 // count (36 r patch values per pixel, each scanning 16 taps per channel with two bound checks);
-// visiting only the covering taps is predicted to cut that stage ~1.5x on the GPU (not measured
-// yet: NOTES.md, session 8). On the CPU (branch prediction) the time did not change.
+// the covering taps are 4 of the 16 on average, so the stage should need ~4x fewer instructions
+// on the GPU (predicted experts_bwd 541 -> ~250-300 us at 100 windows, r = 8; not measured yet:
+// NOTES.md "Versions", c4). On the CPU (branch prediction) the time did not change.
 template <typename T, typename WT>
 CONVLORA_HD T patch_grad(const T* dpre, const WT* ew, int r, bool depthwise, int ci, int uy, int ux,
                          const PixelTaps<T>& t) {
