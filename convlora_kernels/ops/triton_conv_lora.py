@@ -124,45 +124,64 @@ def _gelu_and_grad(x):
 
 
 @triton.jit
-def _z_row_interp(z_base, zr, wr, c0, c1, c2, c3, w0, w1, w2, w3, co, m, W, R):
-    """wr * sum_b w_b Z[zr, c_b, :] for each pixel: [P, BR] (zr, wr, c_b, w_b: [P]; co: [BR]).
+def _z_row_interp(z_base, zr, wr, c0, c1, c2, c3, w0, w1, w2, w3, zco, m, W, R):
+    """wr * sum_b w_b Z[zr, c_b, :] for each pixel: [BR, P] (zr, wr, c_b, w_b: [P]; zco: [BR]).
     Zero weights skip their load (s = 1 has a single non-zero tap per axis)."""
-    rmask = m & (wr != 0.0)[:, None]
-    v = _z_weighted(z_base, zr, c0, w0, co, rmask, W, R)
-    v += _z_weighted(z_base, zr, c1, w1, co, rmask, W, R)
-    v += _z_weighted(z_base, zr, c2, w2, co, rmask, W, R)
-    v += _z_weighted(z_base, zr, c3, w3, co, rmask, W, R)
-    return wr[:, None] * v
+    rmask = m & (wr != 0.0)[None, :]
+    v = _z_weighted(z_base, zr, c0, w0, zco, rmask, W, R)
+    v += _z_weighted(z_base, zr, c1, w1, zco, rmask, W, R)
+    v += _z_weighted(z_base, zr, c2, w2, zco, rmask, W, R)
+    v += _z_weighted(z_base, zr, c3, w3, zco, rmask, W, R)
+    return wr[None, :] * v
 
 
 @triton.jit
-def _z_weighted(z_base, zr, zc, wgt, co, m, W, R):
-    """wgt * Z[zr, zc, :] for each pixel: [P, BR] (zr, zc, wgt: [P]); a zero weight skips the load."""
-    return wgt[:, None] * tl.load(z_base + ((zr * W + zc) * R)[:, None] + co[None, :],
-                                  mask=m & (wgt != 0.0)[:, None], other=0.0)
+def _z_weighted(z_base, zr, zc, wgt, zco, m, W, R):
+    """wgt * Z[zr, zc, :] for each pixel: [BR, P] (zr, zc, wgt: [P]; zco: [BR] channel offsets,
+    see _channel_offsets); a zero weight skips the load."""
+    return wgt[None, :] * tl.load(z_base + ((zr * W + zc) * R)[None, :] + zco[:, None],
+                                  mask=m & (wgt != 0.0)[None, :], other=0.0)
 
 
 @triton.jit
-def _slot_ptrs(base, pix, slot, co, SLOTS: tl.constexpr, R):
-    """Pointers to slot ``slot`` (all channels) of each pixel's scratch row: [P, BR]."""
-    return base + (pix * (SLOTS * R) + slot * R)[:, None] + co[None, :]
+def _channel_offsets(co, stride_c):
+    """Offsets of channels ``co`` in z, y, dy and dz ((N*H*W, R), ``stride_c`` = 1 at run time).
+
+    The stride is a run-time argument Triton must not specialise (do_not_specialize): with a
+    literal 1 it sees r contiguous channels per pixel, orders the load's threads along them
+    (8 threads per pixel at r = 8) and converts every z load through shared memory into the
+    conv's one-pixel-per-thread layout (TTGIR of the expert forward, sm_90: 42 conversions)."""
+    return co * stride_c
 
 
 @triton.jit
-def _t_weighted(tsc_base, pix, slot, wgt, co, m, R):
-    """wgt * T[slot] of each pixel's separable-pass scratch: [P, BR] (slot, wgt: [P])."""
-    return wgt[:, None] * tl.load(_slot_ptrs(tsc_base, pix, slot, co, 8, R), mask=m, other=0.0)
+def _plane_ptrs(base, pix, slot, co, R, HW):
+    """Pointers to slot ``slot`` (all channels) of each pixel: [BR, P] into a sample's scratch
+    planes (SLOTS, R, HW), pixels fastest, so a warp's 32 pixels read 128 contiguous bytes.
+
+    The pixel index is declared non-contiguous on purpose: Triton would otherwise vectorise
+    4 pixels per thread and lay the loads out unlike the [BR, BR, P] conv products, which
+    keep one pixel per thread with all its channels (a layout conversion through shared
+    memory at every conv offset; checked in the TTGIR, see _conv_mac)."""
+    return base + (slot * R + co[:, None]) * HW + tl.max_contiguous(pix, 1)[None, :]
+
+
+@triton.jit
+def _t_weighted(tsc_base, pix, slot, wgt, co, m, R, HW):
+    """wgt * T[slot] of each pixel's separable-pass scratch: [BR, P] (slot, wgt: [P])."""
+    return wgt[None, :] * tl.load(_plane_ptrs(tsc_base, pix, slot, co, R, HW), mask=m, other=0.0)
 
 
 @triton.jit
 def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, inv_s, H, W, R, co,
-                        NU: tl.constexpr):
+                        zco, NU: tl.constexpr):
     """U patch (NU x NU, all channels) of each pixel into its scratch slots ``ku*NU + lu``.
 
     Computed once per pixel and read back by the conv (L1/L2 resident): each U value feeds up
     to 9 conv taps of up to 4 V taps. Zero padding of the conv lives in the U grid: U outside
-    [0, sH) x [0, sW) is stored as 0. ``m``: [P, BR] pixel & channel mask; ``j``: [P] pixel
-    column; ``tsc``: 8 scratch slots per pixel for the separable pass.
+    [0, sH) x [0, sW) is stored as 0. ``m``: [BR, P] channel & pixel mask; ``j``: [P] pixel
+    column; ``tsc``: 8 scratch slots per pixel for the separable pass; ``zco``: channel offsets
+    in z.
 
     Even s (NU = 6), separably: every patch column's taps fall in the 7 Z columns j-3..j+3
     (i0(q) - j is in [-2, 1]), so each patch row first interpolates those 7 columns
@@ -170,6 +189,7 @@ def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, in
     loads per pixel instead of 36 * 16. Odd s (NU = 3): direct, 16 loads per U value (s = 1:
     one, the other weights are 0), which the separable pass would not beat.
     """
+    HW = H * W
     # Runtime loops throughout the expert kernels, never tl.static_range: fully unrolled, the
     # first expert forward took ~14 min to compile for sm_90 (LLVM NVPTX codegen on an
     # 87k-line function) and spilled ~75 KB per thread (scripts/triton_resource_usage.py).
@@ -180,99 +200,112 @@ def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, in
         if NU == 6:
             for o in range(7):  # T[o] = sum_a v_a Z[r_a, clamp(j + o - 3)]
                 cz = tl.minimum(tl.maximum(j + o - 3, 0), W - 1)
-                t = _z_weighted(z_base, r0, cz, v0, co, m, W, R)
-                t += _z_weighted(z_base, r1, cz, v1, co, m, W, R)
-                t += _z_weighted(z_base, r2, cz, v2, co, m, W, R)
-                t += _z_weighted(z_base, r3, cz, v3, co, m, W, R)
-                tl.store(_slot_ptrs(tsc_base, pix, o, co, 8, R), t, mask=m)
+                t = _z_weighted(z_base, r0, cz, v0, zco, m, W, R)
+                t += _z_weighted(z_base, r1, cz, v1, zco, m, W, R)
+                t += _z_weighted(z_base, r2, cz, v2, zco, m, W, R)
+                t += _z_weighted(z_base, r3, cz, v3, zco, m, W, R)
+                tl.store(_plane_ptrs(tsc_base, pix, o, co, R, HW), t, mask=m)
             tl.debug_barrier()  # T slots written by other threads
         for lu in range(NU):
             q = ub_j + lu  # [P] U column
-            mm = m & (validr & (q >= 0) & (q < s * W))[:, None]
+            mm = m & (validr & (q >= 0) & (q < s * W))[None, :]
             if NU == 6:
                 i0, w0, w1, w2, w3 = _up_floor_weights(q, inv_s)
                 o0 = i0 - j + 2  # T slot of tap i0 - 1
-                u = _t_weighted(tsc_base, pix, o0, w0, co, mm, R)
-                u += _t_weighted(tsc_base, pix, o0 + 1, w1, co, mm, R)
-                u += _t_weighted(tsc_base, pix, o0 + 2, w2, co, mm, R)
-                u += _t_weighted(tsc_base, pix, o0 + 3, w3, co, mm, R)
+                u = _t_weighted(tsc_base, pix, o0, w0, co, mm, R, HW)
+                u += _t_weighted(tsc_base, pix, o0 + 1, w1, co, mm, R, HW)
+                u += _t_weighted(tsc_base, pix, o0 + 2, w2, co, mm, R, HW)
+                u += _t_weighted(tsc_base, pix, o0 + 3, w3, co, mm, R, HW)
             else:
                 c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
-                u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
-                u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
-                u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
-                u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, co, mm, W, R)
-            tl.store(_slot_ptrs(usc_base, pix, ku * NU + lu, co, 36, R), u, mask=m)
+                u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, zco, mm, W, R)
+                u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, zco, mm, W, R)
+                u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, zco, mm, W, R)
+                u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, zco, mm, W, R)
+            tl.store(_plane_ptrs(usc_base, pix, ku * NU + lu, co, R, HW), u, mask=m)
         if NU == 6:
             tl.debug_barrier()  # the next patch row overwrites the T slots
 
 
 @triton.jit
 def _conv_weight(ew_base, d, co, R, stride_ew_o, stride_ew_i,
-                 TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr):
-    """Conv offset d = dy*3 + dx of the expert as a float32 operand.
+                 TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr, DOT: tl.constexpr):
+    """Conv offset d = dy*3 + dx of the expert as the float32 operand of ``_conv_mac``.
 
-    Full: [BR, BR], Wd[ci, co] = W[co, ci, d] (TRANSPOSED: Wd^T[co, ci]), so that
-    ``pre += U_d @ Wd`` and ``dU_d = dpre @ Wd^T``. Depthwise: [BR], w[c] = W[c, 0, d].
+    The product is out[a] = sum_b M[a, b] in[b] with M[a, b] = W[a, b, d] (the conv) or, when
+    TRANSPOSED, W[b, a, d] (its transpose, for dU). Full: [BR, BR], M itself for tl.dot (DOT),
+    else M^T (indexed [b, a], summed over axis 0). Depthwise: [BR], w[c] = W[c, 0, d].
     """
     cm = co < R
     if DEPTHWISE:
         w = tl.load(ew_base + co * stride_ew_o + d, mask=cm, other=0.0)
-    elif TRANSPOSED:
-        w = tl.load(ew_base + co[:, None] * stride_ew_o + co[None, :] * stride_ew_i + d,
-                    mask=cm[:, None] & cm[None, :], other=0.0)
     else:
-        w = tl.load(ew_base + co[None, :] * stride_ew_o + co[:, None] * stride_ew_i + d,
-                    mask=cm[:, None] & cm[None, :], other=0.0)
+        if TRANSPOSED:
+            stride_a = stride_ew_i
+            stride_b = stride_ew_o
+        else:
+            stride_a = stride_ew_o
+            stride_b = stride_ew_i
+        if DOT:
+            w = tl.load(ew_base + co[:, None] * stride_a + co[None, :] * stride_b + d,
+                        mask=cm[:, None] & cm[None, :], other=0.0)
+        else:
+            w = tl.load(ew_base + co[None, :] * stride_a + co[:, None] * stride_b + d,
+                        mask=cm[:, None] & cm[None, :], other=0.0)
     return w.to(tl.float32)
 
 
 @triton.jit
 def _conv_mac(acc, t, wd, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
-    """acc + t @ wd (full) or acc + t * wd (depthwise, per channel): t, acc [P, BR].
+    """acc + M t (full) or acc + w * t (depthwise, per channel): t, acc [BR, P]; wd from
+    ``_conv_weight``.
 
-    BLOCK_R < 16 (r <= 8) multiplies on the CUDA cores ([P, BR, BR] broadcast, summed in fp32):
-    tl.dot needs BR >= 16, and padding r = 3 or 8 to 16 channels would mask most of every
-    [P, BR] tile's lanes in the loads that dominate the expert kernels."""
+    BLOCK_R < 16 (r <= 8) multiplies on the CUDA cores, [BR, BR, P] broadcast products summed
+    over axis 0 in fp32: with one pixel per thread (P = 32 * num_warps, see _expert_block_p)
+    both channel axes sit in one thread, so the sum stays in registers and no layout
+    conversion happens (the TTGIR of the pixel-major v1-v4 kernels had two conversions through
+    shared memory and a cross-warp reduction at every one of the 144 conv offsets of a
+    program). tl.dot needs BR >= 16; padding r = 3 or 8 to 16 would mask most lanes."""
     if DEPTHWISE:
-        acc = acc + t * wd[None, :]
-    elif t.shape[1] >= 16:
-        acc = tl.dot(t, wd, acc, input_precision=PREC)
+        acc = acc + wd[:, None] * t
+    elif t.shape[0] >= 16:
+        acc = tl.dot(wd, t, acc, input_precision=PREC)
     else:
-        acc = acc + tl.sum(t[:, :, None] * wd[None, :, :], axis=1)
+        acc = acc + tl.sum(wd[:, :, None] * t[:, None, :], axis=0)
     return acc
 
 
 @triton.jit
-def _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew_i, co,
+def _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, HW, stride_ew_o, stride_ew_i, co,
               NU: tl.constexpr, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
-    """pre = conv3x3(U) + b at V tap (kr, kc) of each pixel's patch: [P, BR].
+    """pre = conv3x3(U) + b at V tap (kr, kc) of each pixel's patch: [BR, P].
 
-    One [P, BR] x [BR, BR] product per conv offset rather than one im2col product with
+    One [BR, BR] x [BR, P] product per conv offset rather than one im2col product with
     K = 9*BR: the [P, 16*BR] im2col tile (and, in the backward, its dEW and dU twins) held
     255 registers and spilled 20 KB per thread (scripts/triton_resource_usage.py, sm_90).
     """
-    pre = tl.zeros(m.shape, tl.float32) + bias[None, :]
+    pre = tl.zeros(m.shape, tl.float32) + bias[:, None]
     for d in range(9):
-        u = tl.load(_slot_ptrs(usc_base, pix, (kr + d // 3) * NU + kc + d % 3, co, 36, R),
+        u = tl.load(_plane_ptrs(usc_base, pix, (kr + d // 3) * NU + kc + d % 3, co, R, HW),
                     mask=m, other=0.0)
-        wd = _conv_weight(ew_base, d, co, R, stride_ew_o, stride_ew_i, False, DEPTHWISE)
+        wd = _conv_weight(ew_base, d, co, R, stride_ew_o, stride_ew_i, False, DEPTHWISE,
+                          co.shape[0] >= 16)
         pre = _conv_mac(pre, u, wd, DEPTHWISE, PREC)
     return pre
 
 
 @triton.jit
 def _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
-                       NT: tl.constexpr, BLOCK_R: tl.constexpr):
+                       stride_c, NT: tl.constexpr, BLOCK_R: tl.constexpr):
     """Shared start of the expert forward and backward tiles: the first V row / column the
-    downsample reads (s - NT is even), channel arange and [P, BR] mask, the U patches in the
+    downsample reads (s - NT is even), channel arange and [BR, P] mask, the U patches in the
     scratch (barrier included) and the expert's bias."""
     vb_i = s * i + (s - NT) // 2
     vb_j = s * j + (s - NT) // 2
     co = tl.arange(0, BLOCK_R)
-    m = pmask[:, None] & (co < R)[None, :]
+    m = (co < R)[:, None] & pmask[None, :]
     _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, vb_i - 1, vb_j - 1, s, inv_s, H,
-                        W, R, co, NT + 2)
+                        W, R, co, _channel_offsets(co, stride_c), NT + 2)
     tl.debug_barrier()  # the scratch written by other threads of this program
     bias = tl.load(eb_base + co, mask=co < R, other=0.0).to(tl.float32)
     return vb_i, vb_j, co, m, bias
@@ -281,12 +314,12 @@ def _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask, i, j, s,
 @triton.jit
 def _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R, stride_ew_o, stride_ew_i,
            co, NT: tl.constexpr, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
-    """V tap t (row-major in NT x NT) of each pixel: conv pre-activation [P, BR] and the
+    """V tap t (row-major in NT x NT) of each pixel: conv pre-activation [BR, P] and the
     downsample weight [P] of that tap."""
     kr = t // NT
     kc = t % NT
-    pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, stride_ew_o, stride_ew_i, co,
-                    NT + 2, DEPTHWISE, PREC)
+    pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, H * W, stride_ew_o, stride_ew_i,
+                    co, NT + 2, DEPTHWISE, PREC)
     wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
     return pre, wd
 
@@ -352,33 +385,33 @@ def _convlora_down_fwd_kernel(
 # ----------------------------------------------------------------------------- 3. experts fwd
 @triton.jit
 def _expert_fwd_tile(
-    z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
+    z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R, stride_c,
     stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
-    """D = downsample(GELU(conv(U) + b)) at the NT x NT V taps of each pixel: [P, BR]."""
+    """D = downsample(GELU(conv(U) + b)) at the NT x NT V taps of each pixel: [BR, P]."""
     vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask,
-                                                 i, j, s, inv_s, H, W, R, NT, BLOCK_R)
+                                                 i, j, s, inv_s, H, W, R, stride_c, NT, BLOCK_R)
     acc = tl.zeros(m.shape, tl.float32)
     for t in range(NT * NT):
         pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R,
                          stride_ew_o, stride_ew_i, co, NT, DEPTHWISE, PREC)
         v, _ = _gelu_and_grad(pre)
-        acc += wd[:, None] * v
+        acc += wd[None, :] * v
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_c"])
 def _convlora_experts_fwd_kernel(
     z_ptr, eidx_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, y_ptr,
-    H, W, R,
+    H, W, R, stride_c,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """y = z + D(z) for a block of BLOCK_P pixels of one sample, all r channels.
 
-    z, y: (N*H*W, R) fp32; usc: (N*H*W, 36, R), tsc: (N*H*W, 8, R) fp32 scratch (U patches,
-    their separable pass); expert_weight (E, R, R|1, 3, 3)
+    z, y: (N*H*W, R) fp32; usc: (N, 36, R, H*W), tsc: (N, 8, R, H*W) fp32 scratch planes (U
+    patches, their separable pass); expert_weight (E, R, R|1, 3, 3)
     contiguous in its last 3 dims. Grid (cdiv(H*W, BLOCK_P), N). s = expert_index[n] + 1 is
     read on the device; even and odd s take different static paths (6x6 vs 3x3 U patch).
     """
@@ -391,15 +424,15 @@ def _convlora_experts_fwd_kernel(
     eb_base = eb_ptr + e * stride_eb_e
     if s % 2 == 0:
         dv = _expert_fwd_tile(z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s,
-                              inv_s, H, W, R, stride_ew_o, stride_ew_i,
+                              inv_s, H, W, R, stride_c, stride_ew_o, stride_ew_i,
                               DEPTHWISE, 4, BLOCK_R, PREC)
     else:
         dv = _expert_fwd_tile(z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s,
-                              inv_s, H, W, R, stride_ew_o, stride_ew_i,
+                              inv_s, H, W, R, stride_c, stride_ew_o, stride_ew_i,
                               DEPTHWISE, 1, BLOCK_R, PREC)
     co = tl.arange(0, BLOCK_R)
-    offs = pix[:, None] * R + co[None, :]
-    m = pmask[:, None] & (co < R)[None, :]
+    offs = pix[None, :] * R + _channel_offsets(co, stride_c)[:, None]
+    m = (co < R)[:, None] & pmask[None, :]
     zc = tl.load(z_base + offs, mask=m, other=0.0)
     tl.store(y_ptr + n * HW * R + offs, zc + dv, mask=m)
 
@@ -546,7 +579,7 @@ def _convlora_tsmm_kernel(
 @triton.jit
 def _expert_bwd_tile(
     z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base, part_row,
-    pix, pmask, i, j, s, inv_s, H, W, R, KW,
+    pix, pmask, i, j, s, inv_s, H, W, R, stride_c, KW,
     stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -556,46 +589,50 @@ def _expert_bwd_tile(
 
     Three phases over per-pixel scratch, each slot written once (no read-modify-write):
     1. U patch; at every V tap: pre, dpre = wd * dD * GELU'(pre) into ``dps`` (16 slots);
-    2. dEW[d] = sum over taps of U_{tap+d}^T dpre_tap (one [BR, BR] accumulator per offset d);
-    3. dU[slot] = sum over the taps reading it of dpre_tap @ W_d^T (the conv's transpose).
+    2. dEW[d] = sum over taps of U_{tap+d} dpre_tap^T (one [BR, BR] accumulator per offset d);
+    3. dU[slot] = sum over the taps reading it of W_d^T dpre_tap (the conv's transpose).
+    Sums over pixels (dEB, dEW) accumulate per pixel first and cross threads once.
     """
     NU: tl.constexpr = NT + 2
+    DOT: tl.constexpr = BLOCK_R >= 16
+    HW = H * W
     vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask,
-                                                 i, j, s, inv_s, H, W, R, NT, BLOCK_R)
+                                                 i, j, s, inv_s, H, W, R, stride_c, NT, BLOCK_R)
     comask = co < R
-    dyv = tl.load(dy_base + pix[:, None] * R + co[None, :], mask=m, other=0.0)
-    deb = tl.zeros((BLOCK_R,), tl.float32)
+    dyv = tl.load(dy_base + pix[None, :] * R + _channel_offsets(co, stride_c)[:, None], mask=m,
+                  other=0.0)
+    deb = tl.zeros(m.shape, tl.float32)
     for t in range(NT * NT):  # 1. V taps
         pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R,
                          stride_ew_o, stride_ew_i, co, NT, DEPTHWISE, PREC)
         _, dv = _gelu_and_grad(pre)
-        dpre = (wd[:, None] * dyv) * dv  # zero on masked pixels / channels (dyv = 0)
-        deb += tl.sum(dpre, axis=0)
-        tl.store(_slot_ptrs(dps_base, pix, t, co, 16, R), dpre, mask=m)
-    tl.store(part_row + KW + co, deb, mask=comask)
+        dpre = (wd[None, :] * dyv) * dv  # zero on masked pixels / channels (dyv = 0)
+        deb += dpre
+        tl.store(_plane_ptrs(dps_base, pix, t, co, R, HW), dpre, mask=m)
+    tl.store(part_row + KW + co, tl.sum(deb, axis=1), mask=comask)
     tl.debug_barrier()  # dpre slots written by other threads
     for d in range(9):  # 2. dEW, one conv offset at a time
         if DEPTHWISE:
-            dw = tl.zeros((BLOCK_R,), tl.float32)
-        elif BLOCK_R >= 16:
+            dw2 = tl.zeros(m.shape, tl.float32)
+        elif DOT:
             dw = tl.zeros((BLOCK_R, BLOCK_R), tl.float32)
         else:  # CUDA-core outer products (see _conv_mac), summed over pixels once per d
-            dw3 = tl.zeros((pix.shape[0], BLOCK_R, BLOCK_R), tl.float32)
+            dw3 = tl.zeros((BLOCK_R, BLOCK_R, pix.shape[0]), tl.float32)
         for t in range(NT * NT):
-            u = tl.load(_slot_ptrs(usc_base, pix, (t // NT + d // 3) * NU + t % NT + d % 3, co, 36, R),
-                        mask=m, other=0.0)
-            dp = tl.load(_slot_ptrs(dps_base, pix, t, co, 16, R), mask=m, other=0.0)
+            u = tl.load(_plane_ptrs(usc_base, pix, (t // NT + d // 3) * NU + t % NT + d % 3,
+                                    co, R, HW), mask=m, other=0.0)
+            dp = tl.load(_plane_ptrs(dps_base, pix, t, co, R, HW), mask=m, other=0.0)
             if DEPTHWISE:
-                dw += tl.sum(u * dp, axis=0)
-            elif BLOCK_R >= 16:
-                dw = tl.dot(tl.trans(u), dp, dw, input_precision=PREC)  # [ci, co]
+                dw2 += u * dp
+            elif DOT:
+                dw = tl.dot(u, tl.trans(dp), dw, input_precision=PREC)  # [ci, co]
             else:
-                dw3 += u[:, :, None] * dp[:, None, :]
-        if not DEPTHWISE and BLOCK_R < 16:
-            dw = tl.sum(dw3, axis=0)  # [ci, co]
+                dw3 += u[:, None, :] * dp[None, :, :]
         if DEPTHWISE:
-            tl.store(part_row + co * 9 + d, dw, mask=comask)
+            tl.store(part_row + co * 9 + d, tl.sum(dw2, axis=1), mask=comask)
         else:
+            if not DOT:
+                dw = tl.sum(dw3, axis=2)  # [ci, co]
             tl.store(part_row + co[None, :] * (R * 9) + co[:, None] * 9 + d, dw,
                      mask=comask[:, None] & comask[None, :])
     tl.debug_barrier()  # phase 3 overwrites U slots other threads read in phase 2
@@ -606,26 +643,26 @@ def _expert_bwd_tile(
         # Only the offsets d = (a - kr, b - kc) of taps inside the NT x NT grid.
         for dy in range(tl.maximum(a - NT + 1, 0), tl.minimum(a, 2) + 1):
             for dx in range(tl.maximum(b - NT + 1, 0), tl.minimum(b, 2) + 1):
-                dp = tl.load(_slot_ptrs(dps_base, pix, (a - dy) * NT + b - dx, co, 16, R),
+                dp = tl.load(_plane_ptrs(dps_base, pix, (a - dy) * NT + b - dx, co, R, HW),
                              mask=m, other=0.0)
                 wt = _conv_weight(ew_base, dy * 3 + dx, co, R, stride_ew_o, stride_ew_i, True,
-                                  DEPTHWISE)
+                                  DEPTHWISE, DOT)
                 du = _conv_mac(du, dp, wt, DEPTHWISE, PREC)
-        tl.store(_slot_ptrs(usc_base, pix, slot, co, 36, R), du, mask=m)
+        tl.store(_plane_ptrs(usc_base, pix, slot, co, R, HW), du, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_c"])
 def _convlora_experts_bwd_kernel(
     z_ptr, dy_ptr, eidx_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, dps_ptr, part_ptr,
-    H, W, R, KW,
+    H, W, R, stride_c, KW,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """Expert backward for a block of pixels of one sample (grid as the forward).
 
-    dy: (N*H*W, R) fp32 (= dD); usc: (N*H*W, 36, R) scratch, left
-    holding the dU patches; tsc: (N*H*W, 8, R) scratch of the U patches' separable pass;
-    dps: (N*H*W, 16, R) scratch (dpre at each V tap);
+    dy: (N*H*W, R) fp32 (= dD); scratch planes: usc (N, 36, R, H*W), left holding the dU
+    patches; tsc (N, 8, R, H*W) of the U patches' separable pass; dps (N, 16, R, H*W), dpre at
+    each V tap;
     part: (N*NBLK, KW + R) this program's dEW (flattened like expert_weight[e]) and dEB.
     """
     nblk = tl.num_programs(0)
@@ -641,11 +678,11 @@ def _convlora_experts_bwd_kernel(
     part_row = part_ptr + (n * nblk + pid) * (KW + R)
     if s % 2 == 0:
         _expert_bwd_tile(z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base,
-                         part_row, pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o,
+                         part_row, pix, pmask, i, j, s, inv_s, H, W, R, stride_c, KW, stride_ew_o,
                          stride_ew_i, DEPTHWISE, 4, BLOCK_R, PREC)
     else:
         _expert_bwd_tile(z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base,
-                         part_row, pix, pmask, i, j, s, inv_s, H, W, R, KW, stride_ew_o,
+                         part_row, pix, pmask, i, j, s, inv_s, H, W, R, stride_c, KW, stride_ew_o,
                          stride_ew_i, DEPTHWISE, 1, BLOCK_R, PREC)
 
 
@@ -659,31 +696,32 @@ def _tap_weight_on(p, target, inv_s, size, s):
 
 
 @triton.jit
-def _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R,
+def _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, HW,
                   NT: tl.constexpr, BLOCK_R: tl.constexpr):
     """T[i, wz, ku] = sum over outputs (i, j) and patch columns lu of the column weight that
     U column q(j, lu) gives Z column wz, times dU[(i, j), ku, lu]. Outputs reach at most 3
     columns away (taps i0-1..i0+2 with |i0 - j| <= 1 for s >= 2; s = 1 has weight only on i0).
 
-    One [P, BR] accumulator per patch row ku (recomputing the column weights per ku): with all
+    One [BR, P] accumulator per patch row ku (recomputing the column weights per ku): with all
     rows in one [P, 8*BR] tile this kernel held 236-255 registers (sm_80: 96 B of spills)."""
     NU: tl.constexpr = NT + 2
     co = tl.arange(0, BLOCK_R)
     cmask = co < R
     for ku in range(NU):
-        acc = tl.zeros((pix.shape[0], BLOCK_R), tl.float32)
+        acc = tl.zeros((BLOCK_R, pix.shape[0]), tl.float32)
         acc = _dz_gather_axis(acc, dup_base, i * W, 1, wz, W, ku * NU, s, inv_s, pmask, co, cmask,
-                              R, 36, NT)
-        tl.store(_slot_ptrs(t_base, pix, ku, co, 8, R), acc, mask=pmask[:, None] & cmask[None, :])
+                              R, HW, NT)
+        tl.store(_plane_ptrs(t_base, pix, ku, co, R, HW), acc,
+                 mask=cmask[:, None] & pmask[None, :])
 
 
 @triton.jit
 def _dz_gather_axis(acc, base, fixed, stride_k, c, size, slot0, s, inv_s, pmask, co, cmask, R,
-                    SLOTS: tl.constexpr, NT: tl.constexpr):
+                    HW, NT: tl.constexpr):
     """acc + sum over the outputs k = c-3..c+3 along one axis and the patch positions l < NU of
     the upsample weight U coordinate q(k, l) gives Z coordinate c, times the scratch slot
     ``slot0 + l`` of pixel ``fixed + k * stride_k``: the transpose of one axis of the upsample
-    (the column pass reads dU patches, the row pass the column pass's T)."""
+    (the column pass reads dU patches, the row pass the column pass's T). acc: [BR, P]."""
     NU: tl.constexpr = NT + 2
     for d in range(7):
         k = c + 3 - d
@@ -691,9 +729,9 @@ def _dz_gather_axis(acc, base, fixed, stride_k, c, size, slot0, s, inv_s, pmask,
         ub = s * k + (s - NT) // 2 - 1
         for l in range(NU):
             w = tl.where(kvalid, _tap_weight_on(ub + l, c, inv_s, size, s), 0.0)
-            v = tl.load(_slot_ptrs(base, fixed + k * stride_k, slot0 + l, co, SLOTS, R),
-                        mask=(w != 0.0)[:, None] & cmask[None, :], other=0.0)
-            acc += w[:, None] * v
+            v = tl.load(_plane_ptrs(base, fixed + k * stride_k, slot0 + l, co, R, HW),
+                        mask=cmask[:, None] & (w != 0.0)[None, :], other=0.0)
+            acc += w[None, :] * v
     return acc
 
 
@@ -703,16 +741,16 @@ def _convlora_experts_dz_cols_kernel(
     H, W, R,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Column pass of the dZ gather. dup: (N*H*W, 36, R); t: (N*H*W, 8, R), indexed by
+    """Column pass of the dZ gather. dup: (N, 36, R, H*W); t: (N, 8, R, H*W), indexed by
     (output row i, Z column wz). Grid (cdiv(H*W, BLOCK_P), N)."""
     pid, n, e, s, inv_s, HW, pix, pmask, i, wz = _expert_program(
         eidx_ptr, H, W, BLOCK_P)
     dup_base = dup_ptr + n * HW * (36 * R)
     t_base = t_ptr + n * HW * (8 * R)
     if s % 2 == 0:
-        _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, 4, BLOCK_R)
+        _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, HW, 4, BLOCK_R)
     else:
-        _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, 1, BLOCK_R)
+        _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, HW, 1, BLOCK_R)
 
 
 @triton.jit
@@ -723,7 +761,7 @@ def _convlora_experts_dz_rows_kernel(
 ):
     """Row pass of the dZ gather and the assembly dz = dy + dZ + dg / (H*W).
 
-    t: (N*H*W, 8, R); dy, dz: (N*H*W, R) fp32; dgs: (N, R) fp32 = dg / (H*W).
+    t: (N, 8, R, H*W); dy, dz: (N*H*W, R) fp32; dgs: (N, R) fp32 = dg / (H*W).
     Grid (cdiv(H*W, BLOCK_P), N).
     """
     pid, n, e, s, inv_s, HW, pix, pmask, hz, wz = _expert_program(
@@ -731,17 +769,17 @@ def _convlora_experts_dz_rows_kernel(
     t_base = t_ptr + n * HW * (8 * R)
     co = tl.arange(0, BLOCK_R)
     comask = co < R
-    m = pmask[:, None] & comask[None, :]
-    acc = tl.zeros((BLOCK_P, BLOCK_R), tl.float32)
+    m = comask[:, None] & pmask[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_P), tl.float32)
     # dZ[hz, wz] = sum over output rows i and patch rows ku of the row weight U row p(i, ku)
     # gives Z row hz, times T[i, wz, ku].
     if s % 2 == 0:
-        acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, 8, 4)
+        acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, HW, 4)
     else:
-        acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, 8, 1)
-    offs = n * HW * R + pix[:, None] * R + co[None, :]
+        acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, HW, 1)
+    offs = n * HW * R + pix[None, :] * R + co[:, None]
     acc += tl.load(dy_ptr + offs, mask=m, other=0.0)
-    acc += tl.load(dgs_ptr + n * R + co, mask=comask, other=0.0)[None, :]
+    acc += tl.load(dgs_ptr + n * R + co, mask=comask, other=0.0)[:, None]
     tl.store(dz_ptr + offs, acc, mask=m)
 
 
@@ -795,20 +833,25 @@ def _block_r(r: int) -> int:
 
 
 def _expert_block_p(r: int, hw: int) -> int:
-    """Pixels per expert program: about 4 elements of a [P, BLOCK_R] tile per thread (32 pixels
-    at BLOCK_R 16 with 4 warps, 64 at 8, 128 at 4; 32 at BLOCK_R 32 with 8 warps). At 32 pixels
-    and BLOCK_R 16 the v2 kernels take 96-168 registers without spills on sm_90 at SAM shapes;
-    64 pixels took up to 255 and 128 spilled 3 KB per thread (scripts/triton_resource_usage.py)."""
+    """Pixels per expert program. BLOCK_R < 16: one pixel per thread (128 with 4 warps), all
+    its channels in that thread: the layout that keeps the CUDA-core conv free of layout
+    conversions (see _conv_mac). BLOCK_R >= 16 (tl.dot): about 4 elements of a [BLOCK_R, P]
+    tile per thread (32 pixels at BLOCK_R 16 with 4 warps, 32 at 32 with 8 warps); at 32 pixels
+    and BLOCK_R 16 the v2 kernels took 96-168 registers without spills on sm_90 at SAM shapes,
+    64 pixels up to 255 (scripts/triton_resource_usage.py)."""
     return _block_p(r, hw, 128 * _expert_warps(r))
 
 
 def _block_p(r: int, hw: int, elements: int) -> int:
-    """Pixels per program of an expert-stage kernel holding ``elements`` of each [P, BLOCK_R]
-    tile (the dZ gather kernels: 512 and 1024 with 4 warps). Interpreter: its cost is per
-    operation, not per element, so one big block."""
+    """Pixels per program of an expert-stage kernel (4 warps unless _expert_warps says 8):
+    one per thread below BLOCK_R 16, else ``elements`` // BLOCK_R (the dZ gather kernels: 512
+    and 1024). Interpreter: its cost is per operation, not per element, so one big block."""
     if _INTERPRET:
         return max(16, min(256, triton.next_power_of_2(hw)))
-    return max(16, min(128, elements // _expert_block_r(r)))
+    br = _expert_block_r(r)
+    if br < 16:
+        return 32 * _expert_warps(r)
+    return max(16, min(128, elements // br))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -906,13 +949,13 @@ def _ew_strides(expert_weight: torch.Tensor) -> tuple[int, int, int]:
 def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor,
                         expert_bias: torch.Tensor, n: int, h: int, w: int, usc: torch.Tensor,
                         tsc: torch.Tensor, y: torch.Tensor, prec: str) -> None:
-    """y (N*H*W, r) fp32 = z + D(z); usc (N*H*W, 36, r), tsc (N*H*W, 8, r) fp32 scratch."""
+    """y (N*H*W, r) fp32 = z + D(z); usc (N, 36, r, H*W), tsc (N, 8, r, H*W) fp32 scratch."""
     r = z.shape[1]
     bp = _expert_block_p(r, h * w)
     grid = (triton.cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_fwd_kernel)[grid](
         z, expert_index, expert_weight, expert_bias, usc, tsc, y,
-        h, w, r,
+        h, w, r, z.stride(1),
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
         PREC=prec, num_warps=_expert_warps(r),
@@ -923,15 +966,15 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
                         expert_weight: torch.Tensor, expert_bias: torch.Tensor, n: int, h: int,
                         w: int, usc: torch.Tensor, tsc: torch.Tensor, dps: torch.Tensor,
                         part: torch.Tensor, prec: str) -> None:
-    """Expert backward: usc (N*H*W, 36, r) left holding the dU patches, tsc (N*H*W, 8, r) and dps
-    (N*H*W, 16, r) scratch, part (N*NBLK, KW + r) the per-program dEW / dEB partials
+    """Expert backward: usc (N, 36, r, H*W) left holding the dU patches, tsc (N, 8, r, H*W) and
+    dps (N, 16, r, H*W) scratch, part (N*NBLK, KW + r) the per-program dEW / dEB partials
     (NBLK = cdiv(H*W, _expert_block_p(r, H*W)))."""
     r = z.shape[1]
     bp = _expert_block_p(r, h * w)
     grid = (triton.cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_bwd_kernel)[grid](
         z, dy, expert_index, expert_weight, expert_bias, usc, tsc, dps, part,
-        h, w, r, part.shape[1] - r,
+        h, w, r, z.stride(1), part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
         PREC=prec, num_warps=_expert_warps(r),
@@ -940,8 +983,8 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
 
 def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_index: torch.Tensor,
                n: int, h: int, w: int, tbuf: torch.Tensor, dz: torch.Tensor) -> None:
-    """dz (N*H*W, r) fp32 = dy + gather of the dU patches + dgs[n] (dg / (H*W)); tbuf
-    (N*H*W, 8, r) fp32 scratch of the column pass."""
+    """dz (N*H*W, r) fp32 = dy + gather of the dU patches (dup: (N, 36, r, H*W)) + dgs[n]
+    (dg / (H*W)); tbuf (N, 8, r, H*W) fp32 scratch of the column pass."""
     r = dy.shape[1]
     br = _expert_block_r(r)
     bp = _block_p(r, h * w, 512)
@@ -1049,8 +1092,8 @@ def _fwd_impl(
     with nvtx_range("convlora.triton.gate"):
         g, index, moe_loss = gate_forward(gpart, hw, w_gate, w_noise, noise, expert_index)
     with nvtx_range("convlora.triton.experts"):
-        usc = _empty((m, _PATCH, r), torch.float32, dev)
-        tsc = _empty((m, _TSLOTS, r), torch.float32, dev)
+        usc = _empty((n, _PATCH, r, hw), torch.float32, dev)
+        tsc = _empty((n, _TSLOTS, r, hw), torch.float32, dev)
         y = _empty((m, r), torch.float32, dev)
         _launch_experts_fwd(z, index, ew, expert_bias, n, h, w, usc, tsc, y, _precision(x.dtype))
         del usc, tsc
@@ -1091,11 +1134,11 @@ def _bwd_impl(
     with nvtx_range("convlora.triton.bwd.experts"):
         nblk = triton.cdiv(hw, _expert_block_p(r, hw))
         kw = ew[0].numel()
-        dup = _empty((m, _PATCH, r), torch.float32, dev)  # U patches, then dU patches
-        dps = _empty((m, _TAPS, r), torch.float32, dev)
+        dup = _empty((n, _PATCH, r, hw), torch.float32, dev)  # U patches, then dU patches
+        dps = _empty((n, _TAPS, r, hw), torch.float32, dev)
         part = _empty((n * nblk, kw + r), torch.float32, dev)
         # tbuf: the U patches' separable pass here, then the dZ gather's column pass.
-        tbuf = _empty((m, _TSLOTS, r), torch.float32, dev)
+        tbuf = _empty((n, _TSLOTS, r, hw), torch.float32, dev)
         _launch_experts_bwd(z, dd, expert_index, ew, expert_bias, n, h, w, dup, tbuf, dps, part,
                             prec)
         del dps
