@@ -159,11 +159,13 @@ def _plane_ptrs(base, pix, slot, co, R, HW):
     """Pointers to slot ``slot`` (all channels) of each pixel: [BR, P] into a sample's scratch
     planes (SLOTS, R, HW), pixels fastest, so a warp's 32 pixels read 128 contiguous bytes.
 
-    The pixel index is declared non-contiguous on purpose: Triton would otherwise vectorise
-    4 pixels per thread and lay the loads out unlike the [BR, BR, P] conv products, which
-    keep one pixel per thread with all its channels (a layout conversion through shared
-    memory at every conv offset; checked in the TTGIR, see _conv_mac)."""
-    return base + (slot * R + co[:, None]) * HW + tl.max_contiguous(pix, 1)[None, :]
+    ``HW`` is a kernel argument Triton must not specialise (do_not_specialize): when it
+    knows HW divisible by 16 (64x64 maps) it vectorises 4 pixels per thread and puts the
+    channels on different warps, unlike the [BR, BR, P] conv products, which keep one pixel
+    per thread with all its channels: a conversion through shared memory at every conv
+    offset (TTGIR of the expert kernels at 64x64, sm_90; tl.max_contiguous(pix, 1) does not
+    stop it)."""
+    return base + (slot * R + co[:, None]) * HW + pix[None, :]
 
 
 @triton.jit
@@ -173,8 +175,8 @@ def _t_weighted(tsc_base, pix, slot, wgt, co, m, R, HW):
 
 
 @triton.jit
-def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, inv_s, H, W, R, co,
-                        zco, NU: tl.constexpr):
+def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, inv_s, H, W, HW, R,
+                        co, zco, NU: tl.constexpr):
     """U patch (NU x NU, all channels) of each pixel into its scratch slots ``ku*NU + lu``.
 
     Computed once per pixel and read back by the conv (L1/L2 resident): each U value feeds up
@@ -189,7 +191,6 @@ def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, in
     loads per pixel instead of 36 * 16. Odd s (NU = 3): direct, 16 loads per U value (s = 1:
     one, the other weights are 0), which the separable pass would not beat.
     """
-    HW = H * W
     # Runtime loops throughout the expert kernels, never tl.static_range: fully unrolled, the
     # first expert forward took ~14 min to compile for sm_90 (LLVM NVPTX codegen on an
     # 87k-line function) and spilled ~75 KB per thread (scripts/triton_resource_usage.py).
@@ -295,8 +296,8 @@ def _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, HW, stride_ew_o, strid
 
 
 @triton.jit
-def _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R,
-                       stride_c, NT: tl.constexpr, BLOCK_R: tl.constexpr):
+def _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, HW,
+                       R, stride_c, NT: tl.constexpr, BLOCK_R: tl.constexpr):
     """Shared start of the expert forward and backward tiles: the first V row / column the
     downsample reads (s - NT is even), channel arange and [BR, P] mask, the U patches in the
     scratch (barrier included) and the expert's bias."""
@@ -305,27 +306,27 @@ def _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask, i, j, s,
     co = tl.arange(0, BLOCK_R)
     m = (co < R)[:, None] & pmask[None, :]
     _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, vb_i - 1, vb_j - 1, s, inv_s, H,
-                        W, R, co, _channel_offsets(co, stride_c), NT + 2)
+                        W, HW, R, co, _channel_offsets(co, stride_c), NT + 2)
     tl.debug_barrier()  # the scratch written by other threads of this program
     bias = tl.load(eb_base + co, mask=co < R, other=0.0).to(tl.float32)
     return vb_i, vb_j, co, m, bias
 
 
 @triton.jit
-def _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R, stride_ew_o, stride_ew_i,
+def _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, HW, R, stride_ew_o, stride_ew_i,
            co, NT: tl.constexpr, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
     """V tap t (row-major in NT x NT) of each pixel: conv pre-activation [BR, P] and the
     downsample weight [P] of that tap."""
     kr = t // NT
     kc = t % NT
-    pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, H * W, stride_ew_o, stride_ew_i,
+    pre = _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, HW, stride_ew_o, stride_ew_i,
                     co, NT + 2, DEPTHWISE, PREC)
     wd = _down_weight(vb_i, kr, s * H, NT) * _down_weight(vb_j, kc, s * W, NT)
     return pre, wd
 
 
 @triton.jit
-def _expert_program(eidx_ptr, H, W, BLOCK_P: tl.constexpr):
+def _expert_program(eidx_ptr, H, W, HW, BLOCK_P: tl.constexpr):
     """What an expert program of grid (cdiv(H*W, BLOCK_P), N) works on: its sample n (int64),
     expert e and scale s = e + 1 (read on the device), float32(1/s), and its pixels."""
     pid = tl.program_id(0)
@@ -336,7 +337,6 @@ def _expert_program(eidx_ptr, H, W, BLOCK_P: tl.constexpr):
     # the GPU (Triton's fp32 '/' is an approximate div.full.f32); this replaced a table built by
     # three tiny launches per use (nine per training step).
     inv_s = (1.0 / s.to(tl.float64)).to(tl.float32)
-    HW = H * W
     pix = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pix < HW
     return pid, n, e, s, inv_s, HW, pix, pmask, pix // W, pix % W
@@ -385,26 +385,27 @@ def _convlora_down_fwd_kernel(
 # ----------------------------------------------------------------------------- 3. experts fwd
 @triton.jit
 def _expert_fwd_tile(
-    z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, R, stride_c,
-    stride_ew_o, stride_ew_i,
+    z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, HW, R,
+    stride_c, stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """D = downsample(GELU(conv(U) + b)) at the NT x NT V taps of each pixel: [BR, P]."""
     vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask,
-                                                 i, j, s, inv_s, H, W, R, stride_c, NT, BLOCK_R)
+                                                 i, j, s, inv_s, H, W, HW, R, stride_c, NT,
+                                                 BLOCK_R)
     acc = tl.zeros(m.shape, tl.float32)
     for t in range(NT * NT):
-        pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R,
+        pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, HW, R,
                          stride_ew_o, stride_ew_i, co, NT, DEPTHWISE, PREC)
         v, _ = _gelu_and_grad(pre)
         acc += wd[None, :] * v
     return acc
 
 
-@triton.jit(do_not_specialize=["stride_c"])
+@triton.jit(do_not_specialize=["HW", "stride_c"])
 def _convlora_experts_fwd_kernel(
     z_ptr, eidx_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, y_ptr,
-    H, W, R, stride_c,
+    H, W, HW, R, stride_c,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -416,7 +417,7 @@ def _convlora_experts_fwd_kernel(
     read on the device; even and odd s take different static paths (6x6 vs 3x3 U patch).
     """
     pid, n, e, s, inv_s, HW, pix, pmask, i, j = _expert_program(
-        eidx_ptr, H, W, BLOCK_P)
+        eidx_ptr, H, W, HW, BLOCK_P)
     z_base = z_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
     tsc_base = tsc_ptr + n * HW * (8 * R)
@@ -424,11 +425,11 @@ def _convlora_experts_fwd_kernel(
     eb_base = eb_ptr + e * stride_eb_e
     if s % 2 == 0:
         dv = _expert_fwd_tile(z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s,
-                              inv_s, H, W, R, stride_c, stride_ew_o, stride_ew_i,
+                              inv_s, H, W, HW, R, stride_c, stride_ew_o, stride_ew_i,
                               DEPTHWISE, 4, BLOCK_R, PREC)
     else:
         dv = _expert_fwd_tile(z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s,
-                              inv_s, H, W, R, stride_c, stride_ew_o, stride_ew_i,
+                              inv_s, H, W, HW, R, stride_c, stride_ew_o, stride_ew_i,
                               DEPTHWISE, 1, BLOCK_R, PREC)
     co = tl.arange(0, BLOCK_R)
     offs = pix[None, :] * R + _channel_offsets(co, stride_c)[:, None]
@@ -579,7 +580,7 @@ def _convlora_tsmm_kernel(
 @triton.jit
 def _expert_bwd_tile(
     z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base, part_row,
-    pix, pmask, i, j, s, inv_s, H, W, R, stride_c, KW,
+    pix, pmask, i, j, s, inv_s, H, W, HW, R, stride_c, KW,
     stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -595,15 +596,15 @@ def _expert_bwd_tile(
     """
     NU: tl.constexpr = NT + 2
     DOT: tl.constexpr = BLOCK_R >= 16
-    HW = H * W
     vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask,
-                                                 i, j, s, inv_s, H, W, R, stride_c, NT, BLOCK_R)
+                                                 i, j, s, inv_s, H, W, HW, R, stride_c, NT,
+                                                 BLOCK_R)
     comask = co < R
     dyv = tl.load(dy_base + pix[None, :] * R + _channel_offsets(co, stride_c)[:, None], mask=m,
                   other=0.0)
     deb = tl.zeros(m.shape, tl.float32)
     for t in range(NT * NT):  # 1. V taps
-        pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, R,
+        pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, HW, R,
                          stride_ew_o, stride_ew_i, co, NT, DEPTHWISE, PREC)
         _, dv = _gelu_and_grad(pre)
         dpre = (wd[None, :] * dyv) * dv  # zero on masked pixels / channels (dyv = 0)
@@ -651,10 +652,10 @@ def _expert_bwd_tile(
         tl.store(_plane_ptrs(usc_base, pix, slot, co, R, HW), du, mask=m)
 
 
-@triton.jit(do_not_specialize=["stride_c"])
+@triton.jit(do_not_specialize=["HW", "stride_c"])
 def _convlora_experts_bwd_kernel(
     z_ptr, dy_ptr, eidx_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, dps_ptr, part_ptr,
-    H, W, R, stride_c, KW,
+    H, W, HW, R, stride_c, KW,
     stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -667,7 +668,7 @@ def _convlora_experts_bwd_kernel(
     """
     nblk = tl.num_programs(0)
     pid, n, e, s, inv_s, HW, pix, pmask, i, j = _expert_program(
-        eidx_ptr, H, W, BLOCK_P)
+        eidx_ptr, H, W, HW, BLOCK_P)
     z_base = z_ptr + n * HW * R
     dy_base = dy_ptr + n * HW * R
     usc_base = usc_ptr + n * HW * (36 * R)
@@ -678,11 +679,13 @@ def _convlora_experts_bwd_kernel(
     part_row = part_ptr + (n * nblk + pid) * (KW + R)
     if s % 2 == 0:
         _expert_bwd_tile(z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base,
-                         part_row, pix, pmask, i, j, s, inv_s, H, W, R, stride_c, KW, stride_ew_o,
+                         part_row, pix, pmask, i, j, s, inv_s, H, W, HW, R, stride_c, KW,
+                         stride_ew_o,
                          stride_ew_i, DEPTHWISE, 4, BLOCK_R, PREC)
     else:
         _expert_bwd_tile(z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base,
-                         part_row, pix, pmask, i, j, s, inv_s, H, W, R, stride_c, KW, stride_ew_o,
+                         part_row, pix, pmask, i, j, s, inv_s, H, W, HW, R, stride_c, KW,
+                         stride_ew_o,
                          stride_ew_i, DEPTHWISE, 1, BLOCK_R, PREC)
 
 
@@ -735,16 +738,16 @@ def _dz_gather_axis(acc, base, fixed, stride_k, c, size, slot0, s, inv_s, pmask,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW"])
 def _convlora_experts_dz_cols_kernel(
     dup_ptr, eidx_ptr, t_ptr,
-    H, W, R,
+    H, W, HW, R,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Column pass of the dZ gather. dup: (N, 36, R, H*W); t: (N, 8, R, H*W), indexed by
     (output row i, Z column wz). Grid (cdiv(H*W, BLOCK_P), N)."""
     pid, n, e, s, inv_s, HW, pix, pmask, i, wz = _expert_program(
-        eidx_ptr, H, W, BLOCK_P)
+        eidx_ptr, H, W, HW, BLOCK_P)
     dup_base = dup_ptr + n * HW * (36 * R)
     t_base = t_ptr + n * HW * (8 * R)
     if s % 2 == 0:
@@ -753,10 +756,10 @@ def _convlora_experts_dz_cols_kernel(
         _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, HW, 1, BLOCK_R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW"])
 def _convlora_experts_dz_rows_kernel(
     t_ptr, dy_ptr, dgs_ptr, eidx_ptr, dz_ptr,
-    H, W, R,
+    H, W, HW, R,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Row pass of the dZ gather and the assembly dz = dy + dZ + dg / (H*W).
@@ -765,7 +768,7 @@ def _convlora_experts_dz_rows_kernel(
     Grid (cdiv(H*W, BLOCK_P), N).
     """
     pid, n, e, s, inv_s, HW, pix, pmask, hz, wz = _expert_program(
-        eidx_ptr, H, W, BLOCK_P)
+        eidx_ptr, H, W, HW, BLOCK_P)
     t_base = t_ptr + n * HW * (8 * R)
     co = tl.arange(0, BLOCK_R)
     comask = co < R
@@ -955,7 +958,7 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
     grid = (triton.cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_fwd_kernel)[grid](
         z, expert_index, expert_weight, expert_bias, usc, tsc, y,
-        h, w, r, z.stride(1),
+        h, w, h * w, r, z.stride(1),
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
         PREC=prec, num_warps=_expert_warps(r),
@@ -974,7 +977,7 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
     grid = (triton.cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_bwd_kernel)[grid](
         z, dy, expert_index, expert_weight, expert_bias, usc, tsc, dps, part,
-        h, w, r, z.stride(1), part.shape[1] - r,
+        h, w, h * w, r, z.stride(1), part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
         PREC=prec, num_warps=_expert_warps(r),
@@ -990,12 +993,12 @@ def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_in
     bp = _block_p(r, h * w, 512)
     grid = (triton.cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_dz_cols_kernel)[grid](
-        dup, expert_index, tbuf, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
+        dup, expert_index, tbuf, h, w, h * w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
     bp = _block_p(r, h * w, 1024)
     grid = (triton.cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_dz_rows_kernel)[grid](
-        tbuf, dy, dgs, expert_index, dz, h, w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
+        tbuf, dy, dgs, expert_index, dz, h, w, h * w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
 
 
