@@ -64,11 +64,12 @@ def test_kernels_compile_for_sm90_and_sm80_within_shared_memory(tmp_path):
                f"{r['shared']} B > {r['smem_limit']} B" for r in rows if r["shared"] > r["smem_limit"]]
     assert not too_big, "shared memory over the per-block limit:\n" + "\n".join(too_big)
     # The CUDA-core conv (BLOCK_R < 16) keeps one pixel per thread with all its channels, so
-    # the expert forward and the dZ column gather need no shared memory at all: any layout
-    # conversion Triton inserts (it did at every conv offset before v5, and again whenever it
-    # could specialise H*W or z's channel stride) goes through shared memory and shows here.
+    # the expert forward and the dZ gathers need no shared memory at all: any layout
+    # conversion Triton inserts (at every conv offset before v6; again whenever it could
+    # specialise H*W, or loaded z as a [r, P] tile) goes through shared memory and shows here.
     converted = [f"{r['kernel']} sm_{r['arch']} ({', '.join(r['cases'])}): {r['shared']} B"
                  for r in rows
-                 if r["kernel"] in ("_convlora_experts_fwd_kernel", "_convlora_experts_dz_cols_kernel")
+                 if r["kernel"] in ("_convlora_experts_fwd_kernel", "_convlora_experts_dz_cols_kernel",
+                                    "_convlora_experts_dz_rows_kernel")
                  and r["constexprs"].get("BLOCK_R", 16) < 16 and r["shared"] != 0]
     assert not converted, "layout conversions through shared memory:\n" + "\n".join(converted)

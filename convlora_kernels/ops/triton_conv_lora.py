@@ -124,34 +124,21 @@ def _gelu_and_grad(x):
 
 
 @triton.jit
-def _z_row_interp(z_base, zr, wr, c0, c1, c2, c3, w0, w1, w2, w3, zco, m, W, R):
-    """wr * sum_b w_b Z[zr, c_b, :] for each pixel: [BR, P] (zr, wr, c_b, w_b: [P]; zco: [BR]).
+def _z_row_interp(z_base, zr, wr, c0, c1, c2, c3, w0, w1, w2, w3, c, m, W, R):
+    """wr * sum_b w_b Z[zr, c_b, c] for each pixel: [P] (zr, wr, c_b, w_b, m: [P]; channel c).
     Zero weights skip their load (s = 1 has a single non-zero tap per axis)."""
-    rmask = m & (wr != 0.0)[None, :]
-    v = _z_weighted(z_base, zr, c0, w0, zco, rmask, W, R)
-    v += _z_weighted(z_base, zr, c1, w1, zco, rmask, W, R)
-    v += _z_weighted(z_base, zr, c2, w2, zco, rmask, W, R)
-    v += _z_weighted(z_base, zr, c3, w3, zco, rmask, W, R)
-    return wr[None, :] * v
+    rmask = m & (wr != 0.0)
+    v = _z_weighted(z_base, zr, c0, w0, c, rmask, W, R)
+    v += _z_weighted(z_base, zr, c1, w1, c, rmask, W, R)
+    v += _z_weighted(z_base, zr, c2, w2, c, rmask, W, R)
+    v += _z_weighted(z_base, zr, c3, w3, c, rmask, W, R)
+    return wr * v
 
 
 @triton.jit
-def _z_weighted(z_base, zr, zc, wgt, zco, m, W, R):
-    """wgt * Z[zr, zc, :] for each pixel: [BR, P] (zr, zc, wgt: [P]; zco: [BR] channel offsets,
-    see _channel_offsets); a zero weight skips the load."""
-    return wgt[None, :] * tl.load(z_base + ((zr * W + zc) * R)[None, :] + zco[:, None],
-                                  mask=m & (wgt != 0.0)[None, :], other=0.0)
-
-
-@triton.jit
-def _channel_offsets(co, stride_c):
-    """Offsets of channels ``co`` in z, y, dy and dz ((N*H*W, R), ``stride_c`` = 1 at run time).
-
-    The stride is a run-time argument Triton must not specialise (do_not_specialize): with a
-    literal 1 it sees r contiguous channels per pixel, orders the load's threads along them
-    (8 threads per pixel at r = 8) and converts every z load through shared memory into the
-    conv's one-pixel-per-thread layout (TTGIR of the expert forward, sm_90: 42 conversions)."""
-    return co * stride_c
+def _z_weighted(z_base, zr, zc, wgt, c, m, W, R):
+    """wgt * Z[zr, zc, c] for each pixel: [P] (zr, zc, wgt, m: [P]); a zero weight skips the load."""
+    return wgt * tl.load(z_base + (zr * W + zc) * R + c, mask=m & (wgt != 0.0), other=0.0)
 
 
 @triton.jit
@@ -169,27 +156,56 @@ def _plane_ptrs(base, pix, slot, co, R, HW):
 
 
 @triton.jit
-def _t_weighted(tsc_base, pix, slot, wgt, co, m, R, HW):
-    """wgt * T[slot] of each pixel's separable-pass scratch: [BR, P] (slot, wgt: [P])."""
-    return wgt[None, :] * tl.load(_plane_ptrs(tsc_base, pix, slot, co, R, HW), mask=m, other=0.0)
+def _plane_row(base, pix, slot, c, R, HW):
+    """Pointers to slot ``slot`` (a scalar or [P]), channel ``c`` of each pixel: [P]."""
+    return base + (slot * R + c) * HW + pix
 
 
 @triton.jit
-def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, inv_s, H, W, HW, R,
-                        co, zco, NU: tl.constexpr):
+def _load_rows(base, pix, pmask, co, R):
+    """[BR, P] tile of a pixel-major (pixels, R) fp32 tensor (z, dy), channel ``co[k]`` of pixel
+    ``pix[p]`` at k, p; zero past R and on masked pixels.
+
+    One [P] load per channel, merged by selects that stay in each thread: a [BR, P] load of a
+    pixel-major tensor lets Triton 3.6 (the device's) spread a pixel's channels over 8 threads,
+    and the tile then crossed shared memory at every use in a loop (see _u_patch_to_scratch)."""
+    tile = tl.zeros((co.shape[0], pix.shape[0]), tl.float32)
+    for c in range(R):
+        row = tl.load(base + pix * R + c, mask=pmask, other=0.0)
+        tile = tl.where(co[:, None] == c, row[None, :], tile)
+    return tile
+
+
+@triton.jit
+def _store_rows(base, pix, pmask, co, R, tile):
+    """Store a [BR, P] tile into a pixel-major (pixels, R) tensor one channel at a time (the
+    counterpart of _load_rows; the channel sums pick one element each, inside a thread)."""
+    for c in range(R):
+        tl.store(base + pix * R + c, tl.sum(tl.where(co[:, None] == c, tile, 0.0), axis=0),
+                 mask=pmask)
+
+
+@triton.jit
+def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, pmask, j, ub_i, ub_j, s, inv_s, H, W,
+                        HW, R, NU: tl.constexpr):
     """U patch (NU x NU, all channels) of each pixel into its scratch slots ``ku*NU + lu``.
 
     Computed once per pixel and read back by the conv (L1/L2 resident): each U value feeds up
     to 9 conv taps of up to 4 V taps. Zero padding of the conv lives in the U grid: U outside
-    [0, sH) x [0, sW) is stored as 0. ``m``: [BR, P] channel & pixel mask; ``j``: [P] pixel
-    column; ``tsc``: 8 scratch slots per pixel for the separable pass; ``zco``: channel offsets
-    in z.
+    [0, sH) x [0, sW) is stored as 0. ``pmask``, ``j``: [P] pixel mask and column; ``tsc``: 8
+    scratch slots per pixel for the separable pass.
 
     Even s (NU = 6), separably: every patch column's taps fall in the 7 Z columns j-3..j+3
     (i0(q) - j is in [-2, 1]), so each patch row first interpolates those 7 columns
     vertically (28 loads), then each U value combines 4 of them (4 loads): 6 * (28 + 24)
     loads per pixel instead of 36 * 16. Odd s (NU = 3): direct, 16 loads per U value (s = 1:
     one, the other weights are 0), which the separable pass would not beat.
+
+    One channel at a time, in [P] vectors: a [BR, P] gather of z has no contiguous axis, and
+    Triton breaks that tie by version (3.8: pixels across threads, as the conv wants; 3.6, the
+    device's: channels across 8 threads, then a conversion through shared memory per load
+    group). A 1-D tile has one layout in both. The per-pixel taps and weights are computed once
+    per patch row / column, outside the channel loop.
     """
     # Runtime loops throughout the expert kernels, never tl.static_range: fully unrolled, the
     # first expert forward took ~14 min to compile for sm_90 (LLVM NVPTX codegen on an
@@ -201,29 +217,39 @@ def _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, ub_i, ub_j, s, in
         if NU == 6:
             for o in range(7):  # T[o] = sum_a v_a Z[r_a, clamp(j + o - 3)]
                 cz = tl.minimum(tl.maximum(j + o - 3, 0), W - 1)
-                t = _z_weighted(z_base, r0, cz, v0, zco, m, W, R)
-                t += _z_weighted(z_base, r1, cz, v1, zco, m, W, R)
-                t += _z_weighted(z_base, r2, cz, v2, zco, m, W, R)
-                t += _z_weighted(z_base, r3, cz, v3, zco, m, W, R)
-                tl.store(_plane_ptrs(tsc_base, pix, o, co, R, HW), t, mask=m)
+                for c in range(R):
+                    t = _z_weighted(z_base, r0, cz, v0, c, pmask, W, R)
+                    t += _z_weighted(z_base, r1, cz, v1, c, pmask, W, R)
+                    t += _z_weighted(z_base, r2, cz, v2, c, pmask, W, R)
+                    t += _z_weighted(z_base, r3, cz, v3, c, pmask, W, R)
+                    tl.store(_plane_row(tsc_base, pix, o, c, R, HW), t, mask=pmask)
             tl.debug_barrier()  # T slots written by other threads
         for lu in range(NU):
             q = ub_j + lu  # [P] U column
-            mm = m & (validr & (q >= 0) & (q < s * W))[None, :]
+            mm = pmask & validr & (q >= 0) & (q < s * W)
             if NU == 6:
                 i0, w0, w1, w2, w3 = _up_floor_weights(q, inv_s)
                 o0 = i0 - j + 2  # T slot of tap i0 - 1
-                u = _t_weighted(tsc_base, pix, o0, w0, co, mm, R, HW)
-                u += _t_weighted(tsc_base, pix, o0 + 1, w1, co, mm, R, HW)
-                u += _t_weighted(tsc_base, pix, o0 + 2, w2, co, mm, R, HW)
-                u += _t_weighted(tsc_base, pix, o0 + 3, w3, co, mm, R, HW)
+                for c in range(R):
+                    u = w0 * tl.load(_plane_row(tsc_base, pix, o0, c, R, HW), mask=mm, other=0.0)
+                    u += w1 * tl.load(_plane_row(tsc_base, pix, o0 + 1, c, R, HW), mask=mm,
+                                      other=0.0)
+                    u += w2 * tl.load(_plane_row(tsc_base, pix, o0 + 2, c, R, HW), mask=mm,
+                                      other=0.0)
+                    u += w3 * tl.load(_plane_row(tsc_base, pix, o0 + 3, c, R, HW), mask=mm,
+                                      other=0.0)
+                    tl.store(_plane_row(usc_base, pix, ku * NU + lu, c, R, HW), u, mask=pmask)
             else:
                 c0, c1, c2, c3, w0, w1, w2, w3 = _up_taps(q, inv_s, W)
-                u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, zco, mm, W, R)
-                u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, zco, mm, W, R)
-                u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, zco, mm, W, R)
-                u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, zco, mm, W, R)
-            tl.store(_plane_ptrs(usc_base, pix, ku * NU + lu, co, R, HW), u, mask=m)
+                for c in range(R):
+                    u = _z_row_interp(z_base, r0, v0, c0, c1, c2, c3, w0, w1, w2, w3, c, mm, W, R)
+                    u += _z_row_interp(z_base, r1, v1, c0, c1, c2, c3, w0, w1, w2, w3, c, mm, W,
+                                       R)
+                    u += _z_row_interp(z_base, r2, v2, c0, c1, c2, c3, w0, w1, w2, w3, c, mm, W,
+                                       R)
+                    u += _z_row_interp(z_base, r3, v3, c0, c1, c2, c3, w0, w1, w2, w3, c, mm, W,
+                                       R)
+                    tl.store(_plane_row(usc_base, pix, ku * NU + lu, c, R, HW), u, mask=pmask)
         if NU == 6:
             tl.debug_barrier()  # the next patch row overwrites the T slots
 
@@ -264,7 +290,7 @@ def _conv_mac(acc, t, wd, DEPTHWISE: tl.constexpr, PREC: tl.constexpr):
     BLOCK_R < 16 (r <= 8) multiplies on the CUDA cores, [BR, BR, P] broadcast products summed
     over axis 0 in fp32: with one pixel per thread (P = 32 * num_warps, see _expert_block_p)
     both channel axes sit in one thread, so the sum stays in registers and no layout
-    conversion happens (the TTGIR of the pixel-major v1-v4 kernels had two conversions through
+    conversion happens (the TTGIR of the pixel-major v1-v5 kernels had two conversions through
     shared memory and a cross-warp reduction at every one of the 144 conv offsets of a
     program). tl.dot needs BR >= 16; padding r = 3 or 8 to 16 would mask most lanes."""
     if DEPTHWISE:
@@ -297,7 +323,7 @@ def _conv_pre(usc_base, ew_base, bias, pix, m, kr, kc, R, HW, stride_ew_o, strid
 
 @triton.jit
 def _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, HW,
-                       R, stride_c, NT: tl.constexpr, BLOCK_R: tl.constexpr):
+                       R, NT: tl.constexpr, BLOCK_R: tl.constexpr):
     """Shared start of the expert forward and backward tiles: the first V row / column the
     downsample reads (s - NT is even), channel arange and [BR, P] mask, the U patches in the
     scratch (barrier included) and the expert's bias."""
@@ -305,8 +331,8 @@ def _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask, i, j, s,
     vb_j = s * j + (s - NT) // 2
     co = tl.arange(0, BLOCK_R)
     m = (co < R)[:, None] & pmask[None, :]
-    _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, m, j, vb_i - 1, vb_j - 1, s, inv_s, H,
-                        W, HW, R, co, _channel_offsets(co, stride_c), NT + 2)
+    _u_patch_to_scratch(z_base, usc_base, tsc_base, pix, pmask, j, vb_i - 1, vb_j - 1, s, inv_s,
+                        H, W, HW, R, NT + 2)
     tl.debug_barrier()  # the scratch written by other threads of this program
     bias = tl.load(eb_base + co, mask=co < R, other=0.0).to(tl.float32)
     return vb_i, vb_j, co, m, bias
@@ -386,13 +412,12 @@ def _convlora_down_fwd_kernel(
 @triton.jit
 def _expert_fwd_tile(
     z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s, inv_s, H, W, HW, R,
-    stride_c, stride_ew_o, stride_ew_i,
+    stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """D = downsample(GELU(conv(U) + b)) at the NT x NT V taps of each pixel: [BR, P]."""
     vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask,
-                                                 i, j, s, inv_s, H, W, HW, R, stride_c, NT,
-                                                 BLOCK_R)
+                                                 i, j, s, inv_s, H, W, HW, R, NT, BLOCK_R)
     acc = tl.zeros(m.shape, tl.float32)
     for t in range(NT * NT):
         pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, HW, R,
@@ -402,11 +427,11 @@ def _expert_fwd_tile(
     return acc
 
 
-@triton.jit(do_not_specialize=["HW", "stride_c"])
+@triton.jit(do_not_specialize=["HW"])
 def _convlora_experts_fwd_kernel(
     z_ptr, eidx_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, y_ptr,
-    H, W, HW, R, stride_c,
-    stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
+    H, W, HW, R: tl.constexpr,
+    stride_ew_e, stride_ew_o: tl.constexpr, stride_ew_i: tl.constexpr, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """y = z + D(z) for a block of BLOCK_P pixels of one sample, all r channels.
@@ -415,6 +440,11 @@ def _convlora_experts_fwd_kernel(
     patches, their separable pass); expert_weight (E, R, R|1, 3, 3)
     contiguous in its last 3 dims. Grid (cdiv(H*W, BLOCK_P), N). s = expert_index[n] + 1 is
     read on the device; even and odd s take different static paths (6x6 vs 3x3 U patch).
+
+    R and the weight's channel strides are constexpr (one compile per rank): known, they make
+    the conv's 64 weight loads per offset immediate offsets without masks (sm_90, bf16,
+    r = 8: 427 -> 272 instructions per conv offset, 161 -> 96 registers; in the backward
+    255 registers with 40 B of spills -> 143 and none).
     """
     pid, n, e, s, inv_s, HW, pix, pmask, i, j = _expert_program(
         eidx_ptr, H, W, HW, BLOCK_P)
@@ -425,17 +455,15 @@ def _convlora_experts_fwd_kernel(
     eb_base = eb_ptr + e * stride_eb_e
     if s % 2 == 0:
         dv = _expert_fwd_tile(z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s,
-                              inv_s, H, W, HW, R, stride_c, stride_ew_o, stride_ew_i,
+                              inv_s, H, W, HW, R, stride_ew_o, stride_ew_i,
                               DEPTHWISE, 4, BLOCK_R, PREC)
     else:
         dv = _expert_fwd_tile(z_base, usc_base, tsc_base, ew_base, eb_base, pix, pmask, i, j, s,
-                              inv_s, H, W, HW, R, stride_c, stride_ew_o, stride_ew_i,
+                              inv_s, H, W, HW, R, stride_ew_o, stride_ew_i,
                               DEPTHWISE, 1, BLOCK_R, PREC)
     co = tl.arange(0, BLOCK_R)
-    offs = pix[None, :] * R + _channel_offsets(co, stride_c)[:, None]
-    m = (co < R)[:, None] & pmask[None, :]
-    zc = tl.load(z_base + offs, mask=m, other=0.0)
-    tl.store(y_ptr + n * HW * R + offs, zc + dv, mask=m)
+    zc = _load_rows(z_base, pix, pmask, co, R)
+    _store_rows(y_ptr + n * HW * R, pix, pmask, co, R, zc + dv)
 
 
 # ----------------------------------------------------------------------------- 4. up GEMM
@@ -580,7 +608,7 @@ def _convlora_tsmm_kernel(
 @triton.jit
 def _expert_bwd_tile(
     z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base, part_row,
-    pix, pmask, i, j, s, inv_s, H, W, HW, R, stride_c, KW,
+    pix, pmask, i, j, s, inv_s, H, W, HW, R, KW,
     stride_ew_o, stride_ew_i,
     DEPTHWISE: tl.constexpr, NT: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -597,11 +625,9 @@ def _expert_bwd_tile(
     NU: tl.constexpr = NT + 2
     DOT: tl.constexpr = BLOCK_R >= 16
     vb_i, vb_j, co, m, bias = _expert_tile_setup(z_base, usc_base, tsc_base, eb_base, pix, pmask,
-                                                 i, j, s, inv_s, H, W, HW, R, stride_c, NT,
-                                                 BLOCK_R)
+                                                 i, j, s, inv_s, H, W, HW, R, NT, BLOCK_R)
     comask = co < R
-    dyv = tl.load(dy_base + pix[None, :] * R + _channel_offsets(co, stride_c)[:, None], mask=m,
-                  other=0.0)
+    dyv = _load_rows(dy_base, pix, pmask, co, R)
     deb = tl.zeros(m.shape, tl.float32)
     for t in range(NT * NT):  # 1. V taps
         pre, wd = _v_tap(t, usc_base, ew_base, bias, pix, m, vb_i, vb_j, s, H, W, HW, R,
@@ -652,11 +678,11 @@ def _expert_bwd_tile(
         tl.store(_plane_ptrs(usc_base, pix, slot, co, R, HW), du, mask=m)
 
 
-@triton.jit(do_not_specialize=["HW", "stride_c"])
+@triton.jit(do_not_specialize=["HW"])
 def _convlora_experts_bwd_kernel(
     z_ptr, dy_ptr, eidx_ptr, ew_ptr, eb_ptr, usc_ptr, tsc_ptr, dps_ptr, part_ptr,
-    H, W, HW, R, stride_c, KW,
-    stride_ew_e, stride_ew_o, stride_ew_i, stride_eb_e,
+    H, W, HW, R: tl.constexpr, KW,
+    stride_ew_e, stride_ew_o: tl.constexpr, stride_ew_i: tl.constexpr, stride_eb_e,
     DEPTHWISE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
 ):
     """Expert backward for a block of pixels of one sample (grid as the forward).
@@ -679,13 +705,11 @@ def _convlora_experts_bwd_kernel(
     part_row = part_ptr + (n * nblk + pid) * (KW + R)
     if s % 2 == 0:
         _expert_bwd_tile(z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base,
-                         part_row, pix, pmask, i, j, s, inv_s, H, W, HW, R, stride_c, KW,
-                         stride_ew_o,
+                         part_row, pix, pmask, i, j, s, inv_s, H, W, HW, R, KW, stride_ew_o,
                          stride_ew_i, DEPTHWISE, 4, BLOCK_R, PREC)
     else:
         _expert_bwd_tile(z_base, dy_base, usc_base, tsc_base, dps_base, ew_base, eb_base,
-                         part_row, pix, pmask, i, j, s, inv_s, H, W, HW, R, stride_c, KW,
-                         stride_ew_o,
+                         part_row, pix, pmask, i, j, s, inv_s, H, W, HW, R, KW, stride_ew_o,
                          stride_ew_i, DEPTHWISE, 1, BLOCK_R, PREC)
 
 
@@ -741,7 +765,7 @@ def _dz_gather_axis(acc, base, fixed, stride_k, c, size, slot0, s, inv_s, pmask,
 @triton.jit(do_not_specialize=["HW"])
 def _convlora_experts_dz_cols_kernel(
     dup_ptr, eidx_ptr, t_ptr,
-    H, W, HW, R,
+    H, W, HW, R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Column pass of the dZ gather. dup: (N, 36, R, H*W); t: (N, 8, R, H*W), indexed by
@@ -759,7 +783,7 @@ def _convlora_experts_dz_cols_kernel(
 @triton.jit(do_not_specialize=["HW"])
 def _convlora_experts_dz_rows_kernel(
     t_ptr, dy_ptr, dgs_ptr, eidx_ptr, dz_ptr,
-    H, W, HW, R,
+    H, W, HW, R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Row pass of the dZ gather and the assembly dz = dy + dZ + dg / (H*W).
@@ -772,7 +796,6 @@ def _convlora_experts_dz_rows_kernel(
     t_base = t_ptr + n * HW * (8 * R)
     co = tl.arange(0, BLOCK_R)
     comask = co < R
-    m = comask[:, None] & pmask[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_P), tl.float32)
     # dZ[hz, wz] = sum over output rows i and patch rows ku of the row weight U row p(i, ku)
     # gives Z row hz, times T[i, wz, ku].
@@ -780,10 +803,9 @@ def _convlora_experts_dz_rows_kernel(
         acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, HW, 4)
     else:
         acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, HW, 1)
-    offs = n * HW * R + pix[None, :] * R + co[:, None]
-    acc += tl.load(dy_ptr + offs, mask=m, other=0.0)
+    acc += _load_rows(dy_ptr + n * HW * R, pix, pmask, co, R)
     acc += tl.load(dgs_ptr + n * R + co, mask=comask, other=0.0)[:, None]
-    tl.store(dz_ptr + offs, acc, mask=m)
+    _store_rows(dz_ptr + n * HW * R, pix, pmask, co, R, acc)
 
 
 @triton.jit
@@ -958,7 +980,7 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
     grid = (triton.cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_fwd_kernel)[grid](
         z, expert_index, expert_weight, expert_bias, usc, tsc, y,
-        h, w, h * w, r, z.stride(1),
+        h, w, h * w, r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
         PREC=prec, num_warps=_expert_warps(r),
@@ -977,7 +999,7 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
     grid = (triton.cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_bwd_kernel)[grid](
         z, dy, expert_index, expert_weight, expert_bias, usc, tsc, dps, part,
-        h, w, h * w, r, z.stride(1), part.shape[1] - r,
+        h, w, h * w, r, part.shape[1] - r,
         *_ew_strides(expert_weight), expert_bias.stride(0),
         DEPTHWISE=expert_weight.shape[2] == 1 and r > 1, BLOCK_P=bp, BLOCK_R=_expert_block_r(r),
         PREC=prec, num_warps=_expert_warps(r),
