@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""What Triton made of a kernel, without a GPU: layout conversions, shared memory and the
+SASS instructions that cross threads, for the launches the layer records at a SAM shape.
+
+The launch configurations come from ``scripts/triton_resource_usage.py`` (the module's own
+launchers run on meta tensors); each chosen kernel is compiled for the target and summarised:
+registers and spills (ptxas), ``ttg.convert_layout`` count in the TTGIR, shared memory, and a
+static count of BAR / LDS / STS / SHFL / LDG / STG / FFMA in the SASS, whole kernel and per loop
+body (a backward branch). A conversion between equivalent layouts costs nothing; one through
+shared memory shows as STS + BAR + LDS and in ``shared``. This is how the Triton expert
+kernels' v6 layout was found and checked (NOTES.md, "Versions of the Triton backend"); run it
+with the device's Triton too (e.g. a venv with torch 2.11 / Triton 3.6), the two versions
+choose layouts differently.
+
+    python scripts/triton_layout_stats.py --kernel experts_fwd --dtype bf16 --r 8
+    python scripts/triton_layout_stats.py --kernel experts --shape global --loops --dump /tmp/k
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_resource_usage as tru  # noqa: E402
+
+sys.path.insert(0, str(tru.REPO))  # the checkout's convlora_kernels, installed or not
+
+#: SASS opcodes reported; the first four cross threads.
+OPCODES = ("BAR", "LDS", "STS", "SHFL", "LDG", "STG", "FFMA")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+
+
+def sass_counts(lines: list[str]) -> dict[str, int]:
+    """Static count of each opcode in OPCODES (modifiers ignored: LDG.E.128 counts as LDG)."""
+    c = collections.Counter(m.group(2).split(".")[0] for line in lines if (m := _INSTR.search(line)))
+    return {k: c[k] for k in OPCODES} | {"total": sum(c.values())}
+
+
+def loop_bodies(lines: list[str]) -> list[dict]:
+    """Every backward branch's body (target .. branch) with its opcode counts."""
+    instrs = [(int(m.group(1), 16), line) for line in lines if (m := _INSTR.search(line))]
+    loops = []
+    for addr, line in instrs:
+        if " BRA" not in line:
+            continue
+        target = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1])
+        if target and int(target.group(1), 16) < addr:
+            lo = int(target.group(1), 16)
+            body = [text for a, text in instrs if lo <= a <= addr]
+            loops.append({"start": hex(lo), "end": hex(addr)} | sass_counts(body))
+    return loops
+
+
+def summarise(launch: dict, arch: int, dump: Path | None) -> dict:
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs, attrs, options = tru.specialise(launch, arch)
+    log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    with contextlib.redirect_stdout(log):
+        ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=tru._target(arch),
+                            options=options.__dict__)
+    ttgir = ck.asm["ttgir"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    ptxas = {k: (int(m.group(1)) if (m := rx.search(log.getvalue())) else None)
+             for k, rx in tru._PTXAS.items()}
+    if ptxas["regs"] is None:  # cached compile: no ptxas run, read the cubin instead
+        ptxas.update(tru._cuobjdump_usage(ck.asm["cubin"]))
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{launch['kernel']}.sm{arch}.ttgir").write_text(ttgir)
+        (dump / f"{launch['kernel']}.sm{arch}.sass").write_text("\n".join(sass))
+    return {"kernel": launch["kernel"], "arch": arch, "triton": triton.__version__,
+            "num_warps": options.num_warps, "regs": ptxas["regs"],
+            "spill_stores": ptxas["spill_stores"], "shared": int(ck.metadata.shared),
+            "convert_layout": ttgir.count("ttg.convert_layout"),
+            "sass": sass_counts(sass), "loops": loop_bodies(sass)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernel", default="experts", help="substring of the kernel names to compile")
+    p.add_argument("--dtype", default="bf16", choices=tru.DTYPES)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--depthwise", action="store_true")
+    p.add_argument("--shape", default="window", choices=sorted(tru.SHAPES))
+    p.add_argument("--arch", type=int, default=90, choices=(80, 90))
+    p.add_argument("--loops", action="store_true", help="also print every loop body's counts")
+    p.add_argument("--dump", type=Path, help="write each kernel's TTGIR and SASS here")
+    p.add_argument("--json", type=Path, help="write the results as JSON")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # Triton reads it at import: re-execute clean
+        return subprocess.run([sys.executable, __file__, *sys.argv[1:]],
+                              env=tru.clean_env()).returncode
+    why = tru.unavailable_reason()
+    if why:
+        print(f"cannot compile: {why}")
+        return 2
+    case = tru.Case(args.dtype, args.r, args.depthwise, args.shape)
+    seen, rows = set(), []
+    for launch in tru.record_launches(case):
+        key = tru.config_key(launch, args.arch)
+        if args.kernel in launch["kernel"] and key not in seen:
+            seen.add(key)
+            rows.append(summarise(launch, args.arch, args.dump))
+    if not rows:
+        print(f"no recorded launch of a kernel matching {args.kernel!r}")
+        return 1
+    print(f"{case.label}, sm_{args.arch}, Triton {rows[0]['triton']}")
+    for row in rows:
+        counts = " ".join(f"{k} {v}" for k, v in row["sass"].items())
+        print(f"{row['kernel']:<40} warps {row['num_warps']} regs {row['regs']} spills "
+              f"{row['spill_stores']} B shared {row['shared']} B converts "
+              f"{row['convert_layout']} | SASS {counts}")
+        if args.loops:
+            for loop in row["loops"]:
+                body = " ".join(f"{k} {loop[k]}" for k in ("total", *OPCODES))
+                print(f"    loop {loop['start']}-{loop['end']}: {body}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
