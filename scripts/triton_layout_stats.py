@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import io
 import json
 import os
 import re
@@ -64,31 +62,23 @@ def loop_bodies(lines: list[str]) -> list[dict]:
 def summarise(launch: dict, arch: int, dump: Path | None) -> dict:
     import triton
     from triton import knobs
-    from triton.compiler import ASTSource
 
-    fn, signature, constexprs, attrs, options = tru.specialise(launch, arch)
-    log = io.StringIO()
-    knobs.nvidia.dump_ptxas_log = True
-    with contextlib.redirect_stdout(log):
-        ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=tru._target(arch),
-                            options=options.__dict__)
+    spec = tru.specialise(launch, arch)  # fn, signature, constexprs, attrs, options
+    ck, usage = tru.compile_specialised(*spec, arch)
+    options = spec[4]
     ttgir = ck.asm["ttgir"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
         sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True,
                               text=True, check=True).stdout.splitlines()
-    ptxas = {k: (int(m.group(1)) if (m := rx.search(log.getvalue())) else None)
-             for k, rx in tru._PTXAS.items()}
-    if ptxas["regs"] is None:  # cached compile: no ptxas run, read the cubin instead
-        ptxas.update(tru._cuobjdump_usage(ck.asm["cubin"]))
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{launch['kernel']}.sm{arch}.ttgir").write_text(ttgir)
         (dump / f"{launch['kernel']}.sm{arch}.sass").write_text("\n".join(sass))
     return {"kernel": launch["kernel"], "arch": arch, "triton": triton.__version__,
-            "num_warps": options.num_warps, "regs": ptxas["regs"],
-            "spill_stores": ptxas["spill_stores"], "shared": int(ck.metadata.shared),
+            "num_warps": options.num_warps, "regs": usage["regs"],
+            "spill_stores": usage["spill_stores"], "shared": int(ck.metadata.shared),
             "convert_layout": ttgir.count("ttg.convert_layout"),
             "sass": sass_counts(sass), "loops": loop_bodies(sass)}
 

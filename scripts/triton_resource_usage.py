@@ -279,13 +279,29 @@ _PTXAS = {
 }
 
 
-def compile_one(job: tuple[dict, int]) -> dict:
-    """Compile one recorded launch for ``arch``; never raises (errors are reported)."""
-    launch, arch = job
+def compile_specialised(fn, signature, constexprs, attrs, options, arch: int):
+    """``triton.compile`` of a specialised launch (see ``specialise``) for ``arch``: returns the
+    compiled kernel and its registers / spills / stack from the ptxas log (from the cubin when
+    the compile came from Triton's cache and ptxas did not run)."""
     import triton
     from triton import knobs
     from triton.compiler import ASTSource
 
+    src = ASTSource(fn, signature, constexprs, attrs)
+    log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True  # printed to stdout by the backend's make_cubin
+    with contextlib.redirect_stdout(log):
+        ck = triton.compile(src, target=_target(arch), options=options.__dict__)
+    text = log.getvalue()
+    usage = {k: (int(m.group(1)) if (m := rx.search(text)) else None) for k, rx in _PTXAS.items()}
+    if usage["regs"] is None:
+        usage.update(_cuobjdump_usage(ck.asm["cubin"]))
+    return ck, usage
+
+
+def compile_one(job: tuple[dict, int]) -> dict:
+    """Compile one recorded launch for ``arch``; never raises (errors are reported)."""
+    launch, arch = job
     t0 = time.perf_counter()
     res = {"kernel": launch["kernel"], "arch": arch}
     try:
@@ -296,18 +312,9 @@ def compile_one(job: tuple[dict, int]) -> dict:
         res["ones"] = [fn.arg_names[k[0]] for k in constexprs if not fn.params[k[0]].is_constexpr]
         res["num_warps"], res["num_stages"] = options.num_warps, options.num_stages
         res["ptrs"] = "".join(_PTR.get(t, "?") for t in signature.values() if t.startswith("*"))
-        src = ASTSource(fn, signature, constexprs, attrs)
-        log = io.StringIO()
-        knobs.nvidia.dump_ptxas_log = True  # printed to stdout by the backend's make_cubin
-        with contextlib.redirect_stdout(log):
-            ck = triton.compile(src, target=_target(arch), options=options.__dict__)
+        ck, usage = compile_specialised(fn, signature, constexprs, attrs, options, arch)
         res["shared"] = int(ck.metadata.shared)
-        text = log.getvalue()
-        for k, rx in _PTXAS.items():
-            m = rx.search(text)
-            res[k] = int(m.group(1)) if m else None
-        if res["regs"] is None:  # cached compile: no ptxas run, read the cubin instead
-            res.update(_cuobjdump_usage(ck.asm["cubin"]))
+        res.update(usage)
         res["error"] = None
     except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
         # Triton's CompilationError names the call site; the cause (innermost) says why.
