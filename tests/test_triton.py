@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 from convlora_kernels import ConvLoRALinear, backends, reference
 
@@ -197,7 +198,19 @@ def test_deterministic():
 
 
 def test_poison_is_active():
-    assert torch.isnan(T._empty((3,), torch.float32, torch.device(DEVICE))).all()
+    assert torch.isnan(T.allocator(torch.device(DEVICE))((3,), torch.float32)).all()
+    assert (T.allocator(torch.device(DEVICE))((3,), torch.int64) == -1).all()
+
+
+def test_host_integer_helpers_match_triton():
+    """The launchers' plain-Python cdiv / next_power_of_2 (cheaper host calls) agree with
+    Triton's on every value the launchers can pass."""
+    from convlora_kernels.ops._triton_common import cdiv, next_power_of_2
+
+    for a in range(1, 5000):
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 3, 16, 64, 100, 256, 1024):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
 
 
 def test_module_3d_input_training_noise():

@@ -32,6 +32,7 @@ fakes stand in): see ``_triton_common`` for the measured reason (not ``triton_op
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -39,9 +40,8 @@ import triton.language as tl
 
 from .._nvtx import nvtx_range
 from ._layer_op import apply_gate_factor, define_layer_ops, gate_factor_backward, prepare_inputs
-from ._triton_common import ENV_POISON, kernel_launcher
+from ._triton_common import ENV_POISON, allocator, cdiv, kernel_launcher, next_power_of_2
 from ._triton_common import INTERPRET as _INTERPRET
-from ._triton_common import empty as _empty
 from .triton_gate import gate_backward, gate_forward
 from .triton_gate import _gate_bwd_impl as gate_backward_impl
 
@@ -723,7 +723,7 @@ def _tap_weight_on(p, target, inv_s, size, s):
 
 
 @triton.jit
-def _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, HW,
+def _dz_cols_tile(dup_base, t_base, pix, pmask, wz, s, inv_s, W, R, HW,
                   NT: tl.constexpr, BLOCK_R: tl.constexpr):
     """T[i, wz, ku] = sum over outputs (i, j) and patch columns lu of the column weight that
     U column q(j, lu) gives Z column wz, times dU[(i, j), ku, lu]. Outputs reach at most 3
@@ -736,19 +736,26 @@ def _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, HW,
     cmask = co < R
     for ku in range(NU):
         acc = tl.zeros((BLOCK_R, pix.shape[0]), tl.float32)
-        acc = _dz_gather_axis(acc, dup_base, i * W, 1, wz, W, ku * NU, s, inv_s, pmask, co, cmask,
+        acc = _dz_gather_axis(acc, dup_base, pix, 1, wz, W, ku * NU, s, inv_s, pmask, co, cmask,
                               R, HW, NT)
         tl.store(_plane_ptrs(t_base, pix, ku, co, R, HW), acc,
                  mask=cmask[:, None] & pmask[None, :])
 
 
 @triton.jit
-def _dz_gather_axis(acc, base, fixed, stride_k, c, size, slot0, s, inv_s, pmask, co, cmask, R,
+def _dz_gather_axis(acc, base, pix, stride_k, c, size, slot0, s, inv_s, pmask, co, cmask, R,
                     HW, NT: tl.constexpr):
     """acc + sum over the outputs k = c-3..c+3 along one axis and the patch positions l < NU of
     the upsample weight U coordinate q(k, l) gives Z coordinate c, times the scratch slot
-    ``slot0 + l`` of pixel ``fixed + k * stride_k``: the transpose of one axis of the upsample
-    (the column pass reads dU patches, the row pass the column pass's T). acc: [BR, P]."""
+    ``slot0 + l`` of the pixel k - c steps of ``stride_k`` from ``pix`` (c: pix's coordinate on
+    that axis): the transpose of one axis of the upsample (the column pass reads dU patches,
+    the row pass the column pass's T). acc: [BR, P].
+
+    The neighbour is addressed as ``pix + const``, not rebuilt from its row and column: Triton
+    then sees the pixel axis contiguous and keeps one pixel per thread. From the coordinates
+    it saw no contiguous axis, and Triton 3.6 (the device's) broke the tie by spreading a
+    pixel's channels over 8 threads (sm_90 SASS at SAM windows, r = 8: 4 KB of shared memory
+    and 96-110 registers per dz kernel; Triton 3.8 chose pixels)."""
     NU: tl.constexpr = NT + 2
     for d in range(7):
         k = c + 3 - d
@@ -756,7 +763,7 @@ def _dz_gather_axis(acc, base, fixed, stride_k, c, size, slot0, s, inv_s, pmask,
         ub = s * k + (s - NT) // 2 - 1
         for l in range(NU):
             w = tl.where(kvalid, _tap_weight_on(ub + l, c, inv_s, size, s), 0.0)
-            v = tl.load(_plane_ptrs(base, fixed + k * stride_k, slot0 + l, co, R, HW),
+            v = tl.load(_plane_ptrs(base, pix + (3 - d) * stride_k, slot0 + l, co, R, HW),
                         mask=cmask[:, None] & (w != 0.0)[None, :], other=0.0)
             acc += w[None, :] * v
     return acc
@@ -770,14 +777,13 @@ def _convlora_experts_dz_cols_kernel(
 ):
     """Column pass of the dZ gather. dup: (N, 36, R, H*W); t: (N, 8, R, H*W), indexed by
     (output row i, Z column wz). Grid (cdiv(H*W, BLOCK_P), N)."""
-    pid, n, e, s, inv_s, HW, pix, pmask, i, wz = _expert_program(
-        eidx_ptr, H, W, HW, BLOCK_P)
+    pid, n, e, s, inv_s, HW, pix, pmask, _, wz = _expert_program(eidx_ptr, H, W, HW, BLOCK_P)
     dup_base = dup_ptr + n * HW * (36 * R)
     t_base = t_ptr + n * HW * (8 * R)
     if s % 2 == 0:
-        _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, HW, 4, BLOCK_R)
+        _dz_cols_tile(dup_base, t_base, pix, pmask, wz, s, inv_s, W, R, HW, 4, BLOCK_R)
     else:
-        _dz_cols_tile(dup_base, t_base, pix, pmask, i, wz, s, inv_s, W, R, HW, 1, BLOCK_R)
+        _dz_cols_tile(dup_base, t_base, pix, pmask, wz, s, inv_s, W, R, HW, 1, BLOCK_R)
 
 
 @triton.jit(do_not_specialize=["HW"])
@@ -800,9 +806,11 @@ def _convlora_experts_dz_rows_kernel(
     # dZ[hz, wz] = sum over output rows i and patch rows ku of the row weight U row p(i, ku)
     # gives Z row hz, times T[i, wz, ku].
     if s % 2 == 0:
-        acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, HW, 4)
+        acc = _dz_gather_axis(acc, t_base, pix, W, hz, H, 0, s, inv_s, pmask, co, comask, R, HW,
+                              4)
     else:
-        acc = _dz_gather_axis(acc, t_base, wz, W, hz, H, 0, s, inv_s, pmask, co, comask, R, HW, 1)
+        acc = _dz_gather_axis(acc, t_base, pix, W, hz, H, 0, s, inv_s, pmask, co, comask, R, HW,
+                              1)
     acc += _load_rows(dy_ptr + n * HW * R, pix, pmask, co, R)
     acc += tl.load(dgs_ptr + n * R + co, mask=comask, other=0.0)[:, None]
     _store_rows(dz_ptr + n * HW * R, pix, pmask, co, R, acc)
@@ -846,7 +854,7 @@ _EXPERT_MIN_BLOCK_R = 2
 def _expert_block_r(r: int) -> int:
     """Channel tile of the expert-stage kernels: r rounded up to a power of two. Below 16 the
     conv runs on the CUDA cores (see _conv_mac); from 16 on it uses tl.dot."""
-    return max(_EXPERT_MIN_BLOCK_R, triton.next_power_of_2(r))
+    return max(_EXPERT_MIN_BLOCK_R, next_power_of_2(r))
 
 
 def _expert_warps(r: int) -> int:
@@ -854,7 +862,7 @@ def _expert_warps(r: int) -> int:
 
 
 def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
+    return max(16, next_power_of_2(r))  # tl.dot needs every dim >= 16
 
 
 def _expert_block_p(r: int, hw: int) -> int:
@@ -872,7 +880,7 @@ def _block_p(r: int, hw: int, elements: int) -> int:
     one per thread below BLOCK_R 16, else ``elements`` // BLOCK_R (the dZ gather kernels: 512
     and 1024). Interpreter: its cost is per operation, not per element, so one big block."""
     if _INTERPRET:
-        return max(16, min(256, triton.next_power_of_2(hw)))
+        return max(16, min(256, next_power_of_2(hw)))
     br = _expert_block_r(r)
     if br < 16:
         return 32 * _expert_warps(r)
@@ -896,7 +904,7 @@ def _launch_down(x2d: torch.Tensor, lora_A: torch.Tensor, z: torch.Tensor, gpart
     (N, cdiv(HW, 64), r) fp32 the per-block column sums of z."""
     r = z.shape[1]
     block_m = 64
-    grid = (triton.cdiv(hw, block_m), n)
+    grid = (cdiv(hw, block_m), n)
     kernel_launcher(_convlora_down_fwd_kernel)[grid](
         x2d, lora_A, z, gpart,
         hw, x2d.shape[1], r,
@@ -907,7 +915,7 @@ def _launch_down(x2d: torch.Tensor, lora_A: torch.Tensor, z: torch.Tensor, gpart
 
 
 def _down_blocks(hw: int) -> int:
-    return triton.cdiv(hw, 64)
+    return cdiv(hw, 64)
 
 
 def _gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -953,7 +961,7 @@ def _launch_up_gemm(a: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int]
         tile = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nn, meta["BLOCK_N"]),)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(nn, meta["BLOCK_N"]),)
 
     kernel_launcher(kernel)[grid](
         a, w, out if bias is None else bias, y, b, out,
@@ -977,7 +985,7 @@ def _launch_experts_fwd(z: torch.Tensor, expert_index: torch.Tensor, expert_weig
     """y (N*H*W, r) fp32 = z + D(z); usc (N, 36, r, H*W), tsc (N, 8, r, H*W) fp32 scratch."""
     r = z.shape[1]
     bp = _expert_block_p(r, h * w)
-    grid = (triton.cdiv(h * w, bp), n)
+    grid = (cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_fwd_kernel)[grid](
         z, expert_index, expert_weight, expert_bias, usc, tsc, y,
         h, w, h * w, r,
@@ -996,7 +1004,7 @@ def _launch_experts_bwd(z: torch.Tensor, dy: torch.Tensor, expert_index: torch.T
     (NBLK = cdiv(H*W, _expert_block_p(r, H*W)))."""
     r = z.shape[1]
     bp = _expert_block_p(r, h * w)
-    grid = (triton.cdiv(h * w, bp), n)
+    grid = (cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_bwd_kernel)[grid](
         z, dy, expert_index, expert_weight, expert_bias, usc, tsc, dps, part,
         h, w, h * w, r, part.shape[1] - r,
@@ -1013,12 +1021,12 @@ def _launch_dz(dup: torch.Tensor, dy: torch.Tensor, dgs: torch.Tensor, expert_in
     r = dy.shape[1]
     br = _expert_block_r(r)
     bp = _block_p(r, h * w, 512)
-    grid = (triton.cdiv(h * w, bp), n)
+    grid = (cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_dz_cols_kernel)[grid](
         dup, expert_index, tbuf, h, w, h * w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
     bp = _block_p(r, h * w, 1024)
-    grid = (triton.cdiv(h * w, bp), n)
+    grid = (cdiv(h * w, bp), n)
     kernel_launcher(_convlora_experts_dz_rows_kernel)[grid](
         tbuf, dy, dgs, expert_index, dz, h, w, h * w, r, BLOCK_P=bp, BLOCK_R=br, num_warps=4,
     )
@@ -1029,7 +1037,7 @@ def _launch_expert_reduce(part: torch.Tensor, expert_index: torch.Tensor, nblk: 
     """[dw | db] (E, KW + r) fp32 = per-expert fixed-order sum of part (NPROG, KW + r)."""
     nprog, k = part.shape
     block_k = 256
-    grid = (triton.cdiv(k, block_k), dw.shape[0])
+    grid = (cdiv(k, block_k), dw.shape[0])
     kernel_launcher(_convlora_expert_grad_reduce_kernel)[grid](
         part, expert_index, dw, db, nprog, nblk, k, dw.shape[1], BLOCK_J=32, BLOCK_K=block_k,
         num_warps=4,
@@ -1044,16 +1052,16 @@ def _dy_db_block_m(r: int) -> int:
     return min(256, 4 * _block_r(r))
 
 
-def _dy_db(dout2d: torch.Tensor, lora_B: torch.Tensor, y: torch.Tensor,
-           scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _dy_db(dout2d: torch.Tensor, lora_B: torch.Tensor, y: torch.Tensor, scaling: float,
+           alloc: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """dy = scaling * dout B (M, r) fp32 and dB = scaling * dout^T y (C_out, r) fp32 from one
     read of dout (M, C_out); deterministic."""
     m, c_out = dout2d.shape
     r = y.shape[1]
     block_m = _dy_db_block_m(r)
-    nblk = triton.cdiv(m, block_m)
-    dy = _empty((m, r), torch.float32, y.device)
-    part = _empty((nblk, c_out, r), torch.float32, y.device)
+    nblk = cdiv(m, block_m)
+    dy = alloc((m, r), torch.float32)
+    part = alloc((nblk, c_out, r), torch.float32)
     kernel_launcher(_convlora_dy_db_kernel)[(nblk,)](
         dout2d, lora_B, y, dy, part,
         m, c_out, r,
@@ -1073,8 +1081,8 @@ def _launch_tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float, part: torch.T
     r = y.shape[1]
     split = part.shape[0]
     block_m, block_c = 64, 64
-    m_per = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
-    grid = (triton.cdiv(c, block_c), split)
+    m_per = cdiv(cdiv(m, split), block_m) * block_m
+    grid = (cdiv(c, block_c), split)
     kernel_launcher(_convlora_tsmm_kernel)[grid](
         x2d, y, part, m, c, r, m_per, x2d.stride(0), x2d.stride(1), y.stride(0), scale,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=_block_r(r), PREC=_precision(x2d.dtype),
@@ -1084,12 +1092,12 @@ def _launch_tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float, part: torch.T
 
 def _tsmm_split(m: int, c: int) -> int:
     """Row chunks of the skinny x^T y: about 2 programs per SM of an H100 in total."""
-    return max(1, min(triton.cdiv(m, 256), 264 // max(1, triton.cdiv(c, 64))))
+    return max(1, min(cdiv(m, 256), 264 // max(1, cdiv(c, 64))))
 
 
-def _tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+def _tsmm(x2d: torch.Tensor, y: torch.Tensor, scale: float, alloc: Callable) -> torch.Tensor:
     """scale * y^T x2d: (r, C) fp32 (dA's layout: no transpose copy), deterministic."""
-    part = _empty((_tsmm_split(*x2d.shape), y.shape[1], x2d.shape[1]), torch.float32, y.device)
+    part = alloc((_tsmm_split(*x2d.shape), y.shape[1], x2d.shape[1]), torch.float32)
     _launch_tsmm(x2d, y, scale, part)
     return part.sum(0)
 
@@ -1110,16 +1118,17 @@ def _fwd_impl(
     x2d = x.reshape(m, c_in)
     xd2d = xd.reshape(m, c_in)
     ew = expert_weight.contiguous()
+    alloc = allocator(dev)
     with nvtx_range("convlora.triton.down_proj"):
-        z = _empty((m, r), torch.float32, dev)
-        gpart = _empty((n, _down_blocks(hw), r), torch.float32, dev)
+        z = alloc((m, r), torch.float32)
+        gpart = alloc((n, _down_blocks(hw), r), torch.float32)
         _launch_down(xd2d, lora_A, z, gpart, n, hw)
     with nvtx_range("convlora.triton.gate"):
         g, index, moe_loss = gate_forward(gpart, hw, w_gate, w_noise, noise, expert_index)
     with nvtx_range("convlora.triton.experts"):
-        usc = _empty((n, _PATCH, r, hw), torch.float32, dev)
-        tsc = _empty((n, _TSLOTS, r, hw), torch.float32, dev)
-        y = _empty((m, r), torch.float32, dev)
+        usc = alloc((n, _PATCH, r, hw), torch.float32)
+        tsc = alloc((n, _TSLOTS, r, hw), torch.float32)
+        y = alloc((m, r), torch.float32)
         _launch_experts_fwd(z, index, ew, expert_bias, n, h, w, usc, tsc, y, _precision(x.dtype))
         del usc, tsc
         gate_outputs = ()
@@ -1127,7 +1136,7 @@ def _fwd_impl(
             y, gate_p, d = apply_gate_factor(z, y, g, w_gate, w_noise, noise, index)
             gate_outputs = (gate_p, d)
     with nvtx_range("convlora.triton.up_proj"):
-        out = _empty((m, c_out), x.dtype, dev)
+        out = alloc((m, c_out), x.dtype)
         _launch_up_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, y, lora_B,
                         (lora_B.stride(1), lora_B.stride(0)), scaling, out)
     return (out.view(n, h, w, c_out), index, moe_loss, z, g, y) + gate_outputs
@@ -1149,29 +1158,30 @@ def _bwd_impl(
     dout2d = dout.reshape(m, c_out)
     xd2d = (x if x_down is None else x_down).reshape(m, c_in)
     ew = expert_weight.contiguous()
+    alloc = allocator(dev)
     with nvtx_range("convlora.triton.bwd.dy_dB"):
-        dy, d_b = _dy_db(dout2d, lora_B, y, scaling)
+        dy, d_b = _dy_db(dout2d, lora_B, y, scaling, alloc)
         d_b = d_b.to(lora_B.dtype)
     dd, gate_grads = dy, ()  # dd: the expert output's gradient
     if gate:
         with nvtx_range("convlora.triton.bwd.gate_factor"):
             dd, dgs, *gate_grads = gate_factor_backward(dy, dgs, *gate, expert_index)
     with nvtx_range("convlora.triton.bwd.experts"):
-        nblk = triton.cdiv(hw, _expert_block_p(r, hw))
+        nblk = cdiv(hw, _expert_block_p(r, hw))
         kw = ew[0].numel()
-        dup = _empty((n, _PATCH, r, hw), torch.float32, dev)  # U patches, then dU patches
-        dps = _empty((n, _TAPS, r, hw), torch.float32, dev)
-        part = _empty((n * nblk, kw + r), torch.float32, dev)
+        dup = alloc((n, _PATCH, r, hw), torch.float32)  # U patches, then dU patches
+        dps = alloc((n, _TAPS, r, hw), torch.float32)
+        part = alloc((n * nblk, kw + r), torch.float32)
         # tbuf: the U patches' separable pass here, then the dZ gather's column pass.
-        tbuf = _empty((n, _TSLOTS, r, hw), torch.float32, dev)
+        tbuf = alloc((n, _TSLOTS, r, hw), torch.float32)
         _launch_experts_bwd(z, dd, expert_index, ew, expert_bias, n, h, w, dup, tbuf, dps, part,
                             prec)
         del dps
-        dz = _empty((m, r), torch.float32, dev)
+        dz = alloc((m, r), torch.float32)
         _launch_dz(dup, dy, dgs, expert_index, n, h, w, tbuf, dz)  # residual: dy itself
         del dup, tbuf
-        d_ew = _empty((num_experts, kw), torch.float32, dev)
-        d_eb = _empty((num_experts, r), torch.float32, dev)
+        d_ew = alloc((num_experts, kw), torch.float32)
+        d_eb = alloc((num_experts, r), torch.float32)
         _launch_expert_reduce(part, expert_index, nblk, d_ew, d_eb)
         d_ew = d_ew.view(expert_weight.shape).to(expert_weight.dtype)
         d_eb = d_eb.to(expert_bias.dtype)
@@ -1181,23 +1191,23 @@ def _bwd_impl(
         if not need_dx:
             dx = x.new_empty((0,))
         elif x_down is None:
-            dx = _empty((m, c_in), x.dtype, dev)
+            dx = alloc((m, c_in), x.dtype)
             _launch_up_gemm(dout2d, weight, w_strides, None, dz, lora_A, a_strides, 1.0, dx)
             dx = dx.view(x.shape)
         else:
-            dx = _empty((m, c_in), x.dtype, dev)
+            dx = alloc((m, c_in), x.dtype)
             _launch_up_gemm(dout2d, weight, w_strides, None, dz[:, :0], lora_A, a_strides, 1.0, dx)
             dx = dx.view(x.shape)
         if x_down is None:
             dx_down = x.new_empty((0,))
         else:
-            dx_down = _empty((m, c_in), x_down.dtype, dev)
+            dx_down = alloc((m, c_in), x_down.dtype)
             # main K segment empty: dx_down = dz A only
             _launch_up_gemm(dout2d[:, :0], weight, w_strides, None, dz, lora_A, a_strides, 1.0,
                             dx_down)
             dx_down = dx_down.view(x_down.shape)
     with nvtx_range("convlora.triton.bwd.dA"):
-        d_a = _tsmm(xd2d, dz, 1.0).to(lora_A.dtype)
+        d_a = _tsmm(xd2d, dz, 1.0, alloc).to(lora_A.dtype)
     return (dx, dx_down, d_a, d_b, d_ew, d_eb, *gate_grads)
 
 

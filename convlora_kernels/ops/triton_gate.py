@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import empty, kernel_launcher
+from ._triton_common import allocator, kernel_launcher, next_power_of_2
 
 # reference.NOISE_EPSILON and reference.MOE_LOSS_WEIGHT (0.01 each) are literals in the kernels:
 # a plain global is a compile error there, and a tl.constexpr global breaks the interpreter.
@@ -225,8 +225,8 @@ def _convlora_gate_bwd_kernel(
 def _blocks(r: int, num_experts: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_R, BLOCK_E): rows per step is the largest power of two keeping the
     [rows, r, E] products within _ELEMENTS (at most 128 rows)."""
-    br = triton.next_power_of_2(max(r, 1))
-    be = triton.next_power_of_2(max(num_experts, 1))
+    br = next_power_of_2(max(r, 1))
+    be = next_power_of_2(max(num_experts, 1))
     bn = 1
     while bn < 128 and 2 * bn * br * be <= _ELEMENTS:
         bn *= 2
@@ -256,9 +256,10 @@ def gate_forward(gpart: torch.Tensor, hw: int, w_gate: torch.Tensor, w_noise: to
     nz = noise.float().contiguous() if has_noise else wg
     forced = expert_index is not None
     fi = expert_index.to(torch.int64).contiguous() if forced else wg
-    g = empty((n, r), torch.float32, gpart.device)
-    index = empty((n,), torch.int64, gpart.device)
-    loss = empty((1,), torch.float32, gpart.device)
+    alloc = allocator(gpart.device)
+    g = alloc((n, r), torch.float32)
+    index = alloc((n,), torch.int64)
+    loss = alloc((1,), torch.float32)
     kernel_launcher(_convlora_gate_fwd_kernel)[(1,)](
         gpart.contiguous(), g, wg, wn, nz, fi, index, loss, n, r, num_experts, nb, 1.0 / hw,
         HAS_NOISE=has_noise, FORCED=forced, BLOCK_N=bn, BLOCK_R=br, BLOCK_E=be, num_warps=4,
@@ -284,9 +285,10 @@ def _gate_bwd_impl(g: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor,
                 torch.zeros((r, 1), dtype=torch.float32, device=g.device),
                 torch.zeros((r, 1), dtype=torch.float32, device=g.device))
     bn, br, be = _blocks(r, num_experts)
-    dg = empty((n, r), torch.float32, g.device)
-    dwg = empty((r, num_experts), torch.float32, g.device)
-    dwn = empty((r, num_experts), torch.float32, g.device)
+    alloc = allocator(g.device)
+    dg = alloc((n, r), torch.float32)
+    dwg = alloc((r, num_experts), torch.float32)
+    dwn = alloc((r, num_experts), torch.float32)
     kernel_launcher(_convlora_gate_bwd_kernel)[(1,)](
         g.contiguous(), w_gate.detach().float().contiguous(), w_noise.detach().float().contiguous(),
         noise.float().contiguous(), dloss.float().reshape(1), dg, dwg, dwn,
