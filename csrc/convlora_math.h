@@ -256,7 +256,9 @@ CONVLORA_HD T patch_grad(const T* dpre, const WT* ew, int r, bool depthwise, int
 }
 
 // Gradient of the expert weight element (c, gi, ky, kx) and of nothing else, from one pixel:
-// sum over its taps of dpre[c] * U[ci, tap + k - 1], ci = c (depthwise) or gi (full).
+// sum over its taps of dpre[c] * U[ci, tap + k - 1], ci = c (depthwise) or gi (full). (The CPU
+// twin's form; the CUDA kernel makes the same products for 8 channels c per U read:
+// weight_partials in convlora_cuda.cu.)
 template <typename T>
 CONVLORA_HD T weight_grad(const T* up, const T* dpre, int c, int ci, int ky, int kx,
                           const PixelTaps<T>& t) {

@@ -99,6 +99,14 @@ def test_experts_every_scale_float64(emu, hw, r, depthwise):
     _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
 
 
+@pytest.mark.parametrize("r", [12, 33])
+def test_experts_wide_rank_float64(emu, r):
+    """Ranks above the weight-gradient stage's channel chunk (8): two and five chunks per item,
+    more items than threads (one pixel group, strided items); r = 33 leaves 2 pixels per block."""
+    args = _experts_case(8, 3, 5, r, False, torch.float64)
+    _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
+
+
 @pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
 def test_experts_random_routing_float32(emu, depthwise):
     """Several samples per expert and an unchosen expert (exact zero gradients); float32 against
@@ -212,6 +220,8 @@ MUTANTS = {
     "experts_patch_barrier": "b.uty, b.utx, b.up);\n  __syncthreads();\n",
     # Expert tiles: the patch fill reads upsample taps other threads have not written yet.
     "experts_taps_barrier": "q - 1 - kPatch, b.s, g.W);\n  }\n  __syncthreads();\n",
+    # Expert backward: a thread's dEW partial overwrites U patches others still read.
+    "experts_weight_partials_barrier": "__syncthreads();       // the U patches are read\n",
     # Down projection: a thread overwrites A's next chunk while others still read this one.
     "down_proj_chunk_barrier": "__syncthreads();  // the previous chunk is consumed\n",
 }
@@ -225,7 +235,10 @@ def test_emulator_catches_a_missing_barrier(mutant, thread_order):
     ops = cuda_emu.load(src.replace(needle, needle.replace("__syncthreads();", ""), 1),
                         namespace=f"convlora_cuda_emu_{mutant}")
     real = torch.ops.convlora_cuda
-    if mutant.startswith("experts"):
+    if mutant.startswith("experts_weight"):
+        z, idx, ew, eb, dy = _experts_case(8, 5, 7, 8, False, torch.float64)
+        got, want = ops.experts_bwd(z, idx, ew, eb, dy)[1], real.experts_bwd(z, idx, ew, eb, dy)[1]
+    elif mutant.startswith("experts"):
         z, idx, ew, eb, _ = _experts_case(8, 5, 7, 8, False, torch.float64)
         got, want = ops.experts_fwd(z, idx, ew, eb), real.experts_fwd(z, idx, ew, eb)
     else:
