@@ -3,8 +3,9 @@
 //
 //   convlora_down_proj_kernel        four threads per token: z = x A^T, float32 accumulation,
 //                                    optionally copying x into the up-projection's [x | y | 0]
-//   convlora_experts_fwd_kernel      one block per (sample, tile of output pixels): U patches and
-//                                    the tap pre-activations in shared memory, y = z + D
+//   convlora_experts_fwd_kernel      one block per (sample, tile of output pixels): U patches,
+//                                    the expert weight (ci, 3, 3, c) and the tap pre-activations
+//                                    in shared memory, 8 output channels per item, y = z + D
 //   convlora_experts_bwd_kernel      same tiling: per-pixel U-patch gradients to a scratch buffer
 //                                    and per-block dEW/dEB partials (fixed summation order; an
 //                                    item is 8 output channels x one input channel x one offset)
@@ -219,9 +220,25 @@ size_t expert_bytes_per_pixel(int r, size_t elem) {
   return static_cast<size_t>(r) * (kPatchArea + kTapArea) * elem + geometry;
 }
 
-int pixels_per_block(int r, size_t elem) {
-  return static_cast<int>(
-      std::clamp<size_t>(kExpertSmemBytes / expert_bytes_per_pixel(r, elem), 1, kMaxPixelsPerBlock));
+// Output channels one work item of the tap loop and of the weight-gradient stage accumulates
+// (registers).
+constexpr int kChannelChunk = 8;
+// Full convs up to this rank stage the block's expert weight in shared memory as (ci, 3, 3, c),
+// c padded to whole chunks (zeros), for the tap loop's 16-byte chunk loads (tap_loop). r = 16:
+// 9 KB of the 32 KB budget.
+constexpr int kStagedRank = 16;
+
+CONVLORA_HD bool stages_weights(int r, bool depthwise) { return !depthwise && r <= kStagedRank; }
+CONVLORA_HD int staged_stride(int r) { return (r + kChannelChunk - 1) / kChannelChunk * kChannelChunk; }
+
+size_t staged_weight_bytes(int r, bool depthwise, size_t elem) {
+  return stages_weights(r, depthwise) ? static_cast<size_t>(r) * 9 * staged_stride(r) * elem : 0;
+}
+
+int pixels_per_block(int r, bool depthwise, size_t elem) {
+  return static_cast<int>(std::clamp<size_t>(
+      (kExpertSmemBytes - staged_weight_bytes(r, depthwise, elem)) / expert_bytes_per_pixel(r, elem),
+      1, kMaxPixelsPerBlock));
 }
 
 template <typename T>
@@ -249,35 +266,10 @@ __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int npix, 
   }
 }
 
-// Work item k of the tap loop shared by forward and backward: pixel p of the tile, channel c,
-// V tap (a, b), the pixel's taps t (in shared memory) and the conv pre-activation there.
-template <typename T>
-struct TapWork {
-  int p, c, a, b;
-  const PixelTaps<T>* t;
-  T pre;
-};
-
-template <typename T>
-__device__ __forceinline__ TapWork<T> tap_work(int k, int nt1, const ExpertGeom& g, const T* up,
-                                              const PixelTaps<T>* taps, const T* ew_e,
-                                              const T* eb_e) {
-  const int ntap = nt1 * nt1;
-  TapWork<T> w;
-  w.p = k / (g.r * ntap);
-  w.c = (k / ntap) % g.r;
-  const int tap = k % ntap;
-  w.t = taps + w.p;
-  w.a = tap / nt1;
-  w.b = tap % nt1;
-  w.pre = pre_value<T, T>(up + static_cast<size_t>(w.p) * g.r * kPatchArea, ew_e, eb_e, g.r,
-                          g.depthwise, w.c, *w.t, w.a, w.b);
-  return w;
-}
-
 // The block's tile, shared by the forward and backward expert kernels: sample n = blockIdx.y, its
 // expert and scale, pixels [pix0, pix0 + npix) of the map, and in shared memory the U patches and
-// the PixelTaps of those pixels (synchronised: ready to read on return). smem: (P, r, 6, 6) U
+// the PixelTaps of those pixels (synchronised: ready to read on return). smem: the staged expert
+// weight when stages_weights (see tap_loop), then (P, r, 6, 6) U
 // patches, a (P, r, 4, 4) tap buffer (pre-activations forward, their gradients backward), then
 // P PixelTaps, then the upsample taps of each patch's rows (P, 6) and columns (P, 6). Both are
 // computed once per pixel: every tap-loop work item, and every (weight element, pixel) of the
@@ -292,6 +284,7 @@ struct ExpertTile {
   UTaps<T>* utx;
   const T* ew_e;  // the sample's expert weight (r, g, 3, 3) and bias (r)
   const T* eb_e;
+  const T* wt;    // staged weight (r, 3, 3, staged_stride(r)) in shared memory, or nullptr
   int64_t m0;     // flat index of the sample's first pixel
   int pix0, npix, s, nt1, ntap;  // nt1: V taps per axis (1 for odd s, whose V sample is centred)
 };
@@ -303,6 +296,10 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   const int P = g.pixels_per_block;
   const int n = blockIdx.y;
   const int hw = g.H * g.W;
+  const bool staged = stages_weights(g.r, g.depthwise);
+  const int wt_size = staged ? g.r * 9 * staged_stride(g.r) : 0;  // a multiple of 16 bytes
+  b.wt = staged ? smem : nullptr;
+  smem += wt_size;
   b.up = smem;
   b.tap_buf = smem + static_cast<size_t>(P) * g.r * kPatchArea;
   b.taps = reinterpret_cast<PixelTaps<T>*>(b.tap_buf + static_cast<size_t>(P) * g.r * kTapArea);
@@ -317,6 +314,13 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   b.ntap = b.nt1 * b.nt1;
   b.ew_e = ew + e * static_cast<int64_t>(g.r) * (g.depthwise ? 1 : g.r) * 9;
   b.eb_e = eb + e * g.r;
+  if (staged) {  // (c, ci, 3, 3) -> (ci, 3, 3, c), zero past r
+    const int stride = staged_stride(g.r);
+    for (int k = threadIdx.x; k < wt_size; k += blockDim.x) {
+      const int c = k % stride, tap = k / stride;  // tap = ci * 9 + ky * 3 + kx
+      smem[k - wt_size] = c < g.r ? b.ew_e[c * g.r * 9 + tap] : T(0);
+    }
+  }
   // Per pixel: its PixelTaps (q = 0), then the upsample taps of its 6 patch rows and 6 columns.
   constexpr int kItems = 1 + 2 * kPatch;
   for (int k = threadIdx.x; k < b.npix * kItems; k += blockDim.x) {
@@ -336,6 +340,60 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   return b;
 }
 
+// kChannelChunk consecutive values, read as 16-byte vectors (the staged weight's rows are whole
+// chunks, and a chunk starts at a multiple of kChannelChunk elements).
+template <typename T>
+struct alignas(16) ChannelChunk {
+  T v[kChannelChunk];
+};
+
+// The tap loop of the forward and backward expert kernels: the conv pre-activation at every
+// (pixel, channel, V tap) of the tile, handed to emit(p, c, a, b, pre). With the weight staged
+// (full conv, r <= kStagedRank), a work item is (pixel, tap, kChannelChunk output channels): each
+// U value feeds the chunk's accumulators, whose weights are two 16-byte loads (float), in
+// pre_value's order for each channel (the same sums, to the bit). Otherwise (depthwise, where no
+// U value feeds two channels, or larger r) an item is one channel, as before c6. Per FMA (sm_90
+// SASS, fp32, r = 8): 1 U load per 8 and 1 vector load per 4, against 1 U and 1 weight load per
+// FMA; 240 items per block at r = 8 (one round of 256 threads) instead of 1920.
+template <typename T, typename Emit>
+__device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const ExpertGeom& g,
+                                         Emit emit) {
+  const bool staged = tile.wt != nullptr;
+  const int stride = staged_stride(g.r);
+  const int nchunk = staged ? stride / kChannelChunk : g.r;  // items per (pixel, tap)
+  for (int k = threadIdx.x; k < tile.npix * tile.ntap * nchunk; k += blockDim.x) {
+    const int p = k / (tile.ntap * nchunk);
+    const int tap = k / nchunk % tile.ntap;
+    const int a = tap / tile.nt1, b = tap % tile.nt1;
+    const PixelTaps<T>& t = tile.taps[p];
+    const T* up = tile.up + static_cast<size_t>(p) * g.r * kPatchArea;
+    if (!staged) {
+      const int c = k % nchunk;
+      emit(p, c, a, b, pre_value<T, T>(up, tile.ew_e, tile.eb_e, g.r, g.depthwise, c, t, a, b));
+      continue;
+    }
+    const int c0 = k % nchunk * kChannelChunk;
+    T acc[kChannelChunk];
+#pragma unroll
+    for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] = c0 + cc < g.r ? tile.eb_e[c0 + cc] : T(0);
+    const T* u0 = up + (t.ry[a] - t.oy - 1) * kPatch + t.rx[b] - t.ox - 1;  // window's top-left
+    const T* w0 = tile.wt + c0;
+    for (int ci = 0; ci < g.r; ++ci) {
+#pragma unroll
+      for (int kk = 0; kk < 9; ++kk) {
+        const T uv = u0[ci * kPatchArea + kk / 3 * kPatch + kk % 3];
+        const ChannelChunk<T> w =
+            *reinterpret_cast<const ChannelChunk<T>*>(w0 + (ci * 9 + kk) * stride);
+#pragma unroll
+        for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] += w.v[cc] * uv;
+      }
+    }
+#pragma unroll
+    for (int cc = 0; cc < kChannelChunk; ++cc)
+      if (c0 + cc < g.r) emit(p, c0 + cc, a, b, acc[cc]);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     convlora_experts_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
@@ -344,10 +402,9 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const ExpertTile<T> tile = expert_tile<T>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
   T* pre = tile.tap_buf;  // (P, r, 4, 4)
-  for (int k = threadIdx.x; k < tile.npix * g.r * tile.ntap; k += blockDim.x) {
-    const TapWork<T> w = tap_work<T>(k, tile.nt1, g, tile.up, tile.taps, tile.ew_e, tile.eb_e);
-    pre[(w.p * g.r + w.c) * kTapArea + w.a * kTaps + w.b] = w.pre;
-  }
+  tap_loop<T>(tile, g, [&](int p, int c, int a, int b, T v) {
+    pre[(p * g.r + c) * kTapArea + a * kTaps + b] = v;
+  });
   __syncthreads();
   for (int k = threadIdx.x; k < tile.npix * g.r; k += blockDim.x) {
     const int p = k / g.r, c = k % g.r;
@@ -356,12 +413,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Output channels one work item of the weight-gradient stage accumulates (registers).
-constexpr int kWeightChunk = 8;
-
 // The block's dEW partial (r, g, 3, 3) into part_tile: sums over its pixels and their V taps of
 // dpre[c] at each tap times the U value the conv offset (ky, kx) reads there (g = r, or 1 when
-// depthwise). A work item is (a chunk of up to kWeightChunk output channels c, input channel
+// depthwise). A work item is (a chunk of up to kChannelChunk output channels c, input channel
 // gi, conv offset, pixel group): at each tap it reads one U value and multiplies it into the
 // chunk's accumulators. Before (c3/c4), an item was one weight element, which re-read both
 // operands and recomputed the tap's patch address for every product: 2 shared loads and ~4
@@ -389,19 +443,19 @@ template <typename T>
 __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, const T* dpre,
                                 T* part_tile) {
   const int gi_n = g.depthwise ? 1 : g.r;
-  const int chunk = g.depthwise ? 1 : min(g.r, kWeightChunk);
+  const int chunk = g.depthwise ? 1 : min(g.r, kChannelChunk);
   const int per_group = (g.r + chunk - 1) / chunk * gi_n * 9;  // items per pixel group
   const int wsize = g.r * gi_n * 9;
   // Groups: as many as the threads allow, at most one per pixel, and their partials (npg, wsize)
   // must fit in the U patches' region (P, r, 6, 6); one group needs no second pass.
   const int cap = g.pixels_per_block * g.r * kPatchArea / wsize;
   const int npg = max(1, min(min(static_cast<int>(blockDim.x) / per_group, tile.npix), cap));
-  T acc[kWeightChunk];
+  T acc[kChannelChunk];
   for (int k = threadIdx.x; k < per_group * npg; k += blockDim.x) {  // one pass when npg > 1
     const WeightItem w = weight_item(k, per_group, chunk, gi_n, g.r);
     const int ky = w.kk / 3, kx = w.kk % 3;
 #pragma unroll
-    for (int cc = 0; cc < kWeightChunk; ++cc) acc[cc] = T(0);
+    for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] = T(0);
     for (int p = w.pg; p < tile.npix; p += npg) {
       const PixelTaps<T>& t = tile.taps[p];
       const T* u_p =
@@ -412,14 +466,14 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
         for (int b = 0; b < t.nx; ++b) {
           const T u = u_p[row + t.rx[b]];
 #pragma unroll
-          for (int cc = 0; cc < kWeightChunk; ++cc)
+          for (int cc = 0; cc < kChannelChunk; ++cc)
             if (cc < w.nc) acc[cc] += d_p[cc * kTapArea + a * kTaps + b] * u;
         }
       }
     }
     if (npg == 1) {
 #pragma unroll  // every acc index static: acc stays in registers
-      for (int cc = 0; cc < kWeightChunk; ++cc)
+      for (int cc = 0; cc < kChannelChunk; ++cc)
         if (cc < w.nc) part_tile[((w.c0 + cc) * gi_n + w.gi) * 9 + w.kk] = acc[cc];
     }
   }
@@ -430,7 +484,7 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
     // Recomputed rather than kept live across the barrier (ptxas: 4-8 B of spills otherwise).
     const WeightItem w = weight_item(threadIdx.x, per_group, chunk, gi_n, g.r);
 #pragma unroll
-    for (int cc = 0; cc < kWeightChunk; ++cc)
+    for (int cc = 0; cc < kChannelChunk; ++cc)
       if (cc < w.nc) partial[w.pg * wsize + ((w.c0 + cc) * gi_n + w.gi) * 9 + w.kk] = acc[cc];
   }
   __syncthreads();
@@ -457,14 +511,12 @@ __global__ void __launch_bounds__(kThreads)
   const int gi_n = g.depthwise ? 1 : g.r;
   const int64_t wsize = static_cast<int64_t>(g.r) * gi_n * 9;
   const int pix0 = tile.pix0, npix = tile.npix, s = tile.s, nt1 = tile.nt1;
-  const T* up = tile.up;
   const T* ew_e = tile.ew_e;
-  for (int k = threadIdx.x; k < npix * g.r * tile.ntap; k += blockDim.x) {
-    const TapWork<T> w = tap_work<T>(k, nt1, g, up, tile.taps, ew_e, tile.eb_e);
-    const int64_t m = tile.m0 + pix0 + w.p;
-    dpre[(w.p * g.r + w.c) * kTapArea + w.a * kTaps + w.b] =
-        tap_grad<T>(w.pre, dy[m * g.r + w.c], *w.t, w.a, w.b);
-  }
+  tap_loop<T>(tile, g, [&](int p, int c, int a, int b, T v) {
+    const int64_t m = tile.m0 + pix0 + p;
+    dpre[(p * g.r + c) * kTapArea + a * kTaps + b] =
+        tap_grad<T>(v, dy[m * g.r + c], tile.taps[p], a, b);
+  });
   __syncthreads();
   const int side = patch_side(s);
   const int per_pixel = g.r * side * side;
@@ -537,6 +589,12 @@ struct ExpertArgs {
   int tiles;
 };
 
+size_t expert_smem(const ExpertArgs& a) {
+  const size_t elem = a.z.element_size();
+  return a.geom.pixels_per_block * expert_bytes_per_pixel(a.geom.r, elem) +
+         staged_weight_bytes(a.geom.r, a.geom.depthwise, elem);
+}
+
 ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
                            const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
   const bool depthwise = check_experts_inputs(z, expert_index, expert_weight, expert_bias);
@@ -550,17 +608,14 @@ ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
   const int r = static_cast<int>(z.size(3));
   args.geom = {static_cast<int>(z.size(1)), static_cast<int>(z.size(2)), r,
                static_cast<int>(expert_weight.size(0)), depthwise,
-               pixels_per_block(r, z.element_size())};
+               pixels_per_block(r, depthwise, z.element_size())};
   const int64_t hw = z.size(1) * z.size(2);
   args.tiles = static_cast<int>((hw + args.geom.pixels_per_block - 1) / args.geom.pixels_per_block);
-  const size_t smem = args.geom.pixels_per_block * expert_bytes_per_pixel(r, z.element_size());
+  const size_t smem = expert_smem(args);
   TORCH_CHECK(smem <= 48 * 1024, "convlora: rank r = ", r, " too large for the CUDA expert kernels");
   return args;
 }
 
-size_t expert_smem(const ExpertArgs& a) {
-  return a.geom.pixels_per_block * expert_bytes_per_pixel(a.geom.r, a.z.element_size());
-}
 
 at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
                             const at::Tensor& expert_weight, const at::Tensor& expert_bias) {

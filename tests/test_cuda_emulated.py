@@ -99,10 +99,12 @@ def test_experts_every_scale_float64(emu, hw, r, depthwise):
     _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
 
 
-@pytest.mark.parametrize("r", [12, 33])
+@pytest.mark.parametrize("r", [12, 16, 33])
 def test_experts_wide_rank_float64(emu, r):
-    """Ranks above the weight-gradient stage's channel chunk (8): two and five chunks per item,
-    more items than threads (one pixel group, strided items); r = 33 leaves 2 pixels per block."""
+    """Ranks above the channel chunk (8) of the tap loop and the weight-gradient stage: two
+    chunks (r = 12, the second padded; r = 16, the largest rank whose weight is staged in shared
+    memory, 1 pixel per float64 block) and five (r = 33, not staged: one channel per tap-loop
+    item; 2 pixels per block); more weight-gradient items than threads (strided)."""
     args = _experts_case(8, 3, 5, r, False, torch.float64)
     _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
 
