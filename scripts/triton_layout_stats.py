@@ -19,10 +19,8 @@ choose layouts differently.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -30,33 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_resource_usage as tru  # noqa: E402
+from sass_stats import OPCODES, loop_bodies, sass_counts  # noqa: E402
 
 sys.path.insert(0, str(tru.REPO))  # the checkout's convlora_kernels, installed or not
-
-#: SASS opcodes reported; the first four cross threads.
-OPCODES = ("BAR", "LDS", "STS", "SHFL", "LDG", "STG", "FFMA")
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
-
-
-def sass_counts(lines: list[str]) -> dict[str, int]:
-    """Static count of each opcode in OPCODES (modifiers ignored: LDG.E.128 counts as LDG)."""
-    c = collections.Counter(m.group(2).split(".")[0] for line in lines if (m := _INSTR.search(line)))
-    return {k: c[k] for k in OPCODES} | {"total": sum(c.values())}
-
-
-def loop_bodies(lines: list[str]) -> list[dict]:
-    """Every backward branch's body (target .. branch) with its opcode counts."""
-    instrs = [(int(m.group(1), 16), line) for line in lines if (m := _INSTR.search(line))]
-    loops = []
-    for addr, line in instrs:
-        if " BRA" not in line:
-            continue
-        target = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1])
-        if target and int(target.group(1), 16) < addr:
-            lo = int(target.group(1), 16)
-            body = [text for a, text in instrs if lo <= a <= addr]
-            loops.append({"start": hex(lo), "end": hex(addr)} | sass_counts(body))
-    return loops
 
 
 def summarise(launch: dict, arch: int, dump: Path | None) -> dict:
