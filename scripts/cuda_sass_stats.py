@@ -14,7 +14,6 @@ CUDA backend's expert kernels": instructions and shared/global loads per FMA of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sass_stats import OPCODES, functions, loop_bodies, sass_counts  # noqa: E402
+from sass_stats import functions, loop_bodies, report, sass_counts  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "csrc" / "convlora_cuda.cu"
@@ -144,17 +143,10 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no kernel matching {args.kernel!r}")
         return 1
-    print(f"csrc/convlora_cuda.cu, sm_{args.arch}")
-    for row in rows:
-        counts = " ".join(f"{k} {v}" for k, v in row["sass"].items())
-        print(f"{row['kernel']:<42} regs {row.get('regs')} stack {row.get('stack')} B spills "
-              f"{row.get('spill_stores')}/{row.get('spill_loads')} B | SASS {counts}")
-        if args.loops:
-            for loop in row["loops"]:
-                body = " ".join(f"{k} {loop[k]}" for k in ("total", *OPCODES))
-                print(f"    loop {loop['start']}-{loop['end']}: {body}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    report(f"csrc/convlora_cuda.cu, sm_{args.arch}", rows,
+           lambda row: (f"{row['kernel']:<42} regs {row.get('regs')} stack {row.get('stack')} B "
+                        f"spills {row.get('spill_stores')}/{row.get('spill_loads')} B"),
+           args.loops, args.json)
     return 0
 
 

@@ -8,7 +8,10 @@ bodies of two versions of the same loop (NOTES.md, "Versions").
 from __future__ import annotations
 
 import collections
+import json
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 #: SASS opcodes reported; the first four cross threads, the last two are register spills.
 OPCODES = ("BAR", "LDS", "STS", "SHFL", "LDG", "STG", "FFMA", "LDL", "STL")
@@ -48,3 +51,19 @@ def functions(sass: str) -> dict[str, list[str]]:
         elif current is not None:
             out[current].append(line)
     return out
+
+
+def report(title: str, rows: list[dict], describe: Callable[[dict], str], loops: bool,
+           json_path: Path | None) -> None:
+    """Print ``title``, one line per kernel (``describe(row)``, then its whole-kernel counts)
+    and, with ``loops``, one per loop body; write the rows as JSON to ``json_path`` if given."""
+    print(title)
+    for row in rows:
+        counts = " ".join(f"{k} {v}" for k, v in row["sass"].items())
+        print(f"{describe(row)} | SASS {counts}")
+        if loops:
+            for loop in row["loops"]:
+                body = " ".join(f"{k} {loop[k]}" for k in ("total", *OPCODES))
+                print(f"    loop {loop['start']}-{loop['end']}: {body}")
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=1))

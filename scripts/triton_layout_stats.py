@@ -19,7 +19,6 @@ choose layouts differently.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import triton_resource_usage as tru  # noqa: E402
-from sass_stats import OPCODES, loop_bodies, sass_counts  # noqa: E402
+from sass_stats import loop_bodies, report, sass_counts  # noqa: E402
 
 sys.path.insert(0, str(tru.REPO))  # the checkout's convlora_kernels, installed or not
 
@@ -86,18 +85,11 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no recorded launch of a kernel matching {args.kernel!r}")
         return 1
-    print(f"{case.label}, sm_{args.arch}, Triton {rows[0]['triton']}")
-    for row in rows:
-        counts = " ".join(f"{k} {v}" for k, v in row["sass"].items())
-        print(f"{row['kernel']:<40} warps {row['num_warps']} regs {row['regs']} spills "
-              f"{row['spill_stores']} B shared {row['shared']} B converts "
-              f"{row['convert_layout']} | SASS {counts}")
-        if args.loops:
-            for loop in row["loops"]:
-                body = " ".join(f"{k} {loop[k]}" for k in ("total", *OPCODES))
-                print(f"    loop {loop['start']}-{loop['end']}: {body}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    report(f"{case.label}, sm_{args.arch}, Triton {rows[0]['triton']}", rows,
+           lambda row: (f"{row['kernel']:<40} warps {row['num_warps']} regs {row['regs']} spills "
+                        f"{row['spill_stores']} B shared {row['shared']} B converts "
+                        f"{row['convert_layout']}"),
+           args.loops, args.json)
     return 0
 
 
