@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "csrc" / "convlora_cuda.cu"
 #: Itanium mangling of the kernels' template argument: convlora_experts_fwd_kernel<float> -> ...IfE...
 TYPES = {"float": "f", "double": "d"}
+_TYPE_NAMES = {code: name for name, code in TYPES.items()}
 
 
 def cuda_home() -> Path | None:
@@ -69,11 +70,12 @@ def unavailable_reason() -> str | None:
 def compile_object(arch: int, out: Path) -> str:
     """nvcc -c csrc/convlora_cuda.cu for sm_<arch>; returns ptxas -v's log."""
     os.environ.setdefault("CUDA_HOME", str(cuda_home()))  # before torch guesses (see setup.py)
+    import torch
     from torch.utils import cpp_extension
 
     includes = [*cpp_extension.include_paths(device_type="cuda"), sysconfig.get_paths()["include"],
                 str(REPO / "csrc")]
-    abi = int(__import__("torch")._C._GLIBCXX_USE_CXX11_ABI)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [str(cuda_home() / "bin" / "nvcc"), "-O3", "-std=c++20", "-lineinfo",
            "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -108,7 +110,7 @@ def kernel_name(mangled: str) -> str:
     m = re.search(r"\d+(convlora_\w+?_kernel)I([a-z])E", mangled)
     if not m:
         return mangled
-    return f"{m.group(1)}<{ {v: k for k, v in TYPES.items()}.get(m.group(2), m.group(2))}>"
+    return f"{m.group(1)}<{_TYPE_NAMES.get(m.group(2), m.group(2))}>"
 
 
 def collect(kernel: str, arch: int, type_: str | None) -> list[dict]:
