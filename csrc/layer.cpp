@@ -22,6 +22,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <nvtx3/nvToolsExt.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -116,6 +117,17 @@ std::tuple<Tensor, Tensor, Tensor> call_experts_bwd(const Tensor& z, const Tenso
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&)>();
   return op.call(z, index, ew, eb, dy);
+}
+
+std::tuple<Tensor, Tensor, Tensor> call_gate_bwd(const Tensor& g, const Tensor& wg,
+                                                 const Tensor& wn, const Tensor& noise,
+                                                 const Tensor& dloss, double dg_scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("convlora_cuda::gate_bwd", "")
+                             .typed<std::tuple<Tensor, Tensor, Tensor>(
+                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 const Tensor&, double)>();
+  return op.call(g, wg, wn, noise, dloss, dg_scale);
 }
 
 // Entered first by every op here. Autocast off: the layer picks its own precisions (float32
@@ -262,6 +274,122 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
   return {dx_down, d_a, d_b, d_ew, d_eb};
 }
 
+// The layer without multiply_by_gate as one autograd node in C++: forward = layer_fwd_head and
+// layer_fwd_up, backward = the gate's loss gradient, layer_bwd_dy and layer_bwd_rest: the formula
+// of convlora_kernels/ops/_layer_op.py (_make_backward), which the registered custom ops keep for
+// torch.compile, export and dispatch modes; tests/test_layer.py holds the two paths to bitwise
+// equal outputs and gradients. Measured reason: the layer is host-bound on a GPU (H200,
+// 2026-11-28), and after the composition moved into C++ the Python autograd Function around it
+// (its apply and context, the backward's glue, the gate-backward wrapper: ~20 Python-level calls)
+// was the largest part of the host time left.
+//
+// Saved for the backward: x (and x_down), the parameters, noise, and z, g, y, index, as in the
+// Python Function; z, g, y are not outputs here, so the node wraps three outputs, not six.
+class LayerFunction : public torch::autograd::Function<LayerFunction> {
+ public:
+  using Ctx = torch::autograd::AutogradContext;
+  using List = torch::autograd::variable_list;
+
+  // Inputs as conv_lora_fwd's; outputs out (N, H, W, C_out), index (N,) long, moe_loss (0-dim).
+  static List forward(Ctx* ctx, const Tensor& x, const OptTensor& x_down, const Tensor& weight,
+                      const OptTensor& bias, const Tensor& lora_A, const Tensor& lora_B,
+                      const Tensor& expert_weight, const Tensor& expert_bias,
+                      const Tensor& w_gate, const Tensor& w_noise, double scaling,
+                      const OptTensor& expert_index, const OptTensor& noise) {
+    auto [z, g, xcat, index, moe_loss, y] = layer_fwd_head(
+        x, x_down, weight, lora_A, expert_weight, expert_bias, w_gate, w_noise, expert_index,
+        noise);
+    Tensor out = layer_fwd_up(x, xcat, y, weight, bias, lora_B, scaling);
+    // The incoming gradients of index, and of moe_loss when it is unused, stay undefined
+    // (materialising them costs launches per backward).
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["flags"] = static_cast<int64_t>(
+        (x_down.has_value() ? kHasXDown : 0) | (bias.has_value() ? kHasBias : 0) |
+        (expert_index.has_value() ? 0 : kRouted) | (noise.has_value() ? kHasNoise : 0));
+    ctx->save_for_backward({x, x_down.value_or(Tensor()), weight, lora_A, lora_B, expert_weight,
+                            expert_bias, w_gate, w_noise, noise.value_or(Tensor()), z, g, y,
+                            index});
+    return {out, index, moe_loss};
+  }
+
+  // One gradient per forward argument (undefined for the float and for absent tensors).
+  static List backward(Ctx* ctx, List grads) {
+    LayerScope scope;
+    const List saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &x_down = saved[1], &weight = saved[2], &lora_A = saved[3];
+    const Tensor &lora_B = saved[4], &expert_weight = saved[5], &expert_bias = saved[6];
+    const Tensor &w_gate = saved[7], &w_noise = saved[8], &noise = saved[9], &z = saved[10];
+    const Tensor &g = saved[11], &y = saved[12], &index = saved[13];
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const bool has_x_down = flags & kHasXDown, has_bias = flags & kHasBias;
+    const Tensor& dmoe = grads[2];
+    // needs_input_grad counts the node's edges: one per tensor given, none for absent ones.
+    const size_t weight_edge = has_x_down ? 2 : 1;
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_dx_down = has_x_down && ctx->needs_input_grad(1);
+    const bool need_dw = ctx->needs_input_grad(weight_edge);
+    const bool need_dbias = has_bias && ctx->needs_input_grad(weight_edge + 1);
+
+    Tensor dgs, dwg, dwn;
+    if ((flags & kRouted) && (flags & kHasNoise) && dmoe.defined() && w_gate.size(1) > 1) {
+      const auto gt = g.scalar_type();
+      std::tie(dgs, dwg, dwn) = call_gate_bwd(g, w_gate.to(gt), w_noise.to(gt), noise.to(gt),
+                                              dmoe.to(gt), 1.0 / (x.size(1) * x.size(2)));
+    } else {  // eval, forced routing or one expert: the loss has no gradient
+      dgs = at::zeros_like(g);
+      dwg = at::zeros_like(w_gate);
+      dwn = at::zeros_like(w_noise);
+    }
+    const int64_t c_in = x.size(3), c_out = weight.size(0);
+    const Tensor dout = grads[0].defined()
+                            ? grads[0].contiguous()
+                            : x.new_zeros({x.size(0), x.size(1), x.size(2), c_out});
+    auto [dxy, dy] = layer_bwd_dy(dout, x, weight, lora_B, scaling, need_dx);
+    OptTensor x_down_opt;
+    if (has_x_down) x_down_opt = x_down;
+    auto [dx_down, d_a, d_b, d_ew, d_eb] =
+        layer_bwd_rest(dout, x, x_down_opt, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
+                       index, dxy, dy, std::nullopt, scaling);
+    Tensor d_w, d_bias;  // the frozen Linear made trainable
+    if (need_dw || need_dbias) {
+      const Tensor dout2d = dout.reshape({-1, c_out});
+      if (need_dw) d_w = at::mm(dout2d.t(), x.reshape({-1, c_in})).to(weight.scalar_type());
+      if (need_dbias) d_bias = dout2d.sum(0);
+    }
+    return {need_dx ? dxy.narrow(1, 0, c_in).view(x.sizes()) : Tensor(),
+            need_dx_down ? dx_down : Tensor(),
+            d_w,
+            d_bias,
+            d_a,
+            d_b,
+            d_ew,
+            d_eb,
+            dwg.to(w_gate.scalar_type()),
+            dwn.to(w_noise.scalar_type()),
+            Tensor(),
+            Tensor(),
+            Tensor()};
+  }
+
+ private:
+  enum Flag : int64_t { kHasXDown = 1, kHasBias = 2, kRouted = 4, kHasNoise = 8 };
+};
+
+std::tuple<Tensor, Tensor, Tensor> layer(const Tensor& x, const OptTensor& x_down,
+                                         const Tensor& weight, const OptTensor& bias,
+                                         const Tensor& lora_A, const Tensor& lora_B,
+                                         const Tensor& expert_weight, const Tensor& expert_bias,
+                                         const Tensor& w_gate, const Tensor& w_noise,
+                                         double scaling, const OptTensor& expert_index,
+                                         const OptTensor& noise) {
+  const auto out = LayerFunction::apply(x, x_down, weight, bias, lora_A, lora_B, expert_weight,
+                                        expert_bias, w_gate, w_noise, scaling, expert_index,
+                                        noise);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 }  // namespace convlora
 
@@ -283,6 +411,18 @@ TORCH_LIBRARY_FRAGMENT(convlora_cuda, m) {
       "Tensor expert_index, Tensor(a!) dxy, Tensor dy, Tensor? dd, float scaling) -> "
       "(Tensor dx_down, Tensor d_lora_A, Tensor d_lora_B, Tensor d_expert_weight, "
       "Tensor d_expert_bias)");
+  m.def(
+      "layer(Tensor x, Tensor? x_down, Tensor weight, Tensor? bias, Tensor lora_A, "
+      "Tensor lora_B, Tensor expert_weight, Tensor expert_bias, Tensor w_gate, Tensor w_noise, "
+      "float scaling, Tensor? expert_index, Tensor? noise) -> (Tensor out, Tensor index, "
+      "Tensor moe_loss)");
+}
+
+// The eager path's autograd node (LayerFunction): its kernel sets up the autograd graph itself,
+// so CompositeImplicitAutograd. Only plain tensors outside tracing and dispatch modes reach it
+// (the Python side's choice); it has no fake implementation.
+TORCH_LIBRARY_IMPL(convlora_cuda, CompositeImplicitAutograd, m) {
+  m.impl("layer", &convlora::layer);
 }
 
 TORCH_LIBRARY_IMPL(convlora_cuda, CompositeExplicitAutograd, m) {

@@ -30,9 +30,10 @@ _FREE = {
     "narrow", "numpy_T", "matrix_H", "_has_compatible_shallow_copy_type", "is_nonzero",
 }
 _TRITON_RANGE = "convlora_test::triton_launch"
-#: The cuda backend's C++ composition of the layer (csrc/layer.cpp): containers, not launches;
-#: the ops they call are counted.
-_CONTAINERS = ("convlora_cuda::layer_",)
+#: The cuda backend's C++ composition of the layer (csrc/layer.cpp: ``layer``, the eager path's
+#: native node, and the ``layer_*`` pieces): containers, not launches; the ops they call are
+#: counted.
+_CONTAINERS = ("convlora_cuda::layer",)
 
 
 def _launches(events) -> collections.Counter:

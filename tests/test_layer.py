@@ -438,14 +438,32 @@ def test_rank_zero_in_a_model(tmp_path):
 
 
 
-# Triton (interpreted, ~1-2 min per case) on the fuller case only.
-@pytest.mark.parametrize("backend, multiply_by_gate, dropout",
-                         [("cuda", False, 0.0), ("cuda", True, 0.3), ("triton", True, 0.3)])
-def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, monkeypatch):
-    """Eager calls skip the dispatcher (an autograd Function on the implementations,
-    ``_layer_op.LayerOps.__call__``); CONVLORA_DISPATCH=op, a dispatch mode or tracing take the
-    registered ops. Both must give bit-identical outputs and gradients (training gate, noise,
-    dropout), and each must really be the one taken."""
+def _layer_node(out: torch.Tensor) -> str | None:
+    """Name of the layer's autograd node behind the module's reshapes: the Python eager Function
+    (``*_eager``), the cuda backend's native node (``...LayerFunction>``) or a custom op's
+    (``GeneratedBackwardFor...``)."""
+    frontier = [out.grad_fn]
+    for _ in range(4):
+        for fn in frontier:
+            name = type(fn).__name__
+            if "eager" in name or name.startswith("GeneratedBackwardFor"):
+                return name
+            if name == "CppFunction" and "LayerFunction" in fn.name():
+                return "native"
+        frontier = [nxt for fn in frontier for nxt, _ in fn.next_functions if nxt is not None]
+    return None
+
+
+# Triton (interpreted, ~1-2 min per case) on the fuller case only. cuda without multiply_by_gate
+# takes the native node (csrc/layer.cpp, LayerFunction), with it the Python eager Function.
+@pytest.mark.parametrize("backend, multiply_by_gate, dropout, eager_node", [
+    ("cuda", False, 0.0, "native"), ("cuda", False, 0.3, "native"), ("cuda", True, 0.3, "eager"),
+    ("triton", True, 0.3, "eager")])
+def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, eager_node, monkeypatch):
+    """Eager calls skip the dispatcher (an autograd Function on the implementations, or the
+    backend's native node: ``_layer_op.LayerOps.__call__``); CONVLORA_DISPATCH=op, a dispatch
+    mode or tracing take the registered ops. Both must give bit-identical outputs and gradients
+    (training gate, noise, dropout), and each must really be the one taken."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     x = torch.randn(3, 2, 5, 12)
@@ -457,20 +475,9 @@ def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, monkeypat
     layer.train()
     upstream = torch.randn(3, 2, 5, 20)
 
-    def layer_node(out):
-        """Name of the layer's autograd node (behind the module's reshapes)."""
-        frontier = [out.grad_fn]
-        for _ in range(4):
-            for fn in frontier:
-                name = type(fn).__name__
-                if "eager" in name or name.startswith("GeneratedBackwardFor"):
-                    return name
-            frontier = [nxt for fn in frontier for nxt, _ in fn.next_functions if nxt is not None]
-        return None
-
     def loss_fn(xi):
         out = layer(xi)
-        loss_fn.node = layer_node(out)
+        loss_fn.node = _layer_node(out)
         return (out * upstream).sum() + 10 * layer.moe_loss
 
     class Passthrough(TorchDispatchMode):
@@ -479,7 +486,7 @@ def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, monkeypat
 
     monkeypatch.setenv("CONVLORA_DISPATCH", "auto")
     eager_path = seeded_step(layer, loss_fn, x, seed=3)
-    assert loss_fn.node is not None and "eager" in loss_fn.node, loss_fn.node
+    assert loss_fn.node is not None and eager_node in loss_fn.node, loss_fn.node
     monkeypatch.setenv("CONVLORA_DISPATCH", "op")
     op_path = seeded_step(layer, loss_fn, x, seed=3)
     assert loss_fn.node is not None and loss_fn.node.startswith("GeneratedBackwardFor"), loss_fn.node
@@ -490,3 +497,48 @@ def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, monkeypat
     assert len(eager_path) == len(op_path) == len(moded) == 8  # loss, dx, 6 adapter params
     for a, b, c in zip(eager_path, op_path, moded):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("case", ["eval_forced", "partial_grads", "loss_only", "trainable_linear",
+                                  "no_bias_one_expert"])
+def test_native_node_equals_op_path(case, monkeypatch):
+    """The cuda backend's native node (csrc/layer.cpp) against the registered ops on the inputs
+    its backward branches on: eval with forced routing (no gate gradient), gradients requested
+    for some inputs only (needs_input_grad counts edges, absent tensors have none), a backward
+    from moe_loss alone (no output gradient), the frozen Linear made trainable (its weight and
+    bias gradients), no bias and one expert (a constant loss). Bitwise equal, every gradient."""
+    x = torch.randn(2, 3, 4, 12)
+    why = backends_mod.unavailable_reason("cuda", x)
+    if why is not None:
+        pytest.skip(why)
+    kw = {"bias": False, "num_experts": 1} if case == "no_bias_one_expert" else {}
+    layer = make_layer(dtype=torch.float32, lora_dropout=0.2, **kw)
+    layer.backend = "cuda"
+    layer.train(case != "eval_forced")
+    if case == "trainable_linear":
+        layer.weight.requires_grad_(True)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    upstream = torch.randn(2, 3, 4, 20)
+    forced = torch.tensor([2, 0]) if case == "eval_forced" else None
+
+    def run() -> tuple[str | None, list[torch.Tensor]]:
+        torch.manual_seed(5)
+        xi = x.clone().requires_grad_(case != "partial_grads")
+        out = layer(xi, forced)
+        node = _layer_node(out)
+        loss = 10 * layer.moe_loss if case == "loss_only" else (out * upstream).sum() + layer.moe_loss
+        inputs = [layer.lora_A, layer.expert_weight] if case == "partial_grads" else (
+            [xi] + [p for p in layer.parameters() if p.requires_grad])
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        return node, [out.detach(), loss.detach(), layer.last_expert_index, *grads]
+
+    monkeypatch.setenv("CONVLORA_DISPATCH", "auto")
+    native_node, native = run()
+    monkeypatch.setenv("CONVLORA_DISPATCH", "op")
+    op_node, op = run()
+    assert native_node == "native" and op_node.startswith("GeneratedBackwardFor")
+    assert len(native) == len(op)
+    for i, (a, b) in enumerate(zip(native, op)):
+        assert (a is None) == (b is None), i
+        assert a is None or torch.equal(a, b), i

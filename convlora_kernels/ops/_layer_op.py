@@ -77,7 +77,9 @@ ENV_DISPATCH = "CONVLORA_DISPATCH"
 
 class LayerOps(NamedTuple):
     """The registered ops of one backend (the layer pair and the multiply_by_gate pair), and the
-    two autograd Functions that run the same implementations without the dispatcher."""
+    two autograd Functions that run the same implementations without the dispatcher; ``native``,
+    when the backend has one, is a compiled op that does what ``eager`` does as one native
+    autograd node (inputs as ``conv_lora_fwd``'s, outputs its first three)."""
 
     fwd: Callable
     bwd: Callable
@@ -85,9 +87,11 @@ class LayerOps(NamedTuple):
     gated_bwd: Callable
     eager: type[torch.autograd.Function]
     gated_eager: type[torch.autograd.Function]
+    native: Callable | None = None
 
     def __call__(self, gated: bool, *inputs):
-        """The layer forward (the 13 inputs of ``conv_lora_fwd``; outputs as the op's).
+        """The layer forward (the 13 inputs of ``conv_lora_fwd``); returns the op's outputs, or
+        only the first three (out, index, moe_loss) from ``native``.
 
         Eager calls on plain tensors skip the dispatcher: a ``torch.autograd.Function`` runs the
         implementation and the same backward formula directly. Measured reason: the H200 run
@@ -102,6 +106,8 @@ class LayerOps(NamedTuple):
         neither path, as before: torch 2.11-2.14's ``register_autograd`` does not support them.)
         """
         if _skip_dispatcher(inputs):
+            if not gated and self.native is not None:
+                return self.native(*inputs)
             return (self.gated_eager if gated else self.eager).apply(*inputs)
         return (self.gated_fwd if gated else self.fwd)(*inputs)
 
@@ -242,7 +248,8 @@ def _make_backward(bwd: Callable, gated_bwd: Callable, gate_backward: Callable):
 def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
                      gate_backward: Callable,
                      dx_row_stride: Callable[[int, int], int] = lambda c_in, r: c_in,
-                     gate_backward_impl: Callable | None = None) -> LayerOps:
+                     gate_backward_impl: Callable | None = None,
+                     native: Callable | None = None) -> LayerOps:
     """Register ``{namespace}::conv_lora_fwd`` / ``conv_lora_bwd`` and the multiply_by_gate pair
     ``conv_lora_gated_fwd`` / ``conv_lora_gated_bwd``, with fakes and autograd.
 
@@ -255,7 +262,8 @@ def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
     contiguous; the fake must report the real layout). ``gate_backward(g, w_gate, w_noise,
     noise, dmoe, dg_scale) -> (dg * dg_scale in g's dtype, d_w_gate, d_w_noise)`` differentiates
     the training gate's moe_loss (the backend's gate kernel); ``gate_backward_impl`` is the same
-    without the dispatcher (for the eager path; default ``gate_backward``).
+    without the dispatcher (for the eager path; default ``gate_backward``). ``native``: see
+    :class:`LayerOps` (it must compute what the ungated eager Function computes, bit for bit).
     """
     def layer_fwd(*args):
         return fwd_impl(*args, False)
@@ -290,6 +298,7 @@ def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
         **ops,
         eager=_make_eager_function(fwd_impl, eager_backward, False, f"{namespace}_eager"),
         gated_eager=_make_eager_function(fwd_impl, eager_backward, True, f"{namespace}_gated_eager"),
+        native=native,
     )
 
 

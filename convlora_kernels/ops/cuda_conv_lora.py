@@ -33,6 +33,10 @@ PyTorch ops go, so a layer call crosses from Python into C++ twice each way:
   dB = dout^T y (the second read of dout); dA = dz^T x. dx is a column slice of the first GEMM's
   output: row stride C_in + r rounded up to 8 (the fake declares it).
 
+Eager calls without multiply_by_gate go through one more op, ``convlora_cuda::layer``: the
+same pieces and backward formula as one native autograd node (no Python inside the layer in
+either direction; ``_layer_op.LayerOps``).
+
 The CPU kernels exist for testing (CI has no GPU) and are correct but not fast; ``"auto"`` picks
 the eager backend on the CPU.
 """
@@ -55,7 +59,7 @@ _BUILD_HINT = (
 
 #: The ops this module needs from the extension (csrc/ops.cpp, csrc/layer.cpp).
 _OPS = ("down_proj", "experts_fwd", "experts_bwd", "gate_fwd", "gate_bwd", "layer_fwd_head",
-        "layer_fwd_up", "layer_bwd_dy", "layer_bwd_rest")
+        "layer_fwd_up", "layer_bwd_dy", "layer_bwd_rest", "layer")
 
 
 def _load_extension() -> str | None:
@@ -206,7 +210,7 @@ if _LOAD_ERROR is None:
 
     _LAYER = define_layer_ops(
         "convlora_cuda_layer", _fwd_impl, _bwd_impl, _gate_backward,
-        dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r),
+        dx_row_stride=lambda c_in, r: _gemm_cols(c_in, r), native=_ops.layer,
     )
     conv_lora_fwd, conv_lora_bwd, conv_lora_gated_fwd, conv_lora_gated_bwd = _LAYER[:4]
 
