@@ -270,7 +270,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
   const Tensor xd2d = (x_down.has_value() ? *x_down : x).reshape({m, c_in});
   const Tensor d2 = dout.reshape({m, c_out}).to(x.scalar_type());
   const Tensor d_a = at::mm(dz_low.t(), xd2d).to(lora_A.scalar_type());
-  const Tensor d_b = at::mm(d2.t(), y.to(x.scalar_type())).mul_(scaling).to(lora_B.scalar_type());
+  // scaling as the GEMM's alpha (beta = 0: the uninitialised d_b is not read): one launch less
+  // than mm and then mul_.
+  Tensor d_b = at::empty({c_out, r}, d2.options());
+  d_b.addmm_(d2.t(), y.to(x.scalar_type()), /*beta=*/0, /*alpha=*/scaling);
+  d_b = d_b.to(lora_B.scalar_type());
   return {dx_down, d_a, d_b, d_ew, d_eb};
 }
 

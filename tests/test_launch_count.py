@@ -116,9 +116,10 @@ def _count(backend: str, multiply_by_gate: bool = False
 # the gate factor runs as small PyTorch ops around the unchanged kernels: forward +10 (the
 # logits again, softmax, gather, d = y - z, y = z + p d), backward +30 (+32 cuda: dp = <dy, d>,
 # the factor's VJP by hand with the logits recomputed, p dy, the sums; cuda: the residual fix).
-# Why not fused yet: NOTES.md, "multiply_by_gate".
-_BUDGET = {("cuda", False): (9, 12), ("triton", False): (5, 10),
-           ("cuda", True): (19, 44), ("triton", True): (15, 40)}
+# Why not fused yet: NOTES.md, "multiply_by_gate". Session 11: cuda backward -1 (dB's scaling as
+# the GEMM's alpha).
+_BUDGET = {("cuda", False): (9, 11), ("triton", False): (5, 10),
+           ("cuda", True): (19, 43), ("triton", True): (15, 40)}
 
 
 @pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["p1", "gate_factor"])
