@@ -17,8 +17,9 @@
 #
 # Knobs (environment): CONVLORA_CHECK_BUDGET_S (total seconds, default 570),
 # CONVLORA_CHECK_STAGES (comma list, default env,install,build,gpu-tests,bench,kernels,host,pytest-bench,ncu; add
-# sanitize for compute-sanitizer's memcheck and racecheck of the kernels, ~3-5 min, and tests for
-# the CPU-side tests on the GPU machine, which CI runs anyway),
+# sanitize for compute-sanitizer's memcheck and racecheck of the kernels, ~3-5 min, coverage for
+# the layer rows the default grid leaves out (forced scales, r = 3/32, fp16, ViT-H), ~3-4 min, and
+# tests for the CPU-side tests on the GPU machine, which CI runs anyway),
 # CONVLORA_BENCH_MINUTES (cap for the benchmark, default 6), CONVLORA_BENCH_ARGS (extra
 # convlora-bench arguments, e.g. "--preset full --sam vit_b,vit_h"), PYTHON (default python,
 # else python3), CONVLORA_CHECK_PACK (a .tgz path: pack everything under $OUT into it at the
@@ -186,6 +187,32 @@ ncu_check() {
   (( rc == 0 && kernels > 0 ))
 }
 stage ncu 75 bash -c "$(declare -f ncu_check); OUT=$OUT PY=$PY ncu_check"
+
+# The layer rows issue 3 lists that the default grid leaves out (opt-in: a second device call on
+# the still-warm machine, ~3-4 min: CONVLORA_CHECK_STAGES=env,coverage): every forced scale (the
+# cost must not depend on s), r = 3 and 32, fp16, ViT-H's qkv, each against the frozen Linear
+# measured in the same process. One process and one JSON per grid, under $OUT/coverage/<name>/
+# (merge them into benchmarks/results/ by hand). tests/test_gpu_check_script.py parses every grid.
+COVERAGE_GRIDS=(
+  "scales|--shapes vitb-window-b4 --providers linear,triton,cuda --r 8 --routing 1,2,3,4,5,6,7,8 --dtype bf16 --mode fwdbwd"
+  "ranks|--shapes vitb-window-b4,vitb-global-b4 --providers linear,lora,triton,cuda --r 3,32 --routing random --dtype bf16"
+  "fp16|--shapes vitb-window-b4,vitb-global-b4 --providers linear,lora,reference,triton,cuda --r 8 --routing random --dtype fp16"
+  "vith|--shapes vith-window-b4,vith-global-b4 --providers linear,lora,reference,triton,cuda --r 8 --routing random --dtype bf16"
+)
+coverage() {
+  local rc=0 spec name
+  for spec in "${COVERAGE_GRIDS[@]}"; do
+    name=${spec%%|*}
+    echo "--- coverage: $name"
+    # shellcheck disable=SC2086  # the grid's arguments are a list of words on purpose
+    "$PY" -m convlora_kernels.bench --out "$OUT/coverage/$name" --no-progress --no-plot --sam none \
+      ${spec#*|} || rc=1
+    [[ -f "$OUT/coverage/$name/convlora-bench.txt" ]] && cat "$OUT/coverage/$name/convlora-bench.txt"
+  done
+  return $rc
+}
+TAIL_LINES=80 stage coverage 400 bash -c "$(declare -f coverage); COVERAGE_GRIDS=(\"\${@}\"); \
+  OUT=$OUT PY=$PY coverage" coverage "${COVERAGE_GRIDS[@]}"
 
 # compute-sanitizer on the real launches (opt-in: add "sanitize" to CONVLORA_CHECK_STAGES; it
 # needs ~3-5 min, more than the default run can spare). memcheck bounds-checks every global
