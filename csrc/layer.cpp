@@ -300,10 +300,13 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                       const Tensor& expert_weight, const Tensor& expert_bias,
                       const Tensor& w_gate, const Tensor& w_noise, double scaling,
                       const OptTensor& expert_index, const OptTensor& noise) {
+    // lora_A and lora_B in x's dtype, as the pieces use them, kept for the backward: with float32
+    // parameters under autocast that is two conversion launches less per backward.
+    const Tensor a_low = lora_A.to(x.scalar_type()), b_low = lora_B.to(x.scalar_type());
     auto [z, g, xcat, index, moe_loss, y] = layer_fwd_head(
-        x, x_down, weight, lora_A, expert_weight, expert_bias, w_gate, w_noise, expert_index,
+        x, x_down, weight, a_low, expert_weight, expert_bias, w_gate, w_noise, expert_index,
         noise);
-    Tensor out = layer_fwd_up(x, xcat, y, weight, bias, lora_B, scaling);
+    Tensor out = layer_fwd_up(x, xcat, y, weight, bias, b_low, scaling);
     // The incoming gradients of index, and of moe_loss when it is unused, stay undefined
     // (materialising them costs launches per backward).
     ctx->set_materialize_grads(false);
@@ -311,7 +314,9 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["flags"] = static_cast<int64_t>(
         (x_down.has_value() ? kHasXDown : 0) | (bias.has_value() ? kHasBias : 0) |
         (expert_index.has_value() ? 0 : kRouted) | (noise.has_value() ? kHasNoise : 0));
-    ctx->save_for_backward({x, x_down.value_or(Tensor()), weight, lora_A, lora_B, expert_weight,
+    ctx->saved_data["a_dtype"] = lora_A.scalar_type();
+    ctx->saved_data["b_dtype"] = lora_B.scalar_type();
+    ctx->save_for_backward({x, x_down.value_or(Tensor()), weight, a_low, b_low, expert_weight,
                             expert_bias, w_gate, w_noise, noise.value_or(Tensor()), z, g, y,
                             index});
     return {out, index, moe_loss};
@@ -321,8 +326,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
   static List backward(Ctx* ctx, List grads) {
     LayerScope scope;
     const List saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &x_down = saved[1], &weight = saved[2], &lora_A = saved[3];
-    const Tensor &lora_B = saved[4], &expert_weight = saved[5], &expert_bias = saved[6];
+    const Tensor &x = saved[0], &x_down = saved[1], &weight = saved[2], &a_low = saved[3];
+    const Tensor &b_low = saved[4], &expert_weight = saved[5], &expert_bias = saved[6];
     const Tensor &w_gate = saved[7], &w_noise = saved[8], &noise = saved[9], &z = saved[10];
     const Tensor &g = saved[11], &y = saved[12], &index = saved[13];
     const double scaling = ctx->saved_data["scaling"].toDouble();
@@ -350,11 +355,11 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor dout = grads[0].defined()
                             ? grads[0].contiguous()
                             : x.new_zeros({x.size(0), x.size(1), x.size(2), c_out});
-    auto [dxy, dy] = layer_bwd_dy(dout, x, weight, lora_B, scaling, need_dx);
+    auto [dxy, dy] = layer_bwd_dy(dout, x, weight, b_low, scaling, need_dx);
     OptTensor x_down_opt;
     if (has_x_down) x_down_opt = x_down;
     auto [dx_down, d_a, d_b, d_ew, d_eb] =
-        layer_bwd_rest(dout, x, x_down_opt, lora_A, lora_B, expert_weight, expert_bias, z, y, dgs,
+        layer_bwd_rest(dout, x, x_down_opt, a_low, b_low, expert_weight, expert_bias, z, y, dgs,
                        index, dxy, dy, std::nullopt, scaling);
     Tensor d_w, d_bias;  // the frozen Linear made trainable
     if (need_dw || need_dbias) {
@@ -366,8 +371,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
             need_dx_down ? dx_down : Tensor(),
             d_w,
             d_bias,
-            d_a,
-            d_b,
+            d_a.to(ctx->saved_data["a_dtype"].toScalarType()),  // from x's dtype (a_low's)
+            d_b.to(ctx->saved_data["b_dtype"].toScalarType()),
             d_ew,
             d_eb,
             dwg.to(w_gate.scalar_type()),

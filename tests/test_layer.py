@@ -500,13 +500,15 @@ def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, eager_nod
 
 
 @pytest.mark.parametrize("case", ["eval_forced", "partial_grads", "loss_only", "trainable_linear",
-                                  "no_bias_one_expert"])
+                                  "no_bias_one_expert", "autocast"])
 def test_native_node_equals_op_path(case, monkeypatch):
     """The cuda backend's native node (csrc/layer.cpp) against the registered ops on the inputs
     its backward branches on: eval with forced routing (no gate gradient), gradients requested
     for some inputs only (needs_input_grad counts edges, absent tensors have none), a backward
     from moe_loss alone (no output gradient), the frozen Linear made trainable (its weight and
-    bias gradients), no bias and one expert (a constant loss). Bitwise equal, every gradient."""
+    bias gradients), no bias and one expert (a constant loss), float32 parameters under bf16
+    autocast (the node keeps lora_A and lora_B cast from its forward). Bitwise equal, every
+    gradient."""
     x = torch.randn(2, 3, 4, 12)
     why = backends_mod.unavailable_reason("cuda", x)
     if why is not None:
@@ -525,7 +527,8 @@ def test_native_node_equals_op_path(case, monkeypatch):
     def run() -> tuple[str | None, list[torch.Tensor]]:
         torch.manual_seed(5)
         xi = x.clone().requires_grad_(case != "partial_grads")
-        out = layer(xi, forced)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            out = layer(xi, forced)
         node = _layer_node(out)
         loss = 10 * layer.moe_loss if case == "loss_only" else (out * upstream).sum() + layer.moe_loss
         inputs = [layer.lora_A, layer.expert_weight] if case == "partial_grads" else (
