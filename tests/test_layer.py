@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from convlora_kernels import BackendUnavailableError, ConvLoRALinear
 from convlora_kernels import backends as backends_mod
+from convlora_kernels.ops import _layer_op as layer_op
 
 from .conftest import PARAM_NAMES, assert_close_to_reference, make_layer, reference_out, seeded_step
 
@@ -484,13 +485,13 @@ def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, eager_nod
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setenv("CONVLORA_DISPATCH", "auto")
+    monkeypatch.setattr(layer_op, "DISPATCH_OP", False)
     eager_path = seeded_step(layer, loss_fn, x, seed=3)
     assert loss_fn.node is not None and eager_node in loss_fn.node, loss_fn.node
-    monkeypatch.setenv("CONVLORA_DISPATCH", "op")
+    monkeypatch.setattr(layer_op, "DISPATCH_OP", True)
     op_path = seeded_step(layer, loss_fn, x, seed=3)
     assert loss_fn.node is not None and loss_fn.node.startswith("GeneratedBackwardFor"), loss_fn.node
-    monkeypatch.setenv("CONVLORA_DISPATCH", "auto")
+    monkeypatch.setattr(layer_op, "DISPATCH_OP", False)
     with Passthrough():
         moded = seeded_step(layer, loss_fn, x, seed=3)
     assert loss_fn.node is not None and loss_fn.node.startswith("GeneratedBackwardFor"), loss_fn.node
@@ -536,9 +537,9 @@ def test_native_node_equals_op_path(case, monkeypatch):
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         return node, [out.detach(), loss.detach(), layer.last_expert_index, *grads]
 
-    monkeypatch.setenv("CONVLORA_DISPATCH", "auto")
+    monkeypatch.setattr(layer_op, "DISPATCH_OP", False)
     native_node, native = run()
-    monkeypatch.setenv("CONVLORA_DISPATCH", "op")
+    monkeypatch.setattr(layer_op, "DISPATCH_OP", True)
     op_node, op = run()
     assert native_node == "native" and op_node.startswith("GeneratedBackwardFor")
     assert len(native) == len(op)
