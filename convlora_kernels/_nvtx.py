@@ -2,7 +2,8 @@
 
 A range is pushed only when ``CONVLORA_NVTX=1`` is set and a CUDA device is present; under
 ``torch.compile`` tracing it is a no-op, so it never causes a graph break. When nobody profiles,
-``nvtx_range`` costs one environment lookup and returns a shared no-op context: measured reason,
+``nvtx_range`` costs one environment lookup (``nvtx_ranges``: one per op call) and returns a
+shared no-op context: measured reason,
 the ``contextlib.contextmanager`` version cost ~5 us per range on the 2-core development
 machine (a generator per call), and the fused backends enter up to nine ranges per
 forward+backward. (The cuda backend's stages are ranges pushed from C++: csrc/layer.cpp.)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -42,7 +44,20 @@ class _Range:
         torch.cuda.nvtx.range_pop()
 
 
+def _off(name: str) -> contextlib.AbstractContextManager:
+    return _OFF
+
+
+def nvtx_ranges() -> Callable[[str], contextlib.AbstractContextManager]:
+    """``nvtx_range`` with the decision taken once: an op that enters several ranges calls
+    ``rng = nvtx_ranges()`` at its start, then ``with rng(name):`` per stage. Measured reason:
+    an environment lookup costs ~0.7 us alone but ~3-5 us between the layer's other host work
+    (2026-11-28, development CPU: the cuda backend's native op 50.1 us, 55.2 us with one lookup
+    before it), and the Triton backend entered eight ranges per forward+backward."""
+    return _Range if nvtx_enabled() else _off
+
+
 def nvtx_range(name: str) -> contextlib.AbstractContextManager:
     """Bracket a block (``with nvtx_range(name):``) with an NVTX range named ``name`` when
     profiling is enabled."""
-    return _Range(name) if nvtx_enabled() else _OFF
+    return nvtx_ranges()(name)

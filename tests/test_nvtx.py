@@ -48,3 +48,30 @@ def test_no_range_while_compiling(monkeypatch, recorded) -> None:
     with _nvtx.nvtx_range("traced"):
         pass
     assert recorded == []
+
+
+def test_nvtx_ranges_decides_once(monkeypatch, recorded) -> None:
+    """``nvtx_ranges()`` reads the environment when called, not per range (an op calls it once)."""
+    monkeypatch.setenv(_nvtx.ENV_NVTX, "1")
+    rng = _nvtx.nvtx_ranges()
+    monkeypatch.delenv(_nvtx.ENV_NVTX)
+    with rng("a"):
+        pass
+    off = _nvtx.nvtx_ranges()
+    monkeypatch.setenv(_nvtx.ENV_NVTX, "1")
+    assert off("b") is off("c")  # the shared no-op
+    with off("b"):
+        pass
+    assert recorded == [("push", "a"), ("pop",)]
+
+
+def test_eager_layer_stage_ranges(monkeypatch, recorded) -> None:
+    """The eager backend's forward brackets its four stages, balanced and in order."""
+    from convlora_kernels import ConvLoRALinear
+
+    monkeypatch.setenv(_nvtx.ENV_NVTX, "1")
+    layer = ConvLoRALinear(8, 12, r=2, num_experts=2, backend="eager").train()
+    layer(torch.randn(2, 3, 3, 8))
+    names = [c[1] for c in recorded if c[0] == "push"]
+    assert names == ["convlora.down_proj", "convlora.gate", "convlora.experts", "convlora.up_proj"]
+    assert len(recorded) == 2 * len(names)

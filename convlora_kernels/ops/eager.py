@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..gate import gate_probability, routing
-from .._nvtx import nvtx_range
+from .._nvtx import nvtx_ranges
 
 
 def conv_lora_forward(
@@ -51,16 +51,17 @@ def conv_lora_forward(
         out (N, H, W, C_out), expert_index (N,) long, moe_loss (0-dim, float32 or float64).
     """
     num_experts = expert_weight.shape[0]
-    with nvtx_range("convlora.down_proj"):
+    rng = nvtx_ranges()
+    with rng("convlora.down_proj"):
         z = F.linear(x_down, lora_A)
-    with nvtx_range("convlora.gate"):
+    with rng("convlora.gate"):
         g = z.mean(dim=(1, 2))
         expert_index, moe_loss = routing(g, w_gate, w_noise, noise, expert_index)
         gate_p = None
         if multiply_by_gate:
             gate_p = gate_probability(g, w_gate, w_noise, noise, expert_index)
             gate_p = gate_p.to(z.dtype).view(-1, 1, 1, 1)
-    with nvtx_range("convlora.experts"):
+    with rng("convlora.experts"):
         zc = z.permute(0, 3, 1, 2)
         y = z
         for e in range(num_experts):
@@ -70,7 +71,7 @@ def conv_lora_forward(
                 d = d * gate_p
             chosen = (expert_index == e).view(-1, 1, 1, 1)
             y = y + torch.where(chosen, d, 0.0)
-    with nvtx_range("convlora.up_proj"):
+    with rng("convlora.up_proj"):
         out = F.linear(x, weight, bias) + scaling * F.linear(y, lora_B)
     return out, expert_index, moe_loss
 

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._nvtx import nvtx_range
+from .._nvtx import nvtx_ranges
 from ._layer_op import apply_gate_factor, define_layer_ops, gate_factor_backward, prepare_inputs
 from ._triton_common import ENV_POISON, allocator, cdiv, kernel_launcher, next_power_of_2
 from ._triton_common import INTERPRET as _INTERPRET
@@ -1118,14 +1118,14 @@ def _fwd_impl(
     x2d = x.reshape(m, c_in)
     xd2d = xd.reshape(m, c_in)
     ew = expert_weight.contiguous()
-    alloc = allocator(dev)
-    with nvtx_range("convlora.triton.down_proj"):
+    alloc, rng = allocator(dev), nvtx_ranges()
+    with rng("convlora.triton.down_proj"):
         z = alloc((m, r), torch.float32)
         gpart = alloc((n, _down_blocks(hw), r), torch.float32)
         _launch_down(xd2d, lora_A, z, gpart, n, hw)
-    with nvtx_range("convlora.triton.gate"):
+    with rng("convlora.triton.gate"):
         g, index, moe_loss = gate_forward(gpart, hw, w_gate, w_noise, noise, expert_index)
-    with nvtx_range("convlora.triton.experts"):
+    with rng("convlora.triton.experts"):
         usc = alloc((n, _PATCH, r, hw), torch.float32)
         tsc = alloc((n, _TSLOTS, r, hw), torch.float32)
         y = alloc((m, r), torch.float32)
@@ -1135,7 +1135,7 @@ def _fwd_impl(
         if multiply_by_gate:
             y, gate_p, d = apply_gate_factor(z, y, g, w_gate, w_noise, noise, index)
             gate_outputs = (gate_p, d)
-    with nvtx_range("convlora.triton.up_proj"):
+    with rng("convlora.triton.up_proj"):
         out = alloc((m, c_out), x.dtype)
         _launch_up_gemm(x2d, weight, (weight.stride(1), weight.stride(0)), bias, y, lora_B,
                         (lora_B.stride(1), lora_B.stride(0)), scaling, out)
@@ -1158,15 +1158,15 @@ def _bwd_impl(
     dout2d = dout.reshape(m, c_out)
     xd2d = (x if x_down is None else x_down).reshape(m, c_in)
     ew = expert_weight.contiguous()
-    alloc = allocator(dev)
-    with nvtx_range("convlora.triton.bwd.dy_dB"):
+    alloc, rng = allocator(dev), nvtx_ranges()
+    with rng("convlora.triton.bwd.dy_dB"):
         dy, d_b = _dy_db(dout2d, lora_B, y, scaling, alloc)
         d_b = d_b.to(lora_B.dtype)
     dd, gate_grads = dy, ()  # dd: the expert output's gradient
     if gate:
-        with nvtx_range("convlora.triton.bwd.gate_factor"):
+        with rng("convlora.triton.bwd.gate_factor"):
             dd, dgs, *gate_grads = gate_factor_backward(dy, dgs, *gate, expert_index)
-    with nvtx_range("convlora.triton.bwd.experts"):
+    with rng("convlora.triton.bwd.experts"):
         nblk = cdiv(hw, _expert_block_p(r, hw))
         kw = ew[0].numel()
         dup = alloc((n, _PATCH, r, hw), torch.float32)  # U patches, then dU patches
@@ -1185,7 +1185,7 @@ def _bwd_impl(
         _launch_expert_reduce(part, expert_index, nblk, d_ew, d_eb)
         d_ew = d_ew.view(expert_weight.shape).to(expert_weight.dtype)
         d_eb = d_eb.to(expert_bias.dtype)
-    with nvtx_range("convlora.triton.bwd.dx"):
+    with rng("convlora.triton.bwd.dx"):
         a_strides = (lora_A.stride(0), lora_A.stride(1))
         w_strides = (weight.stride(0), weight.stride(1))
         if not need_dx:
@@ -1206,7 +1206,7 @@ def _bwd_impl(
             _launch_up_gemm(dout2d[:, :0], weight, w_strides, None, dz, lora_A, a_strides, 1.0,
                             dx_down)
             dx_down = dx_down.view(x_down.shape)
-    with nvtx_range("convlora.triton.bwd.dA"):
+    with rng("convlora.triton.bwd.dA"):
         d_a = _tsmm(xd2d, dz, 1.0, alloc).to(lora_A.dtype)
     return (dx, dx_down, d_a, d_b, d_ew, d_eb, *gate_grads)
 
