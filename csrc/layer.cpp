@@ -23,6 +23,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <nvtx3/nvToolsExt.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -289,6 +290,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
 //
 // Saved for the backward: x (and x_down), the parameters, noise, and z, g, y, index, as in the
 // Python Function; z, g, y are not outputs here, so the node wraps three outputs, not six.
+// The backward's ops run below autograd, so its gradients are not differentiable. Under
+// create_graph, as Python's @once_differentiable does, they get a node that raises if anything
+// differentiates them (otherwise second-order terms would be silently missing).
+torch::autograd::variable_list once_differentiable(torch::autograd::variable_list grads) {
+  if (!at::GradMode::is_enabled()) return grads;
+  for (Tensor& g : grads) {
+    if (g.defined()) g = g.detach().requires_grad_(true);
+  }
+  const auto n = static_cast<int64_t>(grads.size());
+  return torch::autograd::DelayedError(
+             "convlora: the fused layer's backward is not differentiable (no double backward "
+             "through backend 'cuda' or 'triton'; backend 'eager' supports it)",
+             n)
+      .apply(std::move(grads));
+}
+
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
   using Ctx = torch::autograd::AutogradContext;
@@ -367,7 +384,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
       if (need_dw) d_w = at::mm(dout2d.t(), x.reshape({-1, c_in})).to(weight.scalar_type());
       if (need_dbias) d_bias = dout2d.sum(0);
     }
-    return {need_dx ? dxy.narrow(1, 0, c_in).view(x.sizes()) : Tensor(),
+    return once_differentiable({need_dx ? dxy.narrow(1, 0, c_in).view(x.sizes()) : Tensor(),
             need_dx_down ? dx_down : Tensor(),
             d_w,
             d_bias,
@@ -379,7 +396,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
             dwn.to(w_noise.scalar_type()),
             Tensor(),
             Tensor(),
-            Tensor()};
+            Tensor()});
   }
 
  private:

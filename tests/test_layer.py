@@ -546,3 +546,30 @@ def test_native_node_equals_op_path(case, monkeypatch):
     for i, (a, b) in enumerate(zip(native, op)):
         assert (a is None) == (b is None), i
         assert a is None or torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["native", "python_function"])
+@pytest.mark.parametrize("dispatch_op", [False, True], ids=["eager_path", "op_path"])
+def test_fused_backward_is_once_differentiable(multiply_by_gate, dispatch_op, monkeypatch):
+    """The fused backward's ops have no derivatives: under create_graph the first-order
+    gradients are unchanged, and differentiating them raises (the native node's own message,
+    or @once_differentiable's) instead of silently missing the second-order terms. (The Triton
+    backend shares the Python formula; the eager backend has real double backward.)"""
+    x = torch.randn(2, 3, 3, 12)
+    why = backends_mod.unavailable_reason("cuda", x)
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setattr(layer_op, "DISPATCH_OP", dispatch_op)
+    layer = make_layer(dtype=torch.float32, multiply_by_gate=multiply_by_gate)
+    layer.backend = "cuda"
+    layer.train()
+
+    def grad_x(create_graph: bool) -> torch.Tensor:
+        torch.manual_seed(7)  # the same gate noise both times
+        xi = x.clone().requires_grad_()
+        return torch.autograd.grad(layer(xi).square().sum(), xi, create_graph=create_graph)[0]
+
+    plain, graphed = grad_x(False), grad_x(True)
+    assert torch.equal(plain, graphed.detach()) and graphed.requires_grad
+    with pytest.raises(RuntimeError, match="not differentiable|differentiate twice"):
+        graphed.square().sum().backward()

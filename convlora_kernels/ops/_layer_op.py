@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..gate import gate_probability, gate_probability_backward
@@ -212,8 +213,12 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(bwd: Callable, gated_bwd: Callable, gate_backward: Callable):
     """The layer's backward formula, on the registered ops (the dispatcher path) or on the
-    implementations themselves (the eager path, :class:`LayerOps`)."""
+    implementations themselves (the eager path, :class:`LayerOps`). Once differentiable: the
+    backward ops have no derivatives, so under create_graph the gradients raise if anything
+    differentiates them, instead of silently missing second-order terms (backend "eager" has
+    double backward)."""
 
+    @once_differentiable
     def backward(ctx, dout, d_index, dmoe, *unused):
         (x, x_down, weight, lora_A, lora_B, expert_weight, expert_bias, w_gate, w_noise, noise,
          z, g, y, index, *gate_saved) = ctx.saved_tensors
