@@ -10,6 +10,7 @@ graph break.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -65,16 +66,26 @@ def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
+# Memoised pure functions (a device's capability and the shipped rule never change in a
+# process): "auto" resolves on every layer call, and the rule lookup (sorting ranks, logs) and
+# the capability query cost ~3-4 us per call before the memo, several times that between the
+# layer's other host work.
+@functools.lru_cache(maxsize=None)
 def _capability(index: int) -> str:
     major, minor = torch.cuda.get_device_capability(index)
     return f"{major}.{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_lookup(capability: str, dtype: str, r: int) -> str:
+    return auto_rule.lookup(auto_rule.RULES, capability, dtype, r) or ""
 
 
 @torch.compiler.assume_constant_result
 def _shipped_rule_choice(index: int, dtype: str, r: int) -> str:
     # Evaluated once while torch.compile traces, its result a constant of the graph: the card
     # and the shipped rule cannot change under a compiled graph. "" means no rule.
-    return auto_rule.lookup(auto_rule.RULES, _capability(index), dtype, r) or ""
+    return _shipped_lookup(_capability(index), dtype, r)
 
 
 def _measured_choice(x: torch.Tensor, r: int | None, rules: Mapping | None) -> str | None:

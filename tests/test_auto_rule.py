@@ -122,3 +122,29 @@ def test_auto_traces_without_graph_breaks_on_the_gpu():
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     out = compiled(x, torch.tensor([0, 3], device="cuda"))
     assert out.shape == (2, 4, 4, 24) and torch.isfinite(out).all()
+
+
+def test_shipped_rule_choice_is_memoised_and_traces(monkeypatch):
+    """The per-call "auto" lookup (capability, shipped rule) is memoised and stays a constant
+    of a compiled graph (a fake sm_90 device: the query is the only CUDA call on this path)."""
+    calls = []
+
+    def capability(index=None):
+        calls.append(index)
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    backends._capability.cache_clear()
+    try:
+        want = auto_rule.lookup(auto_rule.RULES, "9.0", "bf16", 8) or ""
+        assert backends._shipped_rule_choice(0, "bf16", 8) == want
+        assert backends._shipped_rule_choice(0, "bf16", 8) == want and calls == [0]
+        assert backends._shipped_rule_choice(0, "fp16", 8) == (
+            auto_rule.lookup(auto_rule.RULES, "9.0", "fp16", 8) or "")
+        torch._dynamo.reset()
+        fn = torch.compile(lambda t: t + len(backends._shipped_rule_choice(0, "bf16", 8)),
+                           backend="eager", fullgraph=True)
+        assert fn(torch.zeros(1)).item() == len(want)
+    finally:
+        backends._capability.cache_clear()
+        torch._dynamo.reset()
