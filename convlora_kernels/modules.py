@@ -289,5 +289,8 @@ class ConvLoRALinear(nn.Module):
             noise,
             multiply_by_gate=self.multiply_by_gate,
         )
-        self.__dict__.update(moe_loss=moe_loss, last_expert_index=index)
+        if torch.compiler.is_compiling():  # dynamo (torch 2.11) cannot trace __dict__.update
+            self.moe_loss, self.last_expert_index = moe_loss, index
+        else:
+            self.__dict__.update(moe_loss=moe_loss, last_expert_index=index)
         return out if x.dim() == 4 else out.reshape(*x.shape[:-1], self.out_features)
