@@ -279,17 +279,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
   return {dx_down, d_a, d_b, d_ew, d_eb};
 }
 
-// The layer without multiply_by_gate as one autograd node in C++: forward = layer_fwd_head and
-// layer_fwd_up, backward = the gate's loss gradient, layer_bwd_dy and layer_bwd_rest: the formula
-// of convlora_kernels/ops/_layer_op.py (_make_backward), which the registered custom ops keep for
-// torch.compile, export and dispatch modes; tests/test_layer.py holds the two paths to bitwise
-// equal outputs and gradients. Measured reason: the layer is host-bound on a GPU (H200,
-// 2026-11-28), and after the composition moved into C++ the Python autograd Function around it
-// (its apply and context, the backward's glue, the gate-backward wrapper: ~20 Python-level calls)
-// was the largest part of the host time left.
-//
-// Saved for the backward: x (and x_down), the parameters, noise, and z, g, y, index, as in the
-// Python Function; z, g, y are not outputs here, so the node wraps three outputs, not six.
 // The backward's ops run below autograd, so its gradients are not differentiable. Under
 // create_graph, as Python's @once_differentiable does, they get a node that raises if anything
 // differentiates them (otherwise second-order terms would be silently missing).
@@ -306,6 +295,19 @@ torch::autograd::variable_list once_differentiable(torch::autograd::variable_lis
       .apply(std::move(grads));
 }
 
+// The layer without multiply_by_gate as one autograd node in C++: forward = layer_fwd_head and
+// layer_fwd_up, backward = the gate's loss gradient, layer_bwd_dy and layer_bwd_rest: the formula
+// of convlora_kernels/ops/_layer_op.py (_make_backward), which the registered custom ops keep for
+// torch.compile, export and dispatch modes; tests/test_layer.py holds the two paths to bitwise
+// equal outputs and gradients. Measured reason: the layer is host-bound on a GPU (H200,
+// 2026-11-28), and after the composition moved into C++ the Python autograd Function around it
+// (its apply and context, the backward's glue, the gate-backward wrapper: ~20 Python-level calls)
+// was the largest part of the host time left: development CPU, tiny layer, forward+backward
+// 406 -> 327 us with this node (scripts/host_time.py --against).
+//
+// Saved for the backward: x (and x_down), the parameters (lora_A and lora_B cast to x's dtype),
+// noise, and z, g, y, index, as in the Python Function; z, g, y are not outputs here, so the
+// node wraps three outputs, not six.
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
   using Ctx = torch::autograd::AutogradContext;
@@ -384,19 +386,20 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
       if (need_dw) d_w = at::mm(dout2d.t(), x.reshape({-1, c_in})).to(weight.scalar_type());
       if (need_dbias) d_bias = dout2d.sum(0);
     }
-    return once_differentiable({need_dx ? dxy.narrow(1, 0, c_in).view(x.sizes()) : Tensor(),
-            need_dx_down ? dx_down : Tensor(),
-            d_w,
-            d_bias,
-            d_a.to(ctx->saved_data["a_dtype"].toScalarType()),  // from x's dtype (a_low's)
-            d_b.to(ctx->saved_data["b_dtype"].toScalarType()),
-            d_ew,
-            d_eb,
-            dwg.to(w_gate.scalar_type()),
-            dwn.to(w_noise.scalar_type()),
-            Tensor(),
-            Tensor(),
-            Tensor()});
+    List out = {need_dx ? dxy.narrow(1, 0, c_in).view(x.sizes()) : Tensor(),
+                need_dx_down ? dx_down : Tensor(),
+                d_w,
+                d_bias,
+                d_a.to(ctx->saved_data["a_dtype"].toScalarType()),  // from x's dtype (a_low's)
+                d_b.to(ctx->saved_data["b_dtype"].toScalarType()),
+                d_ew,
+                d_eb,
+                dwg.to(w_gate.scalar_type()),
+                dwn.to(w_noise.scalar_type()),
+                Tensor(),
+                Tensor(),
+                Tensor()};
+    return once_differentiable(std::move(out));
   }
 
  private:
