@@ -3,10 +3,10 @@
 A range is pushed only when ``CONVLORA_NVTX=1`` is set and a CUDA device is present; under
 ``torch.compile`` tracing it is a no-op, so it never causes a graph break. When nobody profiles,
 ``nvtx_range`` costs one environment lookup (``nvtx_ranges``: one per op call) and returns a
-shared no-op context: measured reason,
-the ``contextlib.contextmanager`` version cost ~5 us per range on the 2-core development
-machine (a generator per call), and the fused backends enter up to nine ranges per
-forward+backward. (The cuda backend's stages are ranges pushed from C++: csrc/layer.cpp.)
+shared no-op context: measured reason, the ``contextlib.contextmanager`` version cost ~5 us per
+range on the 2-core development machine (a generator per call), and the fused backends enter up
+to nine ranges per forward+backward. (The cuda backend's stages are ranges pushed from C++:
+csrc/layer.cpp.)
 """
 
 from __future__ import annotations

@@ -98,16 +98,17 @@ class LayerOps(NamedTuple):
         """The layer forward (the 13 inputs of ``conv_lora_fwd``); returns the op's outputs, or
         only the first three (out, index, moe_loss) from ``native``.
 
-        Eager calls on plain tensors skip the dispatcher: a ``torch.autograd.Function`` runs the
-        implementation and the same backward formula directly. Measured reason: the H200 run
+        Eager calls on plain tensors skip the dispatcher: a ``torch.autograd.Function`` (or the
+        backend's native node) runs the implementation and the same backward formula directly.
+        Measured reason: the H200 run
         of 2026-11-28 found the layer host-bound (cuda backend: ~2.1 ms of host time per
         forward+backward against ~1.0-1.25 ms of kernels), and the custom-op route (Python
         dispatch of ``conv_lora_fwd`` and ``conv_lora_bwd``, ``register_autograd``'s argument
         binding, the gate backward op) costs 0.16-0.28 ms of that per step on the 2-core
         development machine (cuda backend's CPU kernels, tiny shape, interleaved A/B: 9-16%).
         Under torch.compile/export, inside a Python dispatch mode (fake tensors, opcheck, a
-        user's TorchDispatchMode), for tensor subclasses, or with ``CONVLORA_DISPATCH=op`` at import, the
-        registered ops run: same implementations, same formula. (torch.func transforms work on
+        user's TorchDispatchMode), for tensor subclasses, or with ``CONVLORA_DISPATCH=op`` at
+        import, the registered ops run: same implementations, same formula. (torch.func transforms work on
         neither path, as before: torch 2.11-2.14's ``register_autograd`` does not support them.)
         """
         if _skip_dispatcher(inputs):
