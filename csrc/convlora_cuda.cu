@@ -437,10 +437,11 @@ __device__ __forceinline__ WeightItem weight_item(int k, int per_group, int chun
 // gi, conv offset, pixel group): at each tap it reads one U value and multiplies it into the
 // chunk's accumulators. Before (c3/c4), an item was one weight element, which re-read both
 // operands and recomputed the tap's patch address for every product (sm_90 SASS, fp32: ~6
-// instructions and 2.25 shared loads per FMA, against 3.4 and 1.3 now; r = 8, full: 584 items for 256
-// threads, 3 rounds, the last a third full; now 72 items x 3 pixel groups on 216 threads, the
-// groups summed in a fixed order through shared memory, over the U patches once every thread
-// has finished reading them). Uniform across the block: every thread reaches both barriers.
+// instructions and 2.25 shared loads per FMA, against 3.4 and 1.3 now; r = 8, full: 584 items
+// for 256 threads, 3 rounds, the last a third full; now 72 items x 3 pixel groups on 216
+// threads, the groups summed in a fixed order through shared memory, over the U patches once
+// every thread has finished reading them). Uniform across the block: every thread reaches both
+// barriers.
 template <typename T>
 __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, const T* dpre,
                                 T* part_tile) {

@@ -108,8 +108,9 @@ class LayerOps(NamedTuple):
         development machine (cuda backend's CPU kernels, tiny shape, interleaved A/B: 9-16%).
         Under torch.compile/export, inside a Python dispatch mode (fake tensors, opcheck, a
         user's TorchDispatchMode), for tensor subclasses, or with ``CONVLORA_DISPATCH=op`` at
-        import, the registered ops run: same implementations, same formula. (torch.func transforms work on
-        neither path, as before: torch 2.11-2.14's ``register_autograd`` does not support them.)
+        import, the registered ops run: same implementations, same formula. (torch.func
+        transforms work on neither path, as before: torch 2.11-2.14's ``register_autograd`` does
+        not support them.)
         """
         if _skip_dispatcher(inputs):
             if not gated and self.native is not None:
