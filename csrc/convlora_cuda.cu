@@ -11,6 +11,8 @@
 //                                    item is 8 output channels x one input channel x one offset)
 //   convlora_experts_dz_kernel       one thread per (pixel, channel): dz = dy + gather of the
 //                                    neighbouring outputs' patch gradients (no atomics)
+//   convlora_expert_sums_kernel      one block per (32 columns, expert): the per-sample dEW/dEB
+//                                    partials summed per expert, samples in a fixed order
 //   convlora_gate_fwd/bwd_kernel     one block: the gate and its loss (gradient), samples
 //                                    strided over threads, fixed-order block reductions
 //
@@ -582,6 +584,43 @@ __global__ void __launch_bounds__(kThreads)
   dz[k] = dy[k] + gather_dz<T>(dup_n, g.H, g.W, g.r, c, pix / g.W, pix % g.W, s, gw[p]);
 }
 
+// Per-expert sums of the expert backward's per-sample partials: dEW/dEB[e, j] = the sum over the
+// samples n routed to e of per_sample[n, j]. One block per (chunk of kSumCols columns, expert);
+// each warp is one lane of samples (n = lane, lane + kSumLanes, ...: in order, and uniform in the
+// warp, so the branch on idx[n] does not diverge), then the first lane adds the lanes' sums in
+// lane order through shared memory: a fixed order (deterministic, no atomics), and experts no
+// sample chose get exact zeros. Replaces a one-hot GEMM, the three launches that built its
+// operand and the two copies out of its (E, wsize + r) result: five launches less per backward,
+// which was host-bound at SAM's batch 1 (H200, 2026-11-28).
+constexpr int kSumCols = 32;
+constexpr int kSumLanes = kThreads / kSumCols;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    convlora_expert_sums_kernel(const T* __restrict__ per_sample,
+                                const int64_t* __restrict__ idx, int64_t N, int wsize, int r,
+                                T* __restrict__ dew, T* __restrict__ deb) {
+  __shared__ T lanes[kSumLanes][kSumCols];
+  const int e = static_cast<int>(blockIdx.y);
+  const int col = static_cast<int>(threadIdx.x) % kSumCols;
+  const int lane = static_cast<int>(threadIdx.x) / kSumCols;
+  const int cols = wsize + r;
+  const int j = static_cast<int>(blockIdx.x) * kSumCols + col;
+  T acc = T(0);
+  if (j < cols)
+    for (int64_t n = lane; n < N; n += kSumLanes)
+      if (idx[n] == e) acc += per_sample[n * cols + j];
+  lanes[lane][col] = acc;
+  __syncthreads();
+  if (lane != 0 || j >= cols) return;
+  T sum = lanes[0][col];
+  for (int l = 1; l < kSumLanes; ++l) sum += lanes[l][col];
+  if (j < wsize)
+    dew[static_cast<int64_t>(e) * wsize + j] = sum;
+  else
+    deb[static_cast<int64_t>(e) * r + (j - wsize)] = sum;
+}
+
 // Pixels per block of the dz kernel: as many as fit kThreads threads at one per channel, at most
 // 64 (shared memory: 64 GatherWeights<double> are 43 KB).
 int dz_pixels_per_block(int r) { return std::clamp(kThreads / r, 1, 64); }
@@ -676,17 +715,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  // Tiles, then samples into experts through a one-hot GEMM: fixed-order reductions, no
-  // atomics, no host sync; experts no sample chose get exact zeros.
-  const at::Tensor per_sample = part.sum(1);                                     // (N, wsize + r)
-  // (E, N) one-hot by comparison: at::one_hot would range-check the values on some devices.
-  const at::Tensor onehot =
-      at::arange(a.geom.E, a.idx.options()).unsqueeze(1).eq(a.idx.unsqueeze(0)).to(z.scalar_type());
-  const at::Tensor per_expert = at::mm(onehot, per_sample);                      // (E, wsize + r)
-  at::Tensor dew = per_expert.narrow(1, 0, wsize).reshape({a.geom.E, r, g, 3, 3});
-  at::Tensor deb = per_expert.narrow(1, wsize, r).contiguous();
-  return {dz, dew.to(expert_weight.scalar_type()).contiguous(),
-          deb.to(expert_bias.scalar_type())};
+  // Tiles (ATen's fixed-order reduction), then samples into experts (convlora_expert_sums_kernel).
+  const at::Tensor per_sample = part.sum(1);  // (N, wsize + r)
+  const int64_t E = a.geom.E;
+  at::Tensor dew = new_output({E, r, g, 3, 3}, opts);
+  at::Tensor deb = new_output({E, r}, opts);
+  if (E > 0) {
+    TORCH_CHECK(E <= 65535, "convlora: at most 65535 experts, got ", E);
+    const int cols = static_cast<int>(wsize) + r;
+    const dim3 grid((cols + kSumCols - 1) / kSumCols, static_cast<unsigned>(E));
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_expert_sums_cuda", [&] {
+      convlora_expert_sums_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+          per_sample.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), N,
+          static_cast<int>(wsize), r, dew.data_ptr<scalar_t>(), deb.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {dz, dew.to(expert_weight.scalar_type()), deb.to(expert_bias.scalar_type())};
 }
 
 // ----------------------------------------------------------------------------- gate

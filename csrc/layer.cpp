@@ -18,6 +18,7 @@
 // the ops they call run below autograd. (Registered as CompositeImplicitAutograd, the inner
 // experts_fwd call went through its Python autograd kernel.)
 #include <ATen/ATen.h>
+#include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -79,6 +80,35 @@ Tensor with_columns(const Tensor& a, const Tensor& extra, int64_t width) {
   }
   if (width > used) parts.push_back(a.new_zeros({a.size(0), width - used}));
   return at::cat(parts, 1);
+}
+
+// s B (C_out, r) in dtype, rounded once from B's dtype (mul_out computes in the inputs' dtype
+// and casts into out). into: where to write it (a column slice of a packed weight), or
+// undefined for a new tensor.
+Tensor scaled_lora_b(const Tensor& lora_B, double scaling, at::ScalarType dtype, Tensor into) {
+  if (!into.defined()) into = at::empty(lora_B.sizes(), lora_B.options().dtype(dtype));
+  // The tensor overload: mul_out's Scalar overload computes into a temporary and then refuses to
+  // copy it into an out of another dtype. A wrapped CPU number is a kernel argument (no copy to
+  // the device) and does not take part in type promotion, as in Python's `lora_B * scaling`.
+  Tensor s = c10::scalar_to_tensor(scaling);
+  s.unsafeGetTensorImpl()->set_wrapped_number(true);
+  at::mul_out(into, lora_B, s);
+  return into;
+}
+
+// [W | s B | 0] (C_out, cols) in dtype (x's): the up-projection GEMM's right operand, and with the
+// rows read as columns the backward's [dx | dy | .] one. Built in place: W cast while copied,
+// s B rounded once, zeros only in the padding: two launches (three with padding) where casting W
+// and B, scaling B and concatenating took four or five. Measured reason: the layer is host-bound
+// on a GPU at SAM's batch 1 (H200, 2026-11-28; each launch ~5-10 us of host time there).
+Tensor packed_weight(const Tensor& weight, const Tensor& lora_B, double scaling, int64_t cols,
+                     at::ScalarType dtype) {
+  const int64_t c_in = weight.size(1), r = lora_B.size(1);
+  Tensor w = at::empty({weight.size(0), cols}, weight.options().dtype(dtype));
+  w.narrow(1, 0, c_in).copy_(weight);
+  scaled_lora_b(lora_B, scaling, dtype, w.narrow(1, c_in, r));
+  if (cols > c_in + r) w.narrow(1, c_in + r, cols - c_in - r).zero_();
+  return w;
 }
 
 // The extension's own ops, through the dispatcher (CPU or CUDA kernel by device). The handles
@@ -183,55 +213,78 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd_head(
   return {z.view({m, r}), g, xcat, index, moe_loss, y};
 }
 
-// out = x W^T + b + scaling y B^T, (N, H, W, C_out) in x's dtype. x: (N, H, W, C_in); xcat: the
-// head's (N, H, W, gemm_cols) operand with x in its first C_in columns (y is written into the
-// next r: the op mutates it), or empty; y: (M, r) float32/64, rounded to x's dtype for the GEMM
-// as eager autocast code would.
-Tensor layer_fwd_up(const Tensor& x, Tensor& xcat_in, const Tensor& y, const Tensor& weight,
-                    const OptTensor& bias, const Tensor& lora_B, double scaling) {
-  LayerScope scope;
+// out = x W^T + b + y (s B)^T, (N, H, W, C_out) in x's dtype. x: (N, H, W, C_in); xcat: the
+// head's (N, H, W, cols) operand with x in its first C_in columns (y is written into the next r:
+// this mutates it), or empty; y: (M, r) float32/64, rounded to x's dtype for the GEMM as eager
+// autocast code would; wcat: packed_weight's (C_out, cols).
+Tensor up_projection(const Tensor& x, Tensor& xcat_in, const Tensor& y, const Tensor& wcat,
+                     const OptTensor& bias) {
   NvtxRange range(x, "convlora.cuda.up_proj");
-  const int64_t c_in = x.size(3), c_out = lora_B.size(0), r = lora_B.size(1);
+  const int64_t c_in = x.size(3), c_out = wcat.size(0), r = y.size(1), cols = wcat.size(1);
   const int64_t m = x.size(0) * x.size(1) * x.size(2);
   const Tensor x2d = x.reshape({m, c_in});
-  const Tensor b_low = lora_B.to(x.scalar_type());
   Tensor out;
   if (c_in > c_out) {  // the copy of x would cost more than a second pass over out
-    out = bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
-    out.addmm_(y.to(x.scalar_type()), b_low.t(), /*beta=*/1, /*alpha=*/scaling);
+    const Tensor w = wcat.narrow(1, 0, c_in).t();
+    out = bias.has_value() ? at::addmm(*bias, x2d, w) : at::mm(x2d, w);
+    out.addmm_(y.to(x.scalar_type()), wcat.narrow(1, c_in, r).t());
   } else {
-    const int64_t cols = gemm_cols(c_in, r);
     // x_down differs from x (dropout): the head could not write the copy.
     Tensor xcat = xcat_in.dim() == 4 ? xcat_in.view({m, cols}) : with_columns(x2d, Tensor(), cols);
     xcat.narrow(1, c_in, r).copy_(y);  // rounds y to x's dtype
-    const Tensor wcat = with_columns(weight, b_low * scaling, cols);
     out = bias.has_value() ? at::addmm(*bias, xcat, wcat.t()) : at::mm(xcat, wcat.t());
   }
   return out.view({x.size(0), x.size(1), x.size(2), c_out});
 }
 
-// The backward's first GEMM: [dx | dy | .] = dout [W | B | 0] reads dout once for both (need_dx),
-// else dy = dout B. dout: (N, H, W, C_out); x: (N, H, W, C_in) (shape and dtype only).
-// Returns dxy, the whole (M, gemm_cols) GEMM output whose first C_in columns are dx (the rest
-// finishes it), or empty (0,); and dy = scaling * dout B (N, H, W, r) float32/64.
+// The op: weight (C_out, C_in) and lora_B (C_out, r) in any floating dtype (cast here, so the
+// caller need not cast the frozen weight under autocast: one launch and one copy of W less).
+Tensor layer_fwd_up(const Tensor& x, Tensor& xcat, const Tensor& y, const Tensor& weight,
+                    const OptTensor& bias, const Tensor& lora_B, double scaling) {
+  LayerScope scope;
+  const Tensor wcat = packed_weight(weight, lora_B, scaling, gemm_cols(x.size(3), lora_B.size(1)),
+                                    x.scalar_type());
+  return up_projection(x, xcat, y, wcat, bias);
+}
+
+// The backward's first GEMM: [dx | dy | .] = dout [W | s B | 0] reads dout once for both
+// (need_dx), else dy = dout (s B). dout: (N, H, W, C_out); x: (N, H, W, C_in) (shape and dtype
+// only); w: packed_weight's (C_out, cols) when need_dx, else s B (C_out, r) (its column slice will
+// do). s sits in the packed operand, as in the forward: dy is the gradient of the y that the
+// forward's GEMM multiplied. Returns dxy, the whole (M, cols) GEMM output whose first C_in columns
+// are dx (the rest finishes it), or empty (0,); and dy (N, H, W, r) float32/64.
+std::tuple<Tensor, Tensor> dx_dy(const Tensor& dout, const Tensor& x, const Tensor& w, int64_t r,
+                                 bool need_dx) {
+  NvtxRange range(x, "convlora.cuda.bwd.dx_dy");
+  const int64_t c_in = x.size(3), c_out = w.size(0);
+  const int64_t m = x.size(0) * x.size(1) * x.size(2);
+  const Tensor d2 = dout.reshape({m, c_out}).to(x.scalar_type());
+  Tensor dxy, dy;
+  if (need_dx) {
+    dxy = at::mm(d2, w);
+    // A copy even in float32: dy must not alias dxy, which the rest of the backward mutates.
+    dy = dxy.narrow(1, c_in, r).to(acc_dtype(x.scalar_type()), false, /*copy=*/true);
+  } else {
+    dxy = x.new_empty({0});
+    dy = at::mm(d2, w).to(acc_dtype(x.scalar_type()));
+  }
+  return {dxy, dy.view({x.size(0), x.size(1), x.size(2), r})};
+}
+
+// dx_dy's operand rebuilt from weight and lora_B with the forward's rounding: the packed weight
+// when need_dx, else s B alone.
+Tensor dx_dy_operand(const Tensor& weight, const Tensor& lora_B, double scaling, int64_t c_in,
+                     at::ScalarType dtype, bool need_dx) {
+  return need_dx ? packed_weight(weight, lora_B, scaling, gemm_cols(c_in, lora_B.size(1)), dtype)
+                 : scaled_lora_b(lora_B, scaling, dtype, Tensor());
+}
+
+// The op: weight and lora_B in any floating dtype, as layer_fwd_up's.
 std::tuple<Tensor, Tensor> layer_bwd_dy(const Tensor& dout, const Tensor& x, const Tensor& weight,
                                         const Tensor& lora_B, double scaling, bool need_dx) {
   LayerScope scope;
-  NvtxRange range(x, "convlora.cuda.bwd.dx_dy");
-  const int64_t c_in = x.size(3), c_out = weight.size(0), r = lora_B.size(1);
-  const int64_t m = x.size(0) * x.size(1) * x.size(2);
-  const Tensor d2 = dout.reshape({m, c_out}).to(x.scalar_type());
-  const Tensor b_low = lora_B.to(x.scalar_type());
-  Tensor dxy, dy;
-  if (need_dx) {
-    dxy = at::mm(d2, with_columns(weight, b_low, gemm_cols(c_in, r)));
-    dy = dxy.narrow(1, c_in, r);
-  } else {
-    dxy = x.new_empty({0});
-    dy = at::mm(d2, b_low);
-  }
-  dy = dy.to(acc_dtype(x.scalar_type())).mul(scaling);
-  return {dxy, dy.view({x.size(0), x.size(1), x.size(2), r})};
+  const Tensor w = dx_dy_operand(weight, lora_B, scaling, x.size(3), x.scalar_type(), need_dx);
+  return dx_dy(dout, x, w, lora_B.size(1), need_dx);
 }
 
 // The rest of the backward. dy: layer_bwd_dy's; dd: the expert output's gradient when it differs
@@ -305,9 +358,10 @@ torch::autograd::variable_list once_differentiable(torch::autograd::variable_lis
 // was the largest part of the host time left: development CPU, tiny layer, forward+backward
 // 406 -> 327 us with this node (scripts/host_time.py --against).
 //
-// Saved for the backward: x (and x_down), the parameters (lora_A and lora_B cast to x's dtype),
-// noise, and z, g, y, index, as in the Python Function; z, g, y are not outputs here, so the
-// node wraps three outputs, not six.
+// Saved for the backward: x (and x_down), the parameters (lora_A cast to x's dtype; the frozen
+// weight as packed_weight's operand when that cast it, see forward), noise, and z, g, y, index,
+// as in the Python Function; z, g, y are not outputs here, so the node wraps three outputs, not
+// six.
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
   using Ctx = torch::autograd::AutogradContext;
@@ -319,25 +373,37 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                       const Tensor& expert_weight, const Tensor& expert_bias,
                       const Tensor& w_gate, const Tensor& w_noise, double scaling,
                       const OptTensor& expert_index, const OptTensor& noise) {
-    // lora_A and lora_B in x's dtype, as the pieces use them, kept for the backward: with float32
-    // parameters under autocast that is two conversion launches less per backward.
-    const Tensor a_low = lora_A.to(x.scalar_type()), b_low = lora_B.to(x.scalar_type());
+    // lora_A in x's dtype, as the pieces use it, kept for the backward: with a float32 lora_A
+    // under autocast that is a conversion launch less per backward.
+    const Tensor a_low = lora_A.to(x.scalar_type());
     auto [z, g, xcat, index, moe_loss, y] = layer_fwd_head(
         x, x_down, weight, a_low, expert_weight, expert_bias, w_gate, w_noise, expert_index,
         noise);
-    Tensor out = layer_fwd_up(x, xcat, y, weight, bias, b_low, scaling);
+    Tensor wcat, out;
+    {
+      LayerScope scope;
+      wcat = packed_weight(weight, lora_B, scaling, gemm_cols(x.size(3), lora_B.size(1)),
+                           x.scalar_type());
+      out = up_projection(x, xcat, y, wcat, bias);
+    }
+    // When packing cast the weight (float32 weight under autocast), the backward reuses the packed
+    // operand: it takes the memory the cast copy of W took before (the caller no longer casts W)
+    // and saves rebuilding it. Otherwise the weight itself is kept (no copy) and the backward
+    // rebuilds the operand.
+    const bool keep_packed = weight.scalar_type() != x.scalar_type();
     // The incoming gradients of index, and of moe_loss when it is unused, stay undefined
     // (materialising them costs launches per backward).
     ctx->set_materialize_grads(false);
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["flags"] = static_cast<int64_t>(
         (x_down.has_value() ? kHasXDown : 0) | (bias.has_value() ? kHasBias : 0) |
-        (expert_index.has_value() ? 0 : kRouted) | (noise.has_value() ? kHasNoise : 0));
+        (expert_index.has_value() ? 0 : kRouted) | (noise.has_value() ? kHasNoise : 0) |
+        (keep_packed ? kPacked : 0));
     ctx->saved_data["a_dtype"] = lora_A.scalar_type();
-    ctx->saved_data["b_dtype"] = lora_B.scalar_type();
-    ctx->save_for_backward({x, x_down.value_or(Tensor()), weight, a_low, b_low, expert_weight,
-                            expert_bias, w_gate, w_noise, noise.value_or(Tensor()), z, g, y,
-                            index});
+    ctx->saved_data["w_dtype"] = weight.scalar_type();
+    ctx->save_for_backward({x, x_down.value_or(Tensor()), keep_packed ? wcat : weight, a_low,
+                            lora_B, expert_weight, expert_bias, w_gate, w_noise,
+                            noise.value_or(Tensor()), z, g, y, index});
     return {out, index, moe_loss};
   }
 
@@ -345,8 +411,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
   static List backward(Ctx* ctx, List grads) {
     LayerScope scope;
     const List saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &x_down = saved[1], &weight = saved[2], &a_low = saved[3];
-    const Tensor &b_low = saved[4], &expert_weight = saved[5], &expert_bias = saved[6];
+    const Tensor &x = saved[0], &x_down = saved[1], &w_saved = saved[2], &a_low = saved[3];
+    const Tensor &lora_B = saved[4], &expert_weight = saved[5], &expert_bias = saved[6];
     const Tensor &w_gate = saved[7], &w_noise = saved[8], &noise = saved[9], &z = saved[10];
     const Tensor &g = saved[11], &y = saved[12], &index = saved[13];
     const double scaling = ctx->saved_data["scaling"].toDouble();
@@ -370,20 +436,25 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
       dwg = at::zeros_like(w_gate);
       dwn = at::zeros_like(w_noise);
     }
-    const int64_t c_in = x.size(3), c_out = weight.size(0);
+    const int64_t c_in = x.size(3), c_out = w_saved.size(0), r = lora_B.size(1);
     const Tensor dout = grads[0].defined()
                             ? grads[0].contiguous()
                             : x.new_zeros({x.size(0), x.size(1), x.size(2), c_out});
-    auto [dxy, dy] = layer_bwd_dy(dout, x, weight, b_low, scaling, need_dx);
+    const Tensor w = !(flags & kPacked)
+                         ? dx_dy_operand(w_saved, lora_B, scaling, c_in, x.scalar_type(), need_dx)
+                         : (need_dx ? w_saved : w_saved.narrow(1, c_in, r));
+    auto [dxy, dy] = dx_dy(dout, x, w, r, need_dx);
     OptTensor x_down_opt;
     if (has_x_down) x_down_opt = x_down;
     auto [dx_down, d_a, d_b, d_ew, d_eb] =
-        layer_bwd_rest(dout, x, x_down_opt, a_low, b_low, expert_weight, expert_bias, z, y, dgs,
+        layer_bwd_rest(dout, x, x_down_opt, a_low, lora_B, expert_weight, expert_bias, z, y, dgs,
                        index, dxy, dy, std::nullopt, scaling);
     Tensor d_w, d_bias;  // the frozen Linear made trainable
     if (need_dw || need_dbias) {
       const Tensor dout2d = dout.reshape({-1, c_out});
-      if (need_dw) d_w = at::mm(dout2d.t(), x.reshape({-1, c_in})).to(weight.scalar_type());
+      if (need_dw)
+        d_w = at::mm(dout2d.t(), x.reshape({-1, c_in}))
+                  .to(ctx->saved_data["w_dtype"].toScalarType());
       if (need_dbias) d_bias = dout2d.sum(0);
     }
     List out = {need_dx ? dxy.narrow(1, 0, c_in).view(x.sizes()) : Tensor(),
@@ -391,7 +462,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                 d_w,
                 d_bias,
                 d_a.to(ctx->saved_data["a_dtype"].toScalarType()),  // from x's dtype (a_low's)
-                d_b.to(ctx->saved_data["b_dtype"].toScalarType()),
+                d_b,  // in lora_B's dtype (layer_bwd_rest)
                 d_ew,
                 d_eb,
                 dwg.to(w_gate.scalar_type()),
@@ -403,7 +474,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
   }
 
  private:
-  enum Flag : int64_t { kHasXDown = 1, kHasBias = 2, kRouted = 4, kHasNoise = 8 };
+  enum Flag : int64_t { kHasXDown = 1, kHasBias = 2, kRouted = 4, kHasNoise = 8, kPacked = 16 };
 };
 
 std::tuple<Tensor, Tensor, Tensor> layer(const Tensor& x, const OptTensor& x_down,

@@ -180,6 +180,24 @@ def test_device_assertion_on_an_out_of_range_expert(emu):
         emu.experts_bwd(z, bad, ew, eb, dy)
 
 
+def test_experts_bwd_host_launches(emu, thread_order, monkeypatch):
+    """The CUDA launcher's own ATen work around its three kernels (the CPU twin is organised
+    differently, so tests/test_launch_count.py cannot see it): one reduction over tiles. The
+    per-expert sums are a kernel (session 12: the one-hot GEMM, its operand and two output copies
+    were six more launches per backward on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .test_launch_count import _launches
+
+    monkeypatch.setenv("CONVLORA_POISON", "0")  # the NaN fills are a test aid, not launches
+    args = _experts_case(8, 5, 7, 8, False, torch.float32)
+    emu.experts_bwd(*args)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        emu.experts_bwd(*args)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    assert dict(_launches(events)) == {"sum": 1}
+
+
 # ------------------------------------------------------------------------------ SAM shapes
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["windows", "global"])
@@ -248,6 +266,24 @@ def test_emulator_catches_a_missing_barrier(mutant, thread_order):
         got, want = ops.down_proj(x, a, 0)[0], real.down_proj(x, a, 0)[0]
     broken = bool(torch.isnan(got).any()) or not torch.allclose(got, want, rtol=1e-9, atol=1e-9)
     assert broken, f"{mutant}: the kernel ran without its barrier unnoticed ({thread_order} order)"
+
+
+def test_emulator_catches_the_expert_sums_barrier(thread_order):
+    """The per-expert sums' first lane adds the other lanes' sums from shared memory. Without the
+    barrier, first-to-last order runs lane 0 before the others have written (NaN: caught);
+    last-to-first runs it after them, where the missing barrier does not show (the numbers
+    are right), so only the forward order can catch this one."""
+    needle = "lanes[lane][col] = acc;\n  __syncthreads();\n"
+    src = cuda_emu.SOURCE.read_text()
+    assert needle in src, "the source changed; update the mutant"
+    ops = cuda_emu.load(src.replace(needle, needle.replace("  __syncthreads();\n", ""), 1),
+                        namespace="convlora_cuda_emu_expert_sums_barrier")
+    z, idx, ew, eb, dy = _experts_case(20, 5, 7, 8, False, torch.float64)
+    got = ops.experts_bwd(z, idx, ew, eb, dy)[1:]
+    want = torch.ops.convlora_cuda.experts_bwd(z, idx, ew, eb, dy)[1:]
+    broken = any(bool(torch.isnan(a).any()) or not torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+                 for a, b in zip(got, want))
+    assert broken == (thread_order == "forward"), (thread_order, broken)
 
 
 def test_emulator_reports_a_divergent_shuffle(thread_order):

@@ -355,20 +355,21 @@ def gate_factor_backward(dy: torch.Tensor, dgs: torch.Tensor, g: torch.Tensor,
     return dd.view(-1, r), dgs + dg / dy3.shape[1], dwg, dwn
 
 
-def prepare_inputs(x, x_down, weight, bias):
+def prepare_inputs(x, x_down, weight, bias, cast_weight: bool = True):
     """Cast the frozen Linear's operands as ``F.linear`` under autocast would.
 
-    Returns (x, x_down or None when it is x, weight, bias), all in x's (autocast) dtype.
+    Returns (x, x_down or None when it is x, weight, bias), all in x's (autocast) dtype, except
+    the weight when ``cast_weight`` is False: a backend whose ops cast it themselves (the cuda
+    backend packs it into its GEMM operand, casting while it copies) gets it as it is.
     """
     same = x_down is x
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
         x_down = x if same else x_down.to(dtype)
-        weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     elif bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if weight.dtype != x.dtype:
+    if cast_weight and weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     return x, None if same else x_down, weight, bias

@@ -27,7 +27,7 @@ PyTorch ops go, so a layer call crosses from Python into C++ twice each way:
   (tensor-core alignment), whose left operand down_proj wrote (one extra write of x, no extra
   read). When C_in > C_out the copy of x costs more than it saves: ``x W^T + b`` then
   ``out += s y B^T`` (a second pass over out).
-- backward: ``[dx | dy | .] = dout [W | B | 0]`` (one GEMM reads dout for both), the expert
+- backward: ``[dx | dy | .] = dout [W | s B | 0]`` (one GEMM reads dout for both), the expert
   backward, then ``dx += dz A`` in place (beta = 1: one read and write of dx instead of a second
   dx tensor and autograd's sum of the two, 60 MB less at SAM ViT-B's windowed shape in bf16);
   dB = dout^T y (the second read of dout); dA = dz^T x. dx is a column slice of the first GEMM's
@@ -247,14 +247,16 @@ def conv_lora_forward(
     Returns:
         out (N, H, W, C_out), expert_index (N,) long, moe_loss (0-dim, float32 or float64).
 
-    Under autocast the GEMM operands (x, x_down, weight, bias; lora_A and lora_B inside the op)
+    Under autocast the GEMM operands (x, x_down, bias; weight, lora_A and lora_B inside the op)
     are cast to the autocast dtype, as F.linear would; z, y and the expert arithmetic stay
     float32.
     """
     why = unavailable_reason(x)
     if why is not None:
         raise RuntimeError(f"convlora cuda backend: {why}")
-    x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias)
+    # The weight stays as it is: the ops cast it into their packed [W | s B | 0] operand (one
+    # launch and one C_out x C_in copy less per call under autocast than casting it here).
+    x, x_down, weight, bias = prepare_inputs(x, x_down, weight, bias, cast_weight=False)
     if expert_index is not None:
         expert_index = expert_index.long()
     out, index, moe_loss = _LAYER(
