@@ -188,14 +188,16 @@ class ConvLoRALinear(nn.Module):
                 f"unsupported input dtype {x.dtype}; ConvLoRALinear supports "
                 + ", ".join(str(d) for d in SUPPORTED_DTYPES)
             )
-        if x.device != self.lora_A.device:
+        # Parameters from the registry dict, the autocast query only when the dtypes differ:
+        # this runs per call of a host-bound layer (see forward).
+        p = self._parameters
+        if x.device != p["lora_A"].device:
             raise RuntimeError(
-                f"input is on {x.device} but the layer's parameters are on {self.lora_A.device}"
+                f"input is on {x.device} but the layer's parameters are on {p['lora_A'].device}"
             )
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if x.dtype != self.weight.dtype and not autocast:
+        if x.dtype != p["weight"].dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
-                f"input dtype {x.dtype} differs from the layer's {self.weight.dtype}; cast one "
+                f"input dtype {x.dtype} differs from the layer's {p['weight'].dtype}; cast one "
                 "of them or run under torch.autocast"
             )
         if x.shape[-1] != self.in_features:

@@ -10,6 +10,8 @@ the CPU the figure also includes the CPU kernels' work, which the Linear's row p
 Usage:
     python scripts/host_time.py [--device cuda] [--backends cuda,triton] [--rounds 7] [--calls 100]
     python scripts/host_time.py --against /path/to/other/checkout   # A/B, interleaved processes
+    python scripts/host_time.py --autocast ...   # SAM fine-tuning's setting: float32 parameters,
+                                                 # bf16 autocast (the casts are launches too)
 
 Prints, per row, the median over rounds of the mean time per call (us) and its ratio to the
 Linear's forward+backward measured in the same process. Only ratios from one run mean anything
@@ -31,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(backends: list[str], rounds: int, calls: int, device: str) -> dict[str, float]:
+def measure(backends: list[str], rounds: int, calls: int, device: str,
+            autocast: bool = False) -> dict[str, float]:
     """Median over ``rounds`` of the mean us per call, for each row; rows interleave per round."""
     import torch
 
@@ -50,7 +53,15 @@ def measure(backends: list[str], rounds: int, calls: int, device: str) -> dict[s
         if device == "cuda":
             torch.cuda.synchronize()
 
-    rows = {"linear fwdbwd": lambda: linear(x).sum().backward()}
+    def region():
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=autocast)
+
+    def linear_fwdbwd() -> None:
+        with region():
+            out = linear(x)
+        out.float().sum().backward()
+
+    rows = {"linear fwdbwd": linear_fwdbwd}
     for name in backends:
         layer = ConvLoRALinear(c_in, c_out, r=r, backend=name, device=device).train()
         with torch.no_grad():  # a non-trivial adapter (B, gate weights are zero at init)
@@ -58,10 +69,12 @@ def measure(backends: list[str], rounds: int, calls: int, device: str) -> dict[s
                 p.normal_()
 
         def fwdbwd(layer=layer) -> None:
-            (layer(x).sum() + layer.moe_loss).backward()
+            with region():
+                out = layer(x)
+            (out.float().sum() + layer.moe_loss).backward()
 
         def fwd(layer=layer) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), region():
                 layer(x)
 
         rows[f"{name} fwdbwd"] = fwdbwd
@@ -99,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", help="another checkout to compare with (A/B)")
     parser.add_argument("--processes", type=int, default=3, help="A/B: processes per side")
     parser.add_argument("--json", action="store_true", help="print one JSON result line only")
+    parser.add_argument("--autocast", action="store_true",
+                        help="run every row under bf16 autocast (float32 parameters)")
     args = parser.parse_args(argv)
     if args.backends is None:
         args.backends = "cuda,triton" if args.device == "cuda" else "cuda"
     backends = [b for b in args.backends.split(",") if b]
     if args.against is None:
-        result = measure(backends, args.rounds, args.calls, args.device)
+        result = measure(backends, args.rounds, args.calls, args.device, args.autocast)
         if args.json:
             print(json.dumps(result))
         else:
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, PYTHONPATH=str(root))
             cmd = [sys.executable, str(Path(__file__).resolve()), "--json", "--backends",
                    args.backends, "--rounds", str(args.rounds), "--calls", str(args.calls),
-                   "--device", args.device]
+                   "--device", args.device] + (["--autocast"] if args.autocast else [])
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                                  cwd=root).stdout
             runs[side].append(json.loads(out.strip().splitlines()[-1]))

@@ -546,38 +546,44 @@ def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, eager_nod
 
 
 @pytest.mark.parametrize("case", ["eval_forced", "partial_grads", "loss_only", "trainable_linear",
-                                  "no_bias_one_expert", "autocast"])
+                                  "no_bias_one_expert", "autocast", "autocast_partial_grads",
+                                  "autocast_wide_input", "autocast_trainable_linear"])
 def test_native_node_equals_op_path(case, monkeypatch):
     """The cuda backend's native node (csrc/layer.cpp) against the registered ops on the inputs
     its backward branches on: eval with forced routing (no gate gradient), gradients requested
     for some inputs only (needs_input_grad counts edges, absent tensors have none), a backward
     from moe_loss alone (no output gradient), the frozen Linear made trainable (its weight and
     bias gradients), no bias and one expert (a constant loss), float32 parameters under bf16
-    autocast (the node keeps lora_A and lora_B cast from its forward). Bitwise equal, every
-    gradient."""
-    x = torch.randn(2, 3, 4, 12)
+    autocast (the node keeps lora_A cast and the packed [W | s B | 0] from its forward; the
+    backward then uses the packed operand whole, or only its s B columns when x needs no
+    gradient; with C_in > C_out the forward's two GEMMs read its column slices; the weight's
+    own gradient goes back to float32). Bitwise equal, every gradient."""
+    wide = case == "autocast_wide_input"
+    x = torch.randn(2, 3, 4, 20 if wide else 12)
     why = backends_mod.unavailable_reason("cuda", x)
     if why is not None:
         pytest.skip(why)
     kw = {"bias": False, "num_experts": 1} if case == "no_bias_one_expert" else {}
-    layer = make_layer(dtype=torch.float32, lora_dropout=0.2, **kw)
+    if wide:  # no dropout either: the down-projection reads x, and still no [x | y] copy
+        kw.update(c_in=20, c_out=12, lora_dropout=0.0)
+    layer = make_layer(dtype=torch.float32, **{"lora_dropout": 0.2, **kw})
     layer.backend = "cuda"
     layer.train(case != "eval_forced")
-    if case == "trainable_linear":
+    if case.endswith("trainable_linear"):
         layer.weight.requires_grad_(True)
         if layer.bias is not None:
             layer.bias.requires_grad_(True)
-    upstream = torch.randn(2, 3, 4, 20)
+    upstream = torch.randn(2, 3, 4, layer.out_features)
     forced = torch.tensor([2, 0]) if case == "eval_forced" else None
 
     def run() -> tuple[str | None, list[torch.Tensor]]:
         torch.manual_seed(5)
-        xi = x.clone().requires_grad_(case != "partial_grads")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        xi = x.clone().requires_grad_(not case.endswith("partial_grads"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("autocast")):
             out = layer(xi, forced)
         node = _layer_node(out)
         loss = 10 * layer.moe_loss if case == "loss_only" else (out * upstream).sum() + layer.moe_loss
-        inputs = [layer.lora_A, layer.expert_weight] if case == "partial_grads" else (
+        inputs = [layer.lora_A, layer.expert_weight] if case.endswith("partial_grads") else (
             [xi] + [p for p in layer.parameters() if p.requires_grad])
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         return node, [out.detach(), loss.detach(), layer.last_expert_index, *grads]
