@@ -69,8 +69,8 @@ void experts_fwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
 
 template <typename T>
 void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, const T* eb,
-                      bool depthwise, int64_t N, int H, int W, int r, const T* dy, T* dz, T* dup,
-                      T* dew_n, T* deb_n) {
+                      bool depthwise, int64_t N, int H, int W, int r, const T* dy, const T* dg,
+                      T* dz, T* dup, T* dew_n, T* deb_n) {
   const int64_t hw = static_cast<int64_t>(H) * W;
   const int g = depthwise ? 1 : r;
   const int64_t wsize = static_cast<int64_t>(r) * g * 9;
@@ -115,7 +115,7 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
       }
     }
   });
-  // Phase 2: dz = dy (residual) + the gather of the neighbouring patch gradients.
+  // Phase 2: dz = dy (residual) + the gather of the neighbouring patch gradients (+ dg[n]).
   at::parallel_for(0, N * hw, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t n = m / hw;
@@ -124,8 +124,11 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
       const T* dup_n = dup + n * hw * r * kPatchArea;
       GatherWeights<T> gw;
       gather_weights<T>(H, W, i, j, s, gw);
-      for (int c = 0; c < r; ++c)
-        dz[m * r + c] = dy[m * r + c] + gather_dz<T>(dup_n, H, W, r, c, i, j, s, gw);
+      for (int c = 0; c < r; ++c) {
+        T v = dy[m * r + c] + gather_dz<T>(dup_n, H, W, r, c, i, j, s, gw);
+        if (dg != nullptr) v += dg[n * r + c];
+        dz[m * r + c] = v;
+      }
     }
   });
 }
@@ -173,13 +176,10 @@ at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
-    const at::Tensor& expert_bias, const at::Tensor& dy) {
+    const at::Tensor& expert_bias, const at::Tensor& dy, const c10::optional<at::Tensor>& dg_in) {
   const bool depthwise = check_experts_inputs(z, expert_index, expert_weight, expert_bias);
   check_cpu(z, "z");
-  TORCH_CHECK(dy.sizes() == z.sizes() && dy.scalar_type() == z.scalar_type(),
-              "convlora: dy must match z (", z.sizes(), ", ", z.scalar_type(), "), got ",
-              dy.sizes(), ", ", dy.scalar_type());
-  check_same_device(z, dy, "z", "dy");
+  const at::Tensor dg = check_experts_grads(z, dy, dg_in);
   const int64_t N = z.size(0), E = expert_weight.size(0);
   const int H = static_cast<int>(z.size(1)), W = static_cast<int>(z.size(2));
   const int r = static_cast<int>(z.size(3));
@@ -197,7 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_bwd_cpu", [&] {
       experts_bwd_impl<scalar_t>(zc.data_ptr<scalar_t>(), idx, ew.data_ptr<scalar_t>(),
                                  eb.data_ptr<scalar_t>(), depthwise, N, H, W, r,
-                                 dyc.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+                                 dyc.data_ptr<scalar_t>(),
+                                 dg.defined() ? dg.data_ptr<scalar_t>() : nullptr,
+                                 dz.data_ptr<scalar_t>(),
                                  dup.data_ptr<scalar_t>(), dew_n.data_ptr<scalar_t>(),
                                  deb_n.data_ptr<scalar_t>());
     });

@@ -545,7 +545,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dz = dy + the gather of the neighbouring patch gradients: one thread per (pixel, channel), a
+// dz = dy + the gather of the neighbouring patch gradients (+ dg[n], the gradient of the per-sample
+// mean g / (H*W), when given): one thread per (pixel, channel), a
 // block holding `pixels` consecutive pixels x r channels (dz_pixels_per_block). The gather's
 // weights depend on the pixel, not the channel: the block computes them once per pixel into
 // shared memory (each of a pixel's 14 axis rows by one thread), where every channel thread reads
@@ -555,8 +556,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     convlora_experts_dz_kernel(const int64_t* __restrict__ idx, const T* __restrict__ dy,
-                               const T* __restrict__ dup, ExpertGeom g, int64_t M, int pixels,
-                               T* __restrict__ dz) {
+                               const T* __restrict__ dup, const T* __restrict__ dg, ExpertGeom g,
+                               int64_t M, int pixels, T* __restrict__ dz) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   GatherWeights<T>* gw = reinterpret_cast<GatherWeights<T>*>(smem_raw);  // (pixels,)
   const int hw = g.H * g.W;
@@ -581,7 +582,9 @@ __global__ void __launch_bounds__(kThreads)
   const int s = load_expert<T>(idx, n, g.E) + 1;
   const T* dup_n = dup + static_cast<int64_t>(n) * hw * g.r * kPatchArea;
   const int64_t k = m * g.r + c;
-  dz[k] = dy[k] + gather_dz<T>(dup_n, g.H, g.W, g.r, c, pix / g.W, pix % g.W, s, gw[p]);
+  T v = dy[k] + gather_dz<T>(dup_n, g.H, g.W, g.r, c, pix / g.W, pix % g.W, s, gw[p]);
+  if (dg != nullptr) v += dg[static_cast<int64_t>(n) * g.r + c];  // the CPU twin's order
+  dz[k] = v;
 }
 
 // Per-expert sums of the expert backward's per-sample partials: dEW/dEB[e, j] = the sum over the
@@ -678,13 +681,11 @@ at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
-    const at::Tensor& expert_bias, const at::Tensor& dy_in) {
+    const at::Tensor& expert_bias, const at::Tensor& dy_in,
+    const c10::optional<at::Tensor>& dg_in) {
   const c10::cuda::CUDAGuard guard(z.device());
   ExpertArgs a = prepare_experts(z, expert_index, expert_weight, expert_bias);
-  TORCH_CHECK(dy_in.sizes() == z.sizes() && dy_in.scalar_type() == z.scalar_type(),
-              "convlora: dy must match z (", z.sizes(), ", ", z.scalar_type(), "), got ",
-              dy_in.sizes(), ", ", dy_in.scalar_type());
-  check_same_device(z, dy_in, "z", "dy");
+  const at::Tensor dg = check_experts_grads(z, dy_in, dg_in);
   const at::Tensor dy = dy_in.contiguous();
   const int64_t N = z.size(0), M = z.numel() / z.size(3);
   const int r = a.geom.r;
@@ -710,8 +711,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       convlora_experts_dz_kernel<scalar_t><<<static_cast<unsigned>(dz_blocks), dz_pixels * r,
                                              dz_pixels * sizeof(GatherWeights<scalar_t>), stream>>>(
-          a.idx.data_ptr<int64_t>(), dy.data_ptr<scalar_t>(), dup.data_ptr<scalar_t>(), a.geom,
-          M, dz_pixels, dz.data_ptr<scalar_t>());
+          a.idx.data_ptr<int64_t>(), dy.data_ptr<scalar_t>(), dup.data_ptr<scalar_t>(),
+          dg.defined() ? dg.data_ptr<scalar_t>() : nullptr, a.geom, M, dz_pixels,
+          dz.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -77,6 +77,23 @@ inline bool check_experts_inputs(const at::Tensor& z, const at::Tensor& expert_i
   return expert_weight.size(2) == 1;
 }
 
+// The expert backward's incoming gradients: dy (z's shape and dtype) and the optional dg (N, r),
+// z's dtype, added per sample to dz. Returns dg contiguous, or undefined when absent.
+inline at::Tensor check_experts_grads(const at::Tensor& z, const at::Tensor& dy,
+                                      const c10::optional<at::Tensor>& dg) {
+  TORCH_CHECK(dy.sizes() == z.sizes() && dy.scalar_type() == z.scalar_type(),
+              "convlora: dy must match z (", z.sizes(), ", ", z.scalar_type(), "), got ",
+              dy.sizes(), ", ", dy.scalar_type());
+  check_same_device(z, dy, "z", "dy");
+  if (!dg.has_value()) return at::Tensor();
+  TORCH_CHECK(dg->dim() == 2 && dg->size(0) == z.size(0) && dg->size(1) == z.size(3) &&
+                  dg->scalar_type() == z.scalar_type(),
+              "convlora: dg must be (N, r) = (", z.size(0), ", ", z.size(3), ") in z's dtype ",
+              z.scalar_type(), ", got ", dg->sizes(), ", ", dg->scalar_type());
+  check_same_device(z, *dg, "z", "dg");
+  return dg->contiguous();
+}
+
 // cat_cols: 0, or the width (>= C_in) of the [x | y | 0] operand down_proj also writes.
 inline void check_down_inputs(const at::Tensor& x, const at::Tensor& lora_A, int64_t cat_cols) {
   TORCH_CHECK(x.dim() == 4, "convlora: x must be (N, H, W, C_in), got shape ", x.sizes());
@@ -175,6 +192,6 @@ at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
                            const at::Tensor& expert_weight, const at::Tensor& expert_bias);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
-    const at::Tensor& expert_bias, const at::Tensor& dy);
+    const at::Tensor& expert_bias, const at::Tensor& dy, const c10::optional<at::Tensor>& dg);
 
 }  // namespace convlora

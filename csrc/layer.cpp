@@ -141,13 +141,13 @@ Tensor call_experts_fwd(const Tensor& z, const Tensor& index, const Tensor& ew, 
 
 std::tuple<Tensor, Tensor, Tensor> call_experts_bwd(const Tensor& z, const Tensor& index,
                                                     const Tensor& ew, const Tensor& eb,
-                                                    const Tensor& dy) {
+                                                    const Tensor& dy, const OptTensor& dg) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("convlora_cuda::experts_bwd", "")
                              .typed<std::tuple<Tensor, Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 const Tensor&)>();
-  return op.call(z, index, ew, eb, dy);
+                                 const Tensor&, const OptTensor&)>();
+  return op.call(z, index, ew, eb, dy, dg);
 }
 
 std::tuple<Tensor, Tensor, Tensor> call_gate_bwd(const Tensor& g, const Tensor& wg,
@@ -288,7 +288,9 @@ std::tuple<Tensor, Tensor> layer_bwd_dy(const Tensor& dout, const Tensor& x, con
 }
 
 // The rest of the backward. dy: layer_bwd_dy's; dd: the expert output's gradient when it differs
-// from dy (the gate factor: dd = p dy), else absent; dgs (N, r): g's gradient / (H*W); dxy:
+// from dy (the gate factor: dd = p dy), else absent; dgs (N, r): g's gradient / (H*W), or
+// undefined when g has none (the native node's eval / forced routing; the op's schema always
+// passes one), added to dz by the expert backward's dz pass; dxy:
 // layer_bwd_dy's GEMM output, or empty: when x_down is absent, dz A is added in place to its
 // first C_in columns, which then hold dx (the caller views them: row stride gemm_cols). z, y:
 // (M, r). Returns dx_down (x_down's shape), or empty when x_down is absent; d lora_A, d lora_B,
@@ -305,9 +307,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
   {
     NvtxRange range(x, "convlora.cuda.bwd.experts");
     const Tensor& d_expert = dd.has_value() ? *dd : dy;
-    std::tie(dz, d_ew, d_eb) =
-        call_experts_bwd(z.view({n, h, w, r}), expert_index, expert_weight, expert_bias, d_expert);
-    dz = dz + dgs.view({n, 1, 1, r});  // g = mean: each token gets dg / HW
+    // g = mean: each token's dz gets dg / HW, added in the kernel's pass over dz.
+    OptTensor dg;
+    if (dgs.defined()) dg = dgs;
+    std::tie(dz, d_ew, d_eb) = call_experts_bwd(z.view({n, h, w, r}), expert_index,
+                                                expert_weight, expert_bias, d_expert, dg);
     if (dd.has_value()) dz += dy - *dd;  // the kernel's residual term was dd, not dy
   }
   const Tensor dz_low = dz.view({m, r}).to(x.scalar_type());
@@ -432,7 +436,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
       std::tie(dgs, dwg, dwn) = call_gate_bwd(g, w_gate.to(gt), w_noise.to(gt), noise.to(gt),
                                               dmoe.to(gt), 1.0 / (x.size(1) * x.size(2)));
     } else {  // eval, forced routing or one expert: the loss has no gradient
-      dgs = at::zeros_like(g);
+      // dgs stays undefined: nothing to add to dz (two launches less than zeros and an add).
       dwg = at::zeros_like(w_gate);
       dwn = at::zeros_like(w_noise);
     }

@@ -26,10 +26,12 @@ TORCH_LIBRARY(convlora_cuda, m) {
   // y = z + expert_{index[n]}(z_n), (N, H, W, r), z's dtype.
   m.def("experts_fwd(Tensor z, Tensor expert_index, Tensor expert_weight, Tensor expert_bias) -> Tensor");
   // Backward of experts_fwd given dy: dz (residual included), d expert_weight, d expert_bias
-  // (in the parameters' dtypes; zeros for experts no sample chose).
+  // (in the parameters' dtypes; zeros for experts no sample chose). dg (N, r), optional: added to
+  // every pixel of its sample's dz (the layer's g = mean z passes its gradient / (H*W) here, in
+  // the pass that writes dz, instead of a separate add over dz).
   m.def(
       "experts_bwd(Tensor z, Tensor expert_index, Tensor expert_weight, Tensor expert_bias, "
-      "Tensor dy) -> (Tensor dz, Tensor dweight, Tensor dbias)");
+      "Tensor dy, Tensor? dg=None) -> (Tensor dz, Tensor dweight, Tensor dbias)");
   // The noisy top-1 gate (convlora_math.h gate_row): expert_index (N,) int64 (forced routing
   // when expert_index is given) and moe_loss (0-dim, g's dtype); the noisy load term is used
   // when noise is given, routing is not forced and E > 1, else the expert counts.

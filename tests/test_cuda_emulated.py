@@ -121,6 +121,20 @@ def test_experts_random_routing_float32(emu, depthwise):
     assert not got[2][4].any() and not got[3][7].any()
 
 
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+def test_experts_bwd_with_dg_float64(emu, depthwise):
+    """The dz kernel adds dg[n] (the per-sample mean's gradient) to every pixel of sample n, after
+    the residual and the gather as the CPU twin does: against the twin, and exactly dg more than
+    without it; 3x5 maps at r = 3 put pixels of several samples in one dz block."""
+    args = _experts_case(8, 3, 5, 3, depthwise, torch.float64)
+    dg = _rand(8, 3, seed=12)
+    got = emu.experts_bwd(*args, dg)
+    _check(got, torch.ops.convlora_cuda.experts_bwd(*args, dg), 1e-12, "experts_bwd")
+    plain = emu.experts_bwd(*args)
+    assert torch.equal(got[0], plain[0] + dg[:, None, None, :])
+    assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2])
+
+
 # ------------------------------------------------------------------------------ gate
 @pytest.mark.parametrize("n, r, e", GATE_CASES)
 @pytest.mark.parametrize("mode", ["train", "eval", "forced"])

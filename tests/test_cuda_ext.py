@@ -264,6 +264,8 @@ def test_opcheck_cpu(which):
     if which == "experts_bwd":
         z, idx, ew, eb = s["experts"]
         torch.library.opcheck(ops.experts_bwd, (z, idx, ew, eb, torch.randn_like(z)))
+        dg = torch.randn(z.shape[0], z.shape[3], dtype=z.dtype)
+        torch.library.opcheck(ops.experts_bwd, (z, idx, ew, eb, torch.randn_like(z), dg))
         return
     if which.startswith("down"):  # a building block of the layer op, which owns the autograd
         torch.library.opcheck(ops.down_proj, s[which])
@@ -405,6 +407,24 @@ def test_input_validation_messages():
         ops.down_proj(torch.randn(1, 2, 2, 6), torch.randn(3, 6, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="dy must match z"):
         ops.experts_bwd(z, idx, ew, eb, z[:1])
+    with pytest.raises(RuntimeError, match="dg must be"):
+        ops.experts_bwd(z, idx, ew, eb, z, z[:, 0, 0, :1])
+    with pytest.raises(RuntimeError, match="dg must be"):
+        ops.experts_bwd(z, idx, ew, eb, z, z[:, 0, 0].float() if z.dtype == torch.float64
+                        else z[:, 0, 0].double())
+
+
+def test_experts_bwd_dg_is_added_per_sample():
+    """dg (N, r) lands on every pixel of its sample's dz and nowhere else: dz with dg minus dz
+    without is dg broadcast over the map (the two differ only by that add, so exactly); the
+    weight gradients do not see it."""
+    z, idx, ew, eb = _op_samples()["experts"]
+    dy = torch.randn_like(z)
+    dg = torch.randn(z.shape[0], z.shape[3], dtype=z.dtype)
+    ops = torch.ops.convlora_cuda
+    plain, with_dg = ops.experts_bwd(z, idx, ew, eb, dy), ops.experts_bwd(z, idx, ew, eb, dy, dg)
+    torch.testing.assert_close(with_dg[0], plain[0] + dg[:, None, None, :], rtol=0, atol=0)
+    assert torch.equal(with_dg[1], plain[1]) and torch.equal(with_dg[2], plain[2])
 
 
 def test_non_contiguous_inputs():

@@ -124,13 +124,13 @@ def _count(backend: str, multiply_by_gate: bool = False, autocast: bool = False
 # logits again, softmax, gather, d = y - z, y = z + p d), backward +30 (+32 cuda: dp = <dy, d>,
 # the factor's VJP by hand with the logits recomputed, p dy, the sums; cuda: the residual fix).
 # Why not fused yet: NOTES.md, "multiply_by_gate". Session 11: cuda backward -1 (dB's scaling as
-# the GEMM's alpha). Session 12: cuda backward +1 here (float32, no autocast): the packed
-# [W | s B | 0] is rebuilt in place (copy, scale, zero the padding: 3 launches, 2 without
-# padding, as at SAM's shapes) where the concatenation took 2, so that dy comes from the
-# forward's own operand; under autocast the forward keeps it (test_cuda_autocast_launch_budget:
-# forward -2, backward -3).
-_BUDGET = {("cuda", False): (9, 12), ("triton", False): (5, 10),
-           ("cuda", True): (19, 44), ("triton", True): (15, 40)}
+# the GEMM's alpha). Session 12: the packed [W | s B | 0] is rebuilt in place in a float32
+# backward (copy, scale, zero the padding: 3 launches here, 2 without padding as at SAM's
+# shapes, where the concatenation took 2), so that dy comes from the forward's own operand
+# (under autocast the forward keeps it: test_cuda_autocast_launch_budget); dg / (H*W) is added
+# to dz by the expert backward's dz kernel (-1). Net: the same 11 here.
+_BUDGET = {("cuda", False): (9, 11), ("triton", False): (5, 10),
+           ("cuda", True): (19, 43), ("triton", True): (15, 40)}
 
 
 @pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["p1", "gate_factor"])
@@ -168,9 +168,10 @@ def test_cuda_autocast_launch_budget():
     frozen Linear's operands (x, b as F.linear's; W inside the packed GEMM operand), lora_A, the
     gradients back to float32. The native node keeps lora_A in x's dtype and the packed
     [W | s B | 0] from the forward for its backward (session 11: backward 18 -> 16; session 12,
-    the weight packed in place and kept: forward 14 -> 12, backward 16 -> 13)."""
+    the weight packed in place and kept, and dg added in the dz kernel: forward 14 -> 12,
+    backward 16 -> 12)."""
     if backends.unavailable_reason("cuda", torch.zeros(1, 2, 2, 16)) is not None:
         pytest.fail("the cuda backend should run here")
     fwd, bwd = _count("cuda", autocast=True)
     assert sum(fwd.values()) <= 12, f"forward launches {sum(fwd.values())}: {dict(fwd)}"
-    assert sum(bwd.values()) <= 13, f"backward launches {sum(bwd.values())}: {dict(bwd)}"
+    assert sum(bwd.values()) <= 12, f"backward launches {sum(bwd.values())}: {dict(bwd)}"

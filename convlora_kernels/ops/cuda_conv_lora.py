@@ -10,8 +10,9 @@ arithmetic (``csrc/convlora_math.h``):
   the x it reads anyway.
 - ``experts_fwd(z, expert_index, expert_weight, expert_bias) -> y``: ``y = z + D(z)`` computing
   only the V samples the downsample reads (differentiable: its backward is ``experts_bwd``).
-- ``experts_bwd(z, expert_index, expert_weight, expert_bias, dy) -> (dz, dweight, dbias)``:
-  deterministic (no floating-point atomics), residual included in dz.
+- ``experts_bwd(z, expert_index, expert_weight, expert_bias, dy, dg=None) -> (dz, dweight,
+  dbias)``: deterministic (no floating-point atomics), residual included in dz, and ``dg``
+  (N, r), when given, added to every pixel of its sample's dz.
 - ``gate_fwd(g, w_gate, w_noise, noise?, expert_index?) -> (expert_index, moe_loss)`` and
   ``gate_bwd(g, w_gate, w_noise, noise, dloss, dg_scale) -> (dg, dw_gate, dw_noise)``: the
   gate and the gradient of its loss, one launch each (the eager gate is ~160 small ops).
@@ -137,7 +138,7 @@ if _LOAD_ERROR is None:
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("convlora_cuda::experts_bwd")
-    def _experts_bwd_fake(z, expert_index, expert_weight, expert_bias, dy):
+    def _experts_bwd_fake(z, expert_index, expert_weight, expert_bias, dy, dg=None):
         return (
             torch.empty_like(z, memory_format=torch.contiguous_format),
             torch.empty_like(expert_weight, memory_format=torch.contiguous_format),
