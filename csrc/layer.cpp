@@ -82,18 +82,33 @@ Tensor with_columns(const Tensor& a, const Tensor& extra, int64_t width) {
   return at::cat(parts, 1);
 }
 
-// s B (C_out, r) in dtype, rounded once from B's dtype (mul_out computes in the inputs' dtype
-// and casts into out). into: where to write it (a column slice of a packed weight), or
-// undefined for a new tensor.
+// A number as mul_out's operand: the Tensor overload, since the Scalar one computes into a
+// temporary and then refuses to copy it into an out of another dtype. A wrapped CPU number is a
+// kernel argument (no copy to the device) and takes no part in type promotion, as in Python's
+// `t * scaling`: the product is computed in t's dtype and rounded once into out's.
+Tensor wrapped_number(double v) {
+  Tensor t = c10::scalar_to_tensor(v);
+  t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return t;
+}
+
+// s B (C_out, r) in dtype, rounded once from B's dtype. into: where to write it (a column slice
+// of a packed weight), or undefined for a new tensor.
 Tensor scaled_lora_b(const Tensor& lora_B, double scaling, at::ScalarType dtype, Tensor into) {
   if (!into.defined()) into = at::empty(lora_B.sizes(), lora_B.options().dtype(dtype));
-  // The tensor overload: mul_out's Scalar overload computes into a temporary and then refuses to
-  // copy it into an out of another dtype. A wrapped CPU number is a kernel argument (no copy to
-  // the device) and does not take part in type promotion, as in Python's `lora_B * scaling`.
-  Tensor s = c10::scalar_to_tensor(scaling);
-  s.unsafeGetTensorImpl()->set_wrapped_number(true);
-  at::mul_out(into, lora_B, s);
+  at::mul_out(into, lora_B, wrapped_number(scaling));
   return into;
+}
+
+// a b with the result in dtype out. On CUDA with bf16/fp16 operands and a float32 result (the
+// adapter's weight gradients under autocast), cuBLAS writes its float32 accumulator directly:
+// one launch instead of a GEMM and a cast, and no rounding to the operands' dtype on the way.
+// Elsewhere (the CPU has no such GEMM) the GEMM, then the cast.
+Tensor mm_as(const Tensor& a, const Tensor& b, at::ScalarType out) {
+  const auto t = a.scalar_type();
+  if (a.is_cuda() && out == at::kFloat && (t == at::kBFloat16 || t == at::kHalf))
+    return at::mm(a, b, out);
+  return at::mm(a, b).to(out);
 }
 
 // [W | s B | 0] (C_out, cols) in dtype (x's): the up-projection GEMM's right operand, and with the
@@ -327,12 +342,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
   NvtxRange range(x, "convlora.cuda.bwd.dA_dB");
   const Tensor xd2d = (x_down.has_value() ? *x_down : x).reshape({m, c_in});
   const Tensor d2 = dout.reshape({m, c_out}).to(x.scalar_type());
-  const Tensor d_a = at::mm(dz_low.t(), xd2d).to(lora_A.scalar_type());
-  // scaling as the GEMM's alpha (beta = 0: the uninitialised d_b is not read): one launch less
-  // than mm and then mul_.
-  Tensor d_b = at::empty({c_out, r}, d2.options());
-  d_b.addmm_(d2.t(), y.to(x.scalar_type()), /*beta=*/0, /*alpha=*/scaling);
-  d_b = d_b.to(lora_B.scalar_type());
+  const Tensor d_a = mm_as(dz_low.t(), xd2d, lora_A.scalar_type());
+  Tensor d_b;
+  if (y.scalar_type() == x.scalar_type()) {
+    // float32/64 layer: s as the GEMM's alpha (beta = 0: the uninitialised d_b is not read).
+    d_b = at::empty({c_out, r}, d2.options());
+    d_b.addmm_(d2.t(), y, /*beta=*/0, /*alpha=*/scaling);
+    d_b = d_b.to(lora_B.scalar_type());
+  } else {
+    // 16-bit: s y rounded to x's dtype in the launch that has to round y anyway, then the
+    // float32 GEMM result straight into lora_B's dtype (mm_as).
+    Tensor y_s = at::empty({m, r}, d2.options());
+    at::mul_out(y_s, y, wrapped_number(scaling));
+    d_b = mm_as(d2.t(), y_s, lora_B.scalar_type());
+  }
   return {dx_down, d_a, d_b, d_ew, d_eb};
 }
 
