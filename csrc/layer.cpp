@@ -1,6 +1,7 @@
 // The fused layer's composition in C++: down-projection, gate, experts and the up-projection
 // GEMM forward; the backward's GEMMs around the expert backward. Each direction is two ops,
-// split where the optional gate factor (multiply_by_gate, PyTorch ops on the Python side) sits:
+// split where the optional gate factor (multiply_by_gate: PyTorch ops on the Python side; in C++
+// inside the native node, see LayerFunction) sits:
 //
 //   forward:  layer_fwd_head -> [gate factor] -> layer_fwd_up
 //   backward: layer_bwd_dy   -> [gate factor] -> layer_bwd_rest
@@ -33,6 +34,7 @@
 #include <tuple>
 #include <vector>
 
+#include "convlora_math.h"
 #include "convlora_ops.h"
 
 namespace convlora {
@@ -359,6 +361,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
   return {dx_down, d_a, d_b, d_ew, d_eb};
 }
 
+// ----------------------------------------------------------------------------- gate factor
+// multiply_by_gate in the native node: the same ATen ops, in the same order, as the Python the
+// registered ops run (convlora_kernels/ops/_layer_op.py apply_gate_factor and
+// gate_factor_backward, convlora_kernels/gate.py gate_probability and its backward), so the two
+// paths agree bit for bit (tests/test_layer.py). Measured reason: ~40 small PyTorch calls per
+// training step, each a Python-level call when run from Python. Everything is in g's dtype
+// (float32, float64 for float64 layers), below autocast (the callers hold a LayerScope).
+
+// g w_gate, plus noise (softplus(g w_noise) + eps) when noise is given; raw = g w_noise then.
+struct GateLogits {
+  Tensor logits, raw;
+};
+
+GateLogits gate_logits(const Tensor& g, const Tensor& w_gate, const Tensor& w_noise,
+                       const Tensor& noise) {
+  const Tensor clean = at::matmul(g, w_gate);
+  if (!noise.defined()) return {clean, Tensor()};
+  const Tensor raw = at::matmul(g, w_noise);
+  const Tensor sigma = at::softplus(raw) + kNoiseEpsilon;
+  return {clean + noise.to(g.scalar_type()) * sigma, raw};
+}
+
+// y = z + p d from the expert kernel's y1 = z + d, p = softmax(logits)[index]. z, y1: (M, r);
+// g: (N, r); noise (N, E) or undefined (clean logits). Returns y (M, r), gate_p (N,), d (M, r).
+std::tuple<Tensor, Tensor, Tensor> apply_gate_factor(const Tensor& z, const Tensor& y1,
+                                                     const Tensor& g, const Tensor& w_gate,
+                                                     const Tensor& w_noise, const Tensor& noise,
+                                                     const Tensor& index) {
+  const int64_t n = g.size(0), r = g.size(1);
+  const auto dt = g.scalar_type();
+  const GateLogits gl = gate_logits(g, w_gate.to(dt), w_noise.to(dt), noise);
+  const Tensor gate_p = at::softmax(gl.logits, 1).gather(1, index.view({-1, 1})).view(-1);
+  const Tensor d = y1 - z;
+  const Tensor y = at::addcmul(z.view({n, -1, r}), d.view({n, -1, r}), gate_p.view({n, 1, 1}));
+  return {y.view({-1, r}), gate_p, d};
+}
+
+// The factor's backward, given dy (M, r): dd = p dy (the expert backward's input; the residual
+// keeps dy), and dp_n = <dy_n, d_n> through p: with q = softmax(logits), d logits = dp p
+// (onehot(e) - q), then g, w_gate and (noise) w_noise. Returns dd (M, r), p's share of g's
+// gradient / (H*W) (N, r), d w_gate, d w_noise (r, E) in g's dtype.
+std::tuple<Tensor, Tensor, Tensor, Tensor> gate_factor_backward(
+    const Tensor& dy, const Tensor& g, const Tensor& w_gate, const Tensor& w_noise,
+    const Tensor& noise, const Tensor& gate_p, const Tensor& d, const Tensor& index) {
+  const int64_t n = g.size(0), r = g.size(1);
+  const auto dt = g.scalar_type();
+  const Tensor dy3 = dy.view({n, -1, r});
+  const Tensor dp = (dy3 * d.view({n, -1, r})).sum({1, 2});
+  const Tensor wg = w_gate.to(dt), wn = w_noise.to(dt);
+  const GateLogits gl = gate_logits(g, wg, wn, noise);
+  const Tensor q = at::softmax(gl.logits, 1);
+  // one_hot checks the values on the host only on the CPU (on CUDA the scatter asserts).
+  const Tensor onehot = at::one_hot(index, w_gate.size(1)).to(dt);
+  const Tensor p = (q * onehot).sum(1, /*keepdim=*/true);
+  const Tensor dlogits = (dp.to(dt).view({-1, 1}) * p) * (onehot - q);
+  Tensor dg = at::matmul(dlogits, wg.t());
+  const Tensor d_wg = at::matmul(g.t(), dlogits);
+  Tensor d_wn;
+  if (!noise.defined()) {
+    d_wn = at::zeros_like(wn);
+  } else {
+    const Tensor dh = dlogits * noise.to(dt) * at::sigmoid(gl.raw);  // softplus' = sigmoid
+    dg = dg + at::matmul(dh, wn.t());
+    d_wn = at::matmul(g.t(), dh);
+  }
+  const Tensor dd = dy3 * gate_p.view({n, 1, 1});
+  return {dd.view({-1, r}), dg / dy3.size(1), d_wg, d_wn};
+}
+
 // The backward's ops run below autograd, so its gradients are not differentiable. Under
 // create_graph, as Python's @once_differentiable does, they get a node that raises if anything
 // differentiates them (otherwise second-order terms would be silently missing).
@@ -375,9 +446,10 @@ torch::autograd::variable_list once_differentiable(torch::autograd::variable_lis
       .apply(std::move(grads));
 }
 
-// The layer without multiply_by_gate as one autograd node in C++: forward = layer_fwd_head and
-// layer_fwd_up, backward = the gate's loss gradient, layer_bwd_dy and layer_bwd_rest: the formula
-// of convlora_kernels/ops/_layer_op.py (_make_backward), which the registered custom ops keep for
+// The layer as one autograd node in C++: forward = layer_fwd_head, [the gate factor], the
+// up-projection; backward = the gate's loss gradient, dx_dy, [the gate factor's backward],
+// layer_bwd_rest: the formula of convlora_kernels/ops/_layer_op.py (_make_backward, and
+// apply_gate_factor / gate_factor_backward with multiply_by_gate), which the registered custom ops keep for
 // torch.compile, export and dispatch modes; tests/test_layer.py holds the two paths to bitwise
 // equal outputs and gradients. Measured reason: the layer is host-bound on a GPU (H200,
 // 2026-11-28), and after the composition moved into C++ the Python autograd Function around it
@@ -386,9 +458,10 @@ torch::autograd::variable_list once_differentiable(torch::autograd::variable_lis
 // 406 -> 327 us with this node (scripts/host_time.py --against).
 //
 // Saved for the backward: x (and x_down), the parameters (lora_A cast to x's dtype; the frozen
-// weight as packed_weight's operand when that cast it, see forward), noise, and z, g, y, index,
-// as in the Python Function; z, g, y are not outputs here, so the node wraps three outputs, not
-// six.
+// weight as packed_weight's operand when that cast it, see forward), noise, and z, g, y, index
+// (and gate_p, d with multiply_by_gate), as in the Python Function; those are not outputs here,
+// so the node wraps three outputs, not six or eight. multiply_by_gate's measured reason: its
+// Python gate factor was ~40 Python-level calls per step on top of the rest.
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
   using Ctx = torch::autograd::AutogradContext;
@@ -399,16 +472,22 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                       const OptTensor& bias, const Tensor& lora_A, const Tensor& lora_B,
                       const Tensor& expert_weight, const Tensor& expert_bias,
                       const Tensor& w_gate, const Tensor& w_noise, double scaling,
-                      const OptTensor& expert_index, const OptTensor& noise) {
+                      const OptTensor& expert_index, const OptTensor& noise,
+                      bool multiply_by_gate) {
     // lora_A in x's dtype, as the pieces use it, kept for the backward: with a float32 lora_A
     // under autocast that is a conversion launch less per backward.
     const Tensor a_low = lora_A.to(x.scalar_type());
     auto [z, g, xcat, index, moe_loss, y] = layer_fwd_head(
         x, x_down, weight, a_low, expert_weight, expert_bias, w_gate, w_noise, expert_index,
         noise);
-    Tensor wcat, out;
+    Tensor wcat, out, gate_p, d;
     {
       LayerScope scope;
+      if (multiply_by_gate) {
+        NvtxRange range(x, "convlora.cuda.gate_factor");
+        std::tie(y, gate_p, d) =
+            apply_gate_factor(z, y, g, w_gate, w_noise, noise.value_or(Tensor()), index);
+      }
       wcat = packed_weight(weight, lora_B, scaling, gemm_cols(x.size(3), lora_B.size(1)),
                            x.scalar_type());
       out = up_projection(x, xcat, y, wcat, bias);
@@ -425,12 +504,12 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["flags"] = static_cast<int64_t>(
         (x_down.has_value() ? kHasXDown : 0) | (bias.has_value() ? kHasBias : 0) |
         (expert_index.has_value() ? 0 : kRouted) | (noise.has_value() ? kHasNoise : 0) |
-        (keep_packed ? kPacked : 0));
+        (keep_packed ? kPacked : 0) | (multiply_by_gate ? kGated : 0));
     ctx->saved_data["a_dtype"] = lora_A.scalar_type();
     ctx->saved_data["w_dtype"] = weight.scalar_type();
     ctx->save_for_backward({x, x_down.value_or(Tensor()), keep_packed ? wcat : weight, a_low,
                             lora_B, expert_weight, expert_bias, w_gate, w_noise,
-                            noise.value_or(Tensor()), z, g, y, index});
+                            noise.value_or(Tensor()), z, g, y, index, gate_p, d});
     return {out, index, moe_loss};
   }
 
@@ -442,6 +521,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor &lora_B = saved[4], &expert_weight = saved[5], &expert_bias = saved[6];
     const Tensor &w_gate = saved[7], &w_noise = saved[8], &noise = saved[9], &z = saved[10];
     const Tensor &g = saved[11], &y = saved[12], &index = saved[13];
+    const Tensor &gate_p = saved[14], &d = saved[15];  // undefined without multiply_by_gate
     const double scaling = ctx->saved_data["scaling"].toDouble();
     const int64_t flags = ctx->saved_data["flags"].toInt();
     const bool has_x_down = flags & kHasXDown, has_bias = flags & kHasBias;
@@ -453,15 +533,13 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const bool need_dw = ctx->needs_input_grad(weight_edge);
     const bool need_dbias = has_bias && ctx->needs_input_grad(weight_edge + 1);
 
+    // Undefined while nothing contributes: in eval, with forced routing or one expert the loss
+    // has no gradient, and then nothing is added to dz (two launches less than zeros and an add).
     Tensor dgs, dwg, dwn;
     if ((flags & kRouted) && (flags & kHasNoise) && dmoe.defined() && w_gate.size(1) > 1) {
       const auto gt = g.scalar_type();
       std::tie(dgs, dwg, dwn) = call_gate_bwd(g, w_gate.to(gt), w_noise.to(gt), noise.to(gt),
                                               dmoe.to(gt), 1.0 / (x.size(1) * x.size(2)));
-    } else {  // eval, forced routing or one expert: the loss has no gradient
-      // dgs stays undefined: nothing to add to dz (two launches less than zeros and an add).
-      dwg = at::zeros_like(w_gate);
-      dwn = at::zeros_like(w_noise);
     }
     const int64_t c_in = x.size(3), c_out = w_saved.size(0), r = lora_B.size(1);
     const Tensor dout = grads[0].defined()
@@ -471,11 +549,25 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                          ? dx_dy_operand(w_saved, lora_B, scaling, c_in, x.scalar_type(), need_dx)
                          : (need_dx ? w_saved : w_saved.narrow(1, c_in, r));
     auto [dxy, dy] = dx_dy(dout, x, w, r, need_dx);
+    OptTensor dd;  // the expert output's gradient, when the gate factor makes it differ from dy
+    if (flags & kGated) {
+      NvtxRange range(x, "convlora.cuda.bwd.gate_factor");
+      auto [dd_flat, dg_share, dwg_share, dwn_share] =
+          gate_factor_backward(dy.view({-1, r}), g, w_gate, w_noise, noise, gate_p, d, index);
+      dd = dd_flat.view(dy.sizes());
+      dgs = dgs.defined() ? dgs + dg_share : dg_share;
+      dwg = dwg.defined() ? dwg + dwg_share : dwg_share;
+      dwn = dwn.defined() ? dwn + dwn_share : dwn_share;
+    }
+    if (!dwg.defined()) {
+      dwg = at::zeros_like(w_gate);
+      dwn = at::zeros_like(w_noise);
+    }
     OptTensor x_down_opt;
     if (has_x_down) x_down_opt = x_down;
     auto [dx_down, d_a, d_b, d_ew, d_eb] =
         layer_bwd_rest(dout, x, x_down_opt, a_low, lora_B, expert_weight, expert_bias, z, y, dgs,
-                       index, dxy, dy, std::nullopt, scaling);
+                       index, dxy, dy, dd, scaling);
     Tensor d_w, d_bias;  // the frozen Linear made trainable
     if (need_dw || need_dbias) {
       const Tensor dout2d = dout.reshape({-1, c_out});
@@ -496,12 +588,15 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                 dwn.to(w_noise.scalar_type()),
                 Tensor(),
                 Tensor(),
+                Tensor(),
                 Tensor()};
     return once_differentiable(std::move(out));
   }
 
  private:
-  enum Flag : int64_t { kHasXDown = 1, kHasBias = 2, kRouted = 4, kHasNoise = 8, kPacked = 16 };
+  enum Flag : int64_t {
+    kHasXDown = 1, kHasBias = 2, kRouted = 4, kHasNoise = 8, kPacked = 16, kGated = 32
+  };
 };
 
 std::tuple<Tensor, Tensor, Tensor> layer(const Tensor& x, const OptTensor& x_down,
@@ -510,10 +605,10 @@ std::tuple<Tensor, Tensor, Tensor> layer(const Tensor& x, const OptTensor& x_dow
                                          const Tensor& expert_weight, const Tensor& expert_bias,
                                          const Tensor& w_gate, const Tensor& w_noise,
                                          double scaling, const OptTensor& expert_index,
-                                         const OptTensor& noise) {
+                                         const OptTensor& noise, bool multiply_by_gate) {
   const auto out = LayerFunction::apply(x, x_down, weight, bias, lora_A, lora_B, expert_weight,
                                         expert_bias, w_gate, w_noise, scaling, expert_index,
-                                        noise);
+                                        noise, multiply_by_gate);
   return {out[0], out[1], out[2]};
 }
 
@@ -541,8 +636,8 @@ TORCH_LIBRARY_FRAGMENT(convlora_cuda, m) {
   m.def(
       "layer(Tensor x, Tensor? x_down, Tensor weight, Tensor? bias, Tensor lora_A, "
       "Tensor lora_B, Tensor expert_weight, Tensor expert_bias, Tensor w_gate, Tensor w_noise, "
-      "float scaling, Tensor? expert_index, Tensor? noise) -> (Tensor out, Tensor index, "
-      "Tensor moe_loss)");
+      "float scaling, Tensor? expert_index, Tensor? noise, bool multiply_by_gate=False) -> "
+      "(Tensor out, Tensor index, Tensor moe_loss)");
 }
 
 // The eager path's autograd node (LayerFunction): its kernel sets up the autograd graph itself,

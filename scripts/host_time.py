@@ -12,6 +12,7 @@ Usage:
     python scripts/host_time.py --against /path/to/other/checkout   # A/B, interleaved processes
     python scripts/host_time.py --autocast ...   # SAM fine-tuning's setting: float32 parameters,
                                                  # bf16 autocast (the casts are launches too)
+    python scripts/host_time.py --multiply-by-gate ...   # the layers' gate factor on
 
 Prints, per row, the median over rounds of the mean time per call (us) and its ratio to the
 Linear's forward+backward measured in the same process. Only ratios from one run mean anything
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def measure(backends: list[str], rounds: int, calls: int, device: str,
-            autocast: bool = False) -> dict[str, float]:
+            autocast: bool = False, multiply_by_gate: bool = False) -> dict[str, float]:
     """Median over ``rounds`` of the mean us per call, for each row; rows interleave per round."""
     import torch
 
@@ -63,7 +64,8 @@ def measure(backends: list[str], rounds: int, calls: int, device: str,
 
     rows = {"linear fwdbwd": linear_fwdbwd}
     for name in backends:
-        layer = ConvLoRALinear(c_in, c_out, r=r, backend=name, device=device).train()
+        layer = ConvLoRALinear(c_in, c_out, r=r, backend=name, device=device,
+                               multiply_by_gate=multiply_by_gate).train()
         with torch.no_grad():  # a non-trivial adapter (B, gate weights are zero at init)
             for p in (layer.lora_B, layer.expert_bias, layer.w_gate, layer.w_noise):
                 p.normal_()
@@ -114,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON result line only")
     parser.add_argument("--autocast", action="store_true",
                         help="run every row under bf16 autocast (float32 parameters)")
+    parser.add_argument("--multiply-by-gate", action="store_true",
+                        help="layers with multiply_by_gate=True")
     args = parser.parse_args(argv)
     if args.backends is None:
         args.backends = "cuda,triton" if args.device == "cuda" else "cuda"
     backends = [b for b in args.backends.split(",") if b]
     if args.against is None:
-        result = measure(backends, args.rounds, args.calls, args.device, args.autocast)
+        result = measure(backends, args.rounds, args.calls, args.device, args.autocast,
+                         args.multiply_by_gate)
         if args.json:
             print(json.dumps(result))
         else:
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, PYTHONPATH=str(root))
             cmd = [sys.executable, str(Path(__file__).resolve()), "--json", "--backends",
                    args.backends, "--rounds", str(args.rounds), "--calls", str(args.calls),
-                   "--device", args.device] + (["--autocast"] if args.autocast else [])
+                   "--device", args.device] + (["--autocast"] if args.autocast else []) + (
+                       ["--multiply-by-gate"] if args.multiply_by_gate else [])
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                                  cwd=root).stdout
             runs[side].append(json.loads(out.strip().splitlines()[-1]))

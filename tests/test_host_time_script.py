@@ -37,9 +37,11 @@ def test_against_another_checkout(capsys) -> None:
     assert out.count("cuda fwdbwd") == 2 and "this (" in out and "other (" in out
 
 
-def test_autocast_rows(capsys) -> None:
-    """SAM fine-tuning's setting (float32 parameters, bf16 autocast): same rows."""
-    assert _script().main(["--rounds", "1", "--calls", "2", "--json", "--autocast"]) == 0
+@pytest.mark.parametrize("flags", [["--autocast"], ["--autocast", "--multiply-by-gate"]])
+def test_setting_flags(flags, capsys) -> None:
+    """SAM fine-tuning's setting (float32 parameters, bf16 autocast), and the gate factor on:
+    same rows."""
+    assert _script().main(["--rounds", "1", "--calls", "2", "--json", *flags]) == 0
     result = json.loads(capsys.readouterr().out.strip())
     assert set(result) == {"linear fwdbwd", "cuda fwdbwd", "cuda fwd"}
     assert all(v > 0 for v in result.values())

@@ -500,11 +500,12 @@ def _layer_node(out: torch.Tensor) -> str | None:
     return None
 
 
-# Triton (interpreted, ~1-2 min per case) on the fuller case only. cuda without multiply_by_gate
-# takes the native node (csrc/layer.cpp, LayerFunction), with it the Python eager Function.
+# Triton (interpreted, ~1-2 min per case) on the fuller case only. cuda takes the native node
+# (csrc/layer.cpp, LayerFunction), with multiply_by_gate too (session 12); Triton the Python
+# eager Function.
 @pytest.mark.parametrize("backend, multiply_by_gate, dropout, eager_node", [
-    ("cuda", False, 0.0, "native"), ("cuda", False, 0.3, "native"), ("cuda", True, 0.3, "eager"),
-    ("triton", True, 0.3, "eager")])
+    ("cuda", False, 0.0, "native"), ("cuda", False, 0.3, "native"), ("cuda", True, 0.3, "native"),
+    ("cuda", True, 0.0, "native"), ("triton", True, 0.3, "eager")])
 def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, eager_node, monkeypatch):
     """Eager calls skip the dispatcher (an autograd Function on the implementations, or the
     backend's native node: ``_layer_op.LayerOps.__call__``); CONVLORA_DISPATCH=op, a dispatch
@@ -548,7 +549,8 @@ def test_eager_path_equals_op_path(backend, multiply_by_gate, dropout, eager_nod
 @pytest.mark.parametrize("case", ["eval_forced", "partial_grads", "loss_only", "trainable_linear",
                                   "no_bias_one_expert", "autocast", "autocast_partial_grads",
                                   "autocast_wide_input", "autocast_trainable_linear"])
-def test_native_node_equals_op_path(case, monkeypatch):
+@pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["p1", "gate_factor"])
+def test_native_node_equals_op_path(case, multiply_by_gate, monkeypatch):
     """The cuda backend's native node (csrc/layer.cpp) against the registered ops on the inputs
     its backward branches on: eval with forced routing (no gate gradient), gradients requested
     for some inputs only (needs_input_grad counts edges, absent tensors have none), a backward
@@ -557,7 +559,9 @@ def test_native_node_equals_op_path(case, monkeypatch):
     autocast (the node keeps lora_A cast and the packed [W | s B | 0] from its forward; the
     backward then uses the packed operand whole, or only its s B columns when x needs no
     gradient; with C_in > C_out the forward's two GEMMs read its column slices; the weight's
-    own gradient goes back to float32). Bitwise equal, every gradient."""
+    own gradient goes back to float32). Each with and without multiply_by_gate (the gate
+    factor's C++ port against the Python the ops run: clean logits in eval and with forced
+    routing, noisy ones in training; one expert, p = 1). Bitwise equal, every gradient."""
     wide = case == "autocast_wide_input"
     x = torch.randn(2, 3, 4, 20 if wide else 12)
     why = backends_mod.unavailable_reason("cuda", x)
@@ -566,7 +570,8 @@ def test_native_node_equals_op_path(case, monkeypatch):
     kw = {"bias": False, "num_experts": 1} if case == "no_bias_one_expert" else {}
     if wide:  # no dropout either: the down-projection reads x, and still no [x | y] copy
         kw.update(c_in=20, c_out=12, lora_dropout=0.0)
-    layer = make_layer(dtype=torch.float32, **{"lora_dropout": 0.2, **kw})
+    layer = make_layer(dtype=torch.float32, multiply_by_gate=multiply_by_gate,
+                       **{"lora_dropout": 0.2, **kw})
     layer.backend = "cuda"
     layer.train(case != "eval_forced")
     if case.endswith("trainable_linear"):
@@ -599,7 +604,7 @@ def test_native_node_equals_op_path(case, monkeypatch):
         assert a is None or torch.equal(a, b), i
 
 
-@pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["native", "python_function"])
+@pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["p1", "gate_factor"])
 @pytest.mark.parametrize("dispatch_op", [False, True], ids=["eager_path", "op_path"])
 def test_fused_backward_is_once_differentiable(multiply_by_gate, dispatch_op, monkeypatch):
     """The fused backward's ops have no derivatives: under create_graph the first-order

@@ -83,8 +83,9 @@ DISPATCH_OP = os.environ.get(ENV_DISPATCH, "auto") == "op"
 class LayerOps(NamedTuple):
     """The registered ops of one backend (the layer pair and the multiply_by_gate pair), and the
     two autograd Functions that run the same implementations without the dispatcher; ``native``,
-    when the backend has one, is a compiled op that does what ``eager`` does as one native
-    autograd node (inputs as ``conv_lora_fwd``'s, outputs its first three)."""
+    when the backend has one, is a compiled op that does what ``eager`` (or ``gated_eager``)
+    does as one native autograd node (inputs as ``conv_lora_fwd``'s and multiply_by_gate,
+    outputs its first three)."""
 
     fwd: Callable
     bwd: Callable
@@ -113,8 +114,8 @@ class LayerOps(NamedTuple):
         not support them.)
         """
         if _skip_dispatcher(inputs):
-            if not gated and self.native is not None:
-                return self.native(*inputs)
+            if self.native is not None:
+                return self.native(*inputs, gated)
             return (self.gated_eager if gated else self.eager).apply(*inputs)
         return (self.gated_fwd if gated else self.fwd)(*inputs)
 
@@ -276,7 +277,8 @@ def define_layer_ops(namespace: str, fwd_impl: Callable, bwd_impl: Callable,
     noise, dmoe, dg_scale) -> (dg * dg_scale in g's dtype, d_w_gate, d_w_noise)`` differentiates
     the training gate's moe_loss (the backend's gate kernel); ``gate_backward_impl`` is the same
     without the dispatcher (for the eager path; default ``gate_backward``). ``native``: see
-    :class:`LayerOps` (it must compute what the ungated eager Function computes, bit for bit).
+    :class:`LayerOps` (it must compute what the eager Functions compute, bit for bit; its last
+    argument is multiply_by_gate).
     """
     def layer_fwd(*args):
         return fwd_impl(*args, False)

@@ -34,9 +34,9 @@ PyTorch ops go, so a layer call crosses from Python into C++ twice each way:
   dB = dout^T y (the second read of dout); dA = dz^T x. dx is a column slice of the first GEMM's
   output: row stride C_in + r rounded up to 8 (the fake declares it).
 
-Eager calls without multiply_by_gate go through one more op, ``convlora_cuda::layer``: the
-same pieces and backward formula as one native autograd node (no Python inside the layer in
-either direction; ``_layer_op.LayerOps``).
+Eager calls go through one more op, ``convlora_cuda::layer``: the same pieces and backward
+formula (multiply_by_gate's gate factor included) as one native autograd node, no Python inside
+the layer in either direction (``_layer_op.LayerOps``).
 
 The CPU kernels exist for testing (CI has no GPU) and are correct but not fast; ``"auto"`` picks
 the eager backend on the CPU.
