@@ -142,7 +142,7 @@ TAIL_LINES=40 stage gpu-tests 150 env -u TRITON_INTERPRET "$PY" -m pytest tests 
 # (meta.partial), so a row that overruns (a torch.compile row runs last and can take a minute)
 # still leaves the rows before it.
 LEFT=$(remaining)
-RESERVE=195  # kernels ~15 s, host ~15 s, pytest-bench ~40 s, ncu ~40 s (H200, 2026-11-28), with margin
+RESERVE=215  # kernels ~15 s, host ~30 s, pytest-bench ~40 s, ncu ~40 s (H200, 2026-11-28), with margin
 MINUTES=$("$PY" -c "print(round(max(0.5, min($BENCH_MINUTES, ($LEFT - $RESERVE - 60) / 60)), 1))")
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
 stage bench $(( LEFT - RESERVE )) "$PY" -m convlora_kernels.bench --out "$OUT/bench" --results "$OUT/results" \
@@ -156,8 +156,14 @@ TAIL_LINES=60 stage kernels 45 "$PY" -m convlora_kernels.bench --kernels --out "
   --routing random --mode fwdbwd --sam none
 
 # Host time per layer call at a tiny shape (kernels negligible: what the host needs to issue a
-# forward+backward), fused backends against the frozen Linear (scripts/host_time.py, ~15 s).
-stage host 40 "$PY" scripts/host_time.py --device cuda --backends cuda,triton --rounds 5 --calls 50
+# forward+backward), fused backends against the frozen Linear (scripts/host_time.py, ~15 s each):
+# float32, then SAM fine-tuning's setting (bf16 autocast over float32 parameters: the casts are
+# launches too).
+host_times() {
+  "$PY" scripts/host_time.py --device cuda --backends cuda,triton --rounds 5 --calls 50 || return 1
+  "$PY" scripts/host_time.py --device cuda --backends cuda,triton --rounds 5 --calls 50 --autocast
+}
+stage host 60 bash -c "$(declare -f host_times); PY=$PY host_times"
 
 # `pytest benchmarks/` on the GPU (the pytest-benchmark face of the same harness): one shape,
 # the fused backends against the Linear and LoRA, no SAM rows; its JSON beside the others.

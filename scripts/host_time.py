@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            report(f"this checkout ({args.device})", result)
+            setting = "".join((f"{args.device}", ", bf16 autocast" if args.autocast else "",
+                               ", multiply_by_gate" if args.multiply_by_gate else ""))
+            report(f"this checkout ({setting})", result)
         return 0
     sides = {"this": ROOT, "other": Path(args.against).resolve()}
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in sides}

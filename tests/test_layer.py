@@ -267,15 +267,19 @@ def test_no_host_sync_on_gpu(training, backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_cuda_graph_routed_autocast_training(backend):
+@pytest.mark.parametrize("backend, multiply_by_gate", [("triton", False), ("cuda", False),
+                                                       ("cuda", True)])
+def test_gpu_cuda_graph_routed_autocast_training(backend, multiply_by_gate):
     """A CUDA graph of SAM's training setting (float32 parameters, bf16 autocast, the noisy gate
     drawing its noise inside the graph) replays what an eager step with the replay's routing
     computes, bit for bit. The setting a batch-1 user would capture to take the host out of the
-    step (the layer is host-bound there: H200, 2026-11-28)."""
+    step (the layer is host-bound there: H200, 2026-11-28). The cuda native node with the gate
+    factor too, with forced routing (its p then comes from the clean logits, which an eager step
+    reproduces; its one_hot must not synchronise: on CUDA the scatter asserts instead)."""
     from .conftest import randomize_adapter
 
-    layer = randomize_adapter(ConvLoRALinear(768, 2304, r=8, backend=backend, device="cuda"))
+    layer = randomize_adapter(ConvLoRALinear(768, 2304, r=8, backend=backend, device="cuda",
+                                             multiply_by_gate=multiply_by_gate))
     layer.train()
     x = torch.randn(100, 14, 14, 768, device="cuda", requires_grad=True)
     params = [x] + [getattr(layer, p) for p in ("lora_A", "lora_B", "expert_weight", "expert_bias")]
@@ -287,15 +291,16 @@ def test_gpu_cuda_graph_routed_autocast_training(backend):
         # the eager comparison below forces.
         return out, layer.last_expert_index, torch.autograd.grad(out.float().square().mean(), params)
 
+    forced = torch.arange(100, device="cuda") % 8 if multiply_by_gate else None
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            step()  # warm-up outside the capture (Triton compiles, cuBLAS picks its kernels)
+            step(forced)  # warm-up outside the capture (Triton compiles, cuBLAS picks kernels)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out, static_index, static_grads = step()
+        static_out, static_index, static_grads = step(forced)
     indices = []
     for _ in range(2):
         graph.replay()
@@ -306,8 +311,9 @@ def test_gpu_cuda_graph_routed_autocast_training(backend):
         assert torch.equal(out, static_out)
         for name, a, b in zip(("x",) + PARAM_NAMES[:4], grads, static_grads):
             assert torch.equal(a, b), name
-    # New noise each replay: 100 samples over 8 experts routed identically twice is ~impossible.
-    assert not torch.equal(indices[0], indices[1])
+    if forced is None:
+        # New noise each replay: 100 samples over 8 experts routed the same twice: ~impossible.
+        assert not torch.equal(indices[0], indices[1])
 
 
 @pytest.mark.parametrize("training", [False, True])
