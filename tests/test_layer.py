@@ -247,13 +247,16 @@ def test_bad_construction(kw, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["eager", "triton", "cuda"])
 @pytest.mark.parametrize("training", [False, True])
-def test_no_host_sync_on_gpu(training, backend):
-    """Forward and backward never synchronise the host (gate, routing, kernels, gate backward)."""
+@pytest.mark.parametrize("multiply_by_gate", [False, True], ids=["p1", "gate_factor"])
+def test_no_host_sync_on_gpu(training, backend, multiply_by_gate):
+    """Forward and backward never synchronise the host (gate, routing, kernels, gate backward;
+    the gate factor's one_hot included)."""
     x = torch.randn(8, 14, 14, 64, device="cuda", requires_grad=True)
     why = backends_mod.unavailable_reason(backend, x)
     if why is not None:
         pytest.fail(f"{backend} must run on a CUDA machine: {why}")
-    layer = make_layer(c_in=64, c_out=96, r=3, num_experts=8, dtype=torch.float32, backend=backend).cuda()
+    layer = make_layer(c_in=64, c_out=96, r=3, num_experts=8, dtype=torch.float32, backend=backend,
+                       multiply_by_gate=multiply_by_gate).cuda()
     layer.train(training)
     layer(x).sum().backward()  # warm-up: lazy CUDA init may sync
     torch.cuda.synchronize()
