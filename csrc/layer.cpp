@@ -449,9 +449,9 @@ torch::autograd::variable_list once_differentiable(torch::autograd::variable_lis
 // The layer as one autograd node in C++: forward = layer_fwd_head, [the gate factor], the
 // up-projection; backward = the gate's loss gradient, dx_dy, [the gate factor's backward],
 // layer_bwd_rest: the formula of convlora_kernels/ops/_layer_op.py (_make_backward, and
-// apply_gate_factor / gate_factor_backward with multiply_by_gate), which the registered custom ops keep for
-// torch.compile, export and dispatch modes; tests/test_layer.py holds the two paths to bitwise
-// equal outputs and gradients. Measured reason: the layer is host-bound on a GPU (H200,
+// apply_gate_factor / gate_factor_backward with multiply_by_gate), which the registered custom
+// ops keep for torch.compile, export and dispatch modes; tests/test_layer.py holds the two paths
+// to bitwise equal outputs and gradients. Measured reason: the layer is host-bound on a GPU (H200,
 // 2026-11-28), and after the composition moved into C++ the Python autograd Function around it
 // (its apply and context, the backward's glue, the gate-backward wrapper: ~20 Python-level calls)
 // was the largest part of the host time left: development CPU, tiny layer, forward+backward
