@@ -71,17 +71,9 @@ int64_t round_up(int64_t v, int64_t k) { return (v + k - 1) / k * k; }
 // so every row starts 16-byte aligned (tensor-core GEMMs need it).
 int64_t gemm_cols(int64_t c_in, int64_t r) { return round_up(c_in + r, 8); }
 
-// [a | extra | 0], width columns in all, one concatenation. a: (rows, C); extra: (rows, r) or
-// undefined (zeros there too).
-Tensor with_columns(const Tensor& a, const Tensor& extra, int64_t width) {
-  std::vector<Tensor> parts{a};
-  int64_t used = a.size(1);
-  if (extra.defined()) {
-    parts.push_back(extra);
-    used += extra.size(1);
-  }
-  if (width > used) parts.push_back(a.new_zeros({a.size(0), width - used}));
-  return at::cat(parts, 1);
+// [a | 0] (rows, width), zeros after a's C columns (the up-projection fills r of them with y).
+Tensor with_zero_columns(const Tensor& a, int64_t width) {
+  return at::cat({a, a.new_zeros({a.size(0), width - a.size(1)})}, 1);
 }
 
 // A number as mul_out's operand: the Tensor overload, since the Scalar one computes into a
@@ -247,7 +239,7 @@ Tensor up_projection(const Tensor& x, Tensor& xcat_in, const Tensor& y, const Te
     out.addmm_(y.to(x.scalar_type()), wcat.narrow(1, c_in, r).t());
   } else {
     // x_down differs from x (dropout): the head could not write the copy.
-    Tensor xcat = xcat_in.dim() == 4 ? xcat_in.view({m, cols}) : with_columns(x2d, Tensor(), cols);
+    Tensor xcat = xcat_in.dim() == 4 ? xcat_in.view({m, cols}) : with_zero_columns(x2d, cols);
     xcat.narrow(1, c_in, r).copy_(y);  // rounds y to x's dtype
     out = bias.has_value() ? at::addmm(*bias, xcat, wcat.t()) : at::mm(xcat, wcat.t());
   }
