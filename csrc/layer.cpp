@@ -32,7 +32,6 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "convlora_math.h"
 #include "convlora_ops.h"
