@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import math
 import os
 import platform
@@ -75,6 +76,18 @@ GBPS_DEFINITION = (
     "SPEC section 5: one more read of x in the forward, of dY and x in the backward. Adapter "
     "weights and the r-wide intermediates are ignored (< r/C_in of the traffic). The same model "
     "serves every provider of a case, so gbps compares like with like."
+)
+#: Layer providers whose call cannot be captured in a CUDA graph, and why.
+GRAPH_SKIP = MappingProxyType({
+    "reference": "routes on the host (syncs), like the official code: not capturable",
+    "compile": "torch.compile's output is not captured by the harness "
+               "(mode='reduce-overhead' graphs it itself)",
+})
+GRAPH_DEFINITION = (
+    "graph_ms = median time of replaying one call captured in a CUDA graph (same L2 flush, "
+    "CUDA events): the GPU's time with the host's launch work taken out, what a step captured "
+    "by the user or by torch.compile(mode='reduce-overhead') pays. median_ms is the eager "
+    "call's; where host_ms exceeds graph_ms the eager call is host-bound."
 )
 TFLOPS_DEFINITION = (
     "tflops = matmul FLOPs / median time: 2*M*C_in*C_out per GEMM (forward 1, backward 1 for dX), "
@@ -515,6 +528,8 @@ class Runner:
     keep: tuple[Any, ...] = ()
     #: Bytes one forward saves for backward beyond inputs and parameters (None: not measured).
     saved_bytes: Callable[[], int] | None = None
+    #: Why ``fn`` is not also timed as a CUDA-graph replay (None: it is, on a GPU).
+    graph_skip: str | None = None
 
 
 def _seed(seed: int) -> None:
@@ -562,6 +577,7 @@ def build_layer_runner(case: LayerCase, device: torch.device, seed: int = 0) -> 
         torch._dynamo.reset()
         call = torch.compile(module)
     conv_lora = case.provider in CONV_LORA_PROVIDERS
+    graph_skip = GRAPH_SKIP.get(case.provider)
     grad_out = torch.randn(shape.n, shape.h, shape.w, shape.c_out, device=device, dtype=dtype)
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
@@ -589,9 +605,9 @@ def build_layer_runner(case: LayerCase, device: torch.device, seed: int = 0) -> 
                 exclude = [x_grad, *module.parameters(), *module.buffers()]
                 return saved_activation_bytes(lambda: forward(x_grad), exclude)[0]
 
-            return Runner(fn, (module, call, x, grad_out), saved_bytes)
+            return Runner(fn, (module, call, x, grad_out), saved_bytes, graph_skip)
 
-    return Runner(fn, (module, call, x, grad_out))
+    return Runner(fn, (module, call, x, grad_out), graph_skip=graph_skip)
 
 
 def build_sam_encoder(config: SamConfig, device: torch.device) -> nn.Module:
@@ -660,7 +676,7 @@ def build_sam_runner(case: SamCase, device: torch.device, seed: int = 0) -> Runn
                 loss = loss + layer.moe_loss
         return torch.autograd.grad(loss, params, allow_unused=True)
 
-    return Runner(fn, (encoder, image))
+    return Runner(fn, (encoder, image), graph_skip="SAM steps are timed eagerly only")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -674,10 +690,16 @@ class TimingConfig:
     min_reps: int = 5
     max_reps: int = 100
     flush_l2: bool = True
+    #: GPU: also time CUDA-graph replays of the call (runners whose graph_skip is None).
+    graph: bool = True
+    #: Timed replays (at most; fewer when the eager timing used fewer repetitions).
+    graph_reps: int = 50
 
     @classmethod
-    def for_device(cls, device_type: str, warmup: int | None = None, reps: int | None = None) -> "TimingConfig":
-        """GPU: >= 10 repetitions, ~0.4 s per row; CPU: a few repetitions (harness check)."""
+    def for_device(cls, device_type: str, warmup: int | None = None, reps: int | None = None,
+                   graph: bool = True) -> "TimingConfig":
+        """GPU: >= 10 repetitions, ~0.4 s per row; CPU: a few repetitions (harness check).
+        ``graph`` adds CUDA-graph replay times on a GPU."""
         if device_type == "cuda":
             base = cls(warmup=3, min_reps=10, max_reps=200, target_ms=400.0)
         else:
@@ -686,6 +708,7 @@ class TimingConfig:
             base,
             warmup=base.warmup if warmup is None else warmup,
             reps=base.reps if reps is None else reps,
+            graph=graph,
         )
 
 
@@ -700,10 +723,18 @@ class Timing:
     #: GPU: median host time to issue one call (nothing queued before it). Above median_ms the
     #: call is host-bound: the GPU waits for launches.
     host_ms: float | None = None
+    #: GPU: per-replay times (ms) of the call captured in a CUDA graph (None: not measured).
+    graph_times_ms: tuple[float, ...] | None = None
+    #: Why there are no graph times (skipped or failed to capture); None when there are.
+    graph_note: str | None = None
 
     @property
     def median_ms(self) -> float:
         return statistics.median(self.times_ms)
+
+    @property
+    def graph_median_ms(self) -> float | None:
+        return None if self.graph_times_ms is None else statistics.median(self.graph_times_ms)
 
     def quantile_ms(self, q: float) -> float:
         ordered = sorted(self.times_ms)
@@ -715,7 +746,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, config: TimingConfig) -> Timing:
+def measure(fn: Callable[[], Any], device: torch.device, config: TimingConfig,
+            graph_skip: str | None = None) -> Timing:
     """Time ``fn`` the way every row is timed.
 
     The first call (compilation, autotuning) and ``config.warmup`` more are excluded. On a GPU
@@ -723,7 +755,9 @@ def measure(fn: Callable[[], Any], device: torch.device, config: TimingConfig) -
     evicts the inputs from L2, outside the events; host syncs inside ``fn`` (the reference)
     count, as they cost real time. On the CPU, wall clock. Peak memory (GPU) comes from one
     more call after the flush buffer is freed: ``peak_mem_mb`` is everything allocated at the
-    peak (parameters and inputs included), ``work_mem_mb`` what the call added on top.
+    peak (parameters and inputs included), ``work_mem_mb`` what the call added on top. Last,
+    with ``config.graph`` on a GPU and no ``graph_skip`` reason, :func:`graph_replay_times`
+    (after the memory figures: the graph's private pool must not count in them).
     """
     start = time.perf_counter()
     fn()
@@ -758,13 +792,23 @@ def measure(fn: Callable[[], Any], device: torch.device, config: TimingConfig) -
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
+        host_ms = _host_ms(fn, device)
+        graph_times, graph_note = None, graph_skip
+        if not config.graph:
+            graph_note = "not requested"
+        elif graph_skip is None:
+            try:
+                graph_times = graph_replay_times(fn, device, min(config.graph_reps, len(times)), config.flush_l2)
+            except Exception as exc:  # noqa: BLE001 - an uncapturable call still has its eager row
+                graph_note = f"capture failed: {type(exc).__name__}: {exc}"[:300]
+                _release(device)
         return Timing(tuple(times), first_call_s, peak / 2**20, (peak - base) / 2**20,
-                      _host_ms(fn, device))
+                      host_ms, graph_times, graph_note)
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return Timing(tuple(times), first_call_s, None, None)
+    return Timing(tuple(times), first_call_s, None, None, graph_note="CUDA graphs need a GPU")
 
 
 def _host_ms(fn: Callable[[], Any], device: torch.device, calls: int = 5) -> float:
@@ -778,6 +822,47 @@ def _host_ms(fn: Callable[[], Any], device: torch.device, calls: int = 5) -> flo
         times.append((time.perf_counter() - start) * 1e3)
     torch.cuda.synchronize(device)
     return statistics.median(times)
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """One call of ``fn`` captured in a CUDA graph; returns ``(graph, static outputs)``.
+
+    The warm-up calls run on a side stream first, as capture requires (cuBLAS workspaces,
+    autograd's streams and the caching allocator get set up outside the capture). Replaying
+    the graph reruns the captured kernels on the same input and output buffers: randomness
+    drawn from torch's CUDA generator (the gate's noise) is fresh at each replay.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    return graph, static
+
+
+def graph_replay_times(fn: Callable[[], Any], device: torch.device, reps: int, flush_l2: bool = True) -> tuple[float, ...]:
+    """Per-replay times (ms) of ``fn`` captured by :func:`capture_graph`: CUDA events around
+    each replay, L2 flushed before it (outside the events), after one untimed replay (the
+    graph's upload). The GPU's own time for the call, free of the host's launch work."""
+    graph, static = capture_graph(fn, device)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if flush_l2 else None
+    graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(max(1, reps))]
+    for begin, end in events:
+        if flush is not None:
+            flush.zero_()
+        begin.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    times = tuple(begin.elapsed_time(end) for begin, end in events)
+    del graph, static, flush
+    _release(device)
+    return times
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -827,15 +912,16 @@ class Session:
     """Runs rows on one device and remembers what the ratios need.
 
     ``ratio_to_linear`` divides by the frozen Linear of the same (shape, dtype, mode), measured
-    on demand if the grid did not include it; ``speedup_vs_reference`` is filled in when the
-    reference of the same case was measured earlier in the session (the grids order it so).
+    on demand if the grid did not include it (``graph_ratio_to_linear``: both replayed from CUDA
+    graphs); ``speedup_vs_reference`` is filled in when the reference of the same case was
+    measured earlier in the session (the grids order it so).
     """
 
     def __init__(self, device: torch.device, timing: TimingConfig, seed: int = 0) -> None:
         self.device = device
         self.timing = timing
         self.seed = seed
-        self._floors: dict[tuple[str, str, str], float] = {}
+        self._floors: dict[tuple[str, str, str], Timing] = {}
         self._references: dict[tuple[Any, ...], float] = {}
         self._reference_saved: dict[tuple[Any, ...], int] = {}
         self._no_adapter: dict[tuple[str, int, str], float] = {}
@@ -848,19 +934,19 @@ class Session:
         """Timing of the runner, then (outside the timed calls) its saved-for-backward bytes."""
         runner = build()
         try:
-            timing = measure(runner.fn, self.device, self.timing)
+            timing = measure(runner.fn, self.device, self.timing, runner.graph_skip)
             saved = None if runner.saved_bytes is None else runner.saved_bytes()
             return timing, saved
         finally:
             del runner
             _release(self.device)
 
-    def floor_ms(self, shape: LayerShape, dtype: str, mode: str) -> float:
-        """Median ms of the frozen Linear at this shape (measured once per session)."""
+    def floor(self, shape: LayerShape, dtype: str, mode: str) -> Timing:
+        """Timing of the frozen Linear at this shape (measured once per session)."""
         key = (shape.name, dtype, mode)
         if key not in self._floors:
             case = LayerCase(shape, "linear", dtype, mode)
-            self._floors[key] = self._time(lambda: build_layer_runner(case, self.device, self.seed)).median_ms
+            self._floors[key] = self._time(lambda: build_layer_runner(case, self.device, self.seed))
         return self._floors[key]
 
     def run_layer(self, case: LayerCase) -> dict[str, Any]:
@@ -876,12 +962,14 @@ class Session:
         self.timings[case.id] = timing
         median = timing.median_ms
         if case.provider == "linear":
-            self._floors.setdefault(_floor_key(case), median)
+            self._floors.setdefault(_floor_key(case), timing)
         if case.provider == "reference":
             self._references[_ref_key(case)] = median
             if saved is not None:
                 self._reference_saved[_ref_key(case)] = saved
-        floor = self.floor_ms(case.shape, case.dtype, case.mode)
+        floor_timing = self.floor(case.shape, case.dtype, case.mode)
+        floor = floor_timing.median_ms
+        graph_ms, graph_floor = timing.graph_median_ms, floor_timing.graph_median_ms
         reference_ms = self._references.get(_ref_key(case))
         reference_saved = self._reference_saved.get(_ref_key(case))
         adapter = case.provider != "linear"
@@ -903,6 +991,11 @@ class Session:
             "peak_mem_mb": _round(timing.peak_mem_mb, 1),
             "work_mem_mb": _round(timing.work_mem_mb, 1),
             "host_ms": _round(timing.host_ms),
+            "graph_ms": _round(graph_ms),
+            "graph_linear_ms": _round(graph_floor),
+            "graph_ratio_to_linear": (None if graph_ms is None or not graph_floor
+                                      else _round(graph_ms / graph_floor, 3)),
+            "graph_note": timing.graph_note,
             # Activations one forward keeps for the backward beyond x and the parameters.
             "saved_mb": None if saved is None else _round(saved / 2**20, 3),
             "saved_vs_reference": (None if saved is None or not reference_saved
@@ -1044,6 +1137,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_figures_are_not_kernel_performance": device.type != "cuda",
         "gbps_definition": GBPS_DEFINITION,
         "tflops_definition": TFLOPS_DEFINITION,
+        "graph_definition": GRAPH_DEFINITION,
         "timing": "median of CUDA-event times per repetition, first call + warm-up excluded, "
         "L2 flushed (256 MB zeroed) before each repetition"
         if device.type == "cuda"
@@ -1057,12 +1151,14 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _cell(row: dict[str, Any], ratio_key: str) -> str:
+def _cell(row: dict[str, Any], ratio_key: str, ms_key: str = "median_ms") -> str:
     status = row.get("status")
     if status != "ok":
         return {"unavailable": "n/a", "oom": "OOM", "error": "ERROR"}.get(status, str(status))
+    if row.get(ms_key) is None:  # a graph cell of a row that was not captured
+        return "-"
     ratio = row.get(ratio_key)
-    text = f"{row['median_ms']:.3f}"
+    text = f"{row[ms_key]:.3f}"
     return text if ratio is None else f"{text} ({ratio:.2f}x)"
 
 
@@ -1077,14 +1173,22 @@ def _render(headers: Sequence[str], body: Sequence[Sequence[str]], markdown: boo
 
 def format_table(rows: Iterable[dict[str, Any]], markdown: bool = False) -> str:
     """Readable tables: one per (mode, dtype) for the layer, cases down, providers across,
-    each cell "ms (ratio to the frozen Linear)"; then the SAM step, cells "ms (ratio to the
-    encoder without adapter)". Unavailable providers read n/a, failures OOM/ERROR."""
+    each cell "ms (ratio to the frozen Linear)"; the same from CUDA-graph replays when the rows
+    have them (:data:`GRAPH_DEFINITION`); then the SAM step, cells "ms (ratio to the encoder
+    without adapter)". Unavailable providers read n/a, failures OOM/ERROR, "-" no row (or no
+    graph replay: the reference and compile rows)."""
     rows = list(rows)
     out: list[str] = []
     layer = [r for r in rows if r["kind"] == "layer"]
-    for mode, dtype in dict.fromkeys((r["mode"], r["dtype"]) for r in layer):
+    graphed = any(r.get("graph_ms") is not None for r in layer)
+    for (mode, dtype), (ms_key, ratio_key, timed) in itertools.product(
+        dict.fromkeys((r["mode"], r["dtype"]) for r in layer),
+        [("median_ms", "ratio_to_linear", "median ms")]
+        + ([("graph_ms", "graph_ratio_to_linear", "CUDA-graph replay, median ms")] if graphed else []),
+    ):
         subset = [r for r in layer if r["mode"] == mode and r["dtype"] == dtype]
-        providers = [p for p in PROVIDERS if any(r["provider"] == p for r in subset)]
+        providers = [p for p in PROVIDERS if any(r["provider"] == p for r in subset)
+                     and not (ms_key == "graph_ms" and p in GRAPH_SKIP)]
         floors = {r["shape"]: r for r in subset if r["provider"] == "linear"}
         labels: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
         for r in subset:
@@ -1106,9 +1210,9 @@ def format_table(rows: Iterable[dict[str, Any]], markdown: bool = False) -> str:
                     found = next((x for x in subset if x["provider"] == "lora" and x["shape"] == shape and x["r"] == r), None)
                 else:
                     found = cells.get(p)
-                line.append("-" if found is None else _cell(found, "ratio_to_linear"))
+                line.append("-" if found is None else _cell(found, ratio_key, ms_key))
             body.append(line)
-        title = f"Layer {'forward' if mode == 'fwd' else 'forward+backward'}, {dtype}: median ms (x frozen Linear)"
+        title = f"Layer {'forward' if mode == 'fwd' else 'forward+backward'}, {dtype}: {timed} (x frozen Linear)"
         out += [("### " if markdown else "") + title, ""] + _render(["case"] + providers, body, markdown) + [""]
     sam = [r for r in rows if r["kind"] == "sam"]
     if sam:
@@ -1124,6 +1228,8 @@ def format_table(rows: Iterable[dict[str, Any]], markdown: bool = False) -> str:
         out += [("### " if markdown else "") + title, ""] + _render(["step"] + providers, body, markdown) + [""]
     problems = [r for r in rows if r.get("status") not in ("ok", None)]
     reasons = dict.fromkeys(f"{r['provider']}: {r['status']}: {r.get('reason', '')}" for r in problems)
+    reasons.update(dict.fromkeys(f"{r['provider']} {r['id']}: no graph replay: {r['graph_note']}" for r in layer
+                                 if r.get("status") == "ok" and str(r.get("graph_note")).startswith("capture failed")))
     if reasons:
         out += ["Not measured:"] + [f"  {text}" for text in reasons] + [""]
     return "\n".join(out)

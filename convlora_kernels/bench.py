@@ -2,8 +2,9 @@
 
 Times the Conv-LoRA layer against the frozen Linear, plain LoRA, the eager reference,
 torch.compile and every fused backend available, plus SAM's image-encoder training step; prints
-a table (provider x case: median ms and ratio to the frozen Linear), writes JSON, a text table
-and a PNG plot. ``--profile`` instead brackets steady-state iterations with
+a table (provider x case: median ms and ratio to the frozen Linear; on a GPU the same again
+from CUDA-graph replays, the call's GPU time without the host's launch work), writes JSON, a
+text table and a PNG plot. ``--profile`` instead brackets steady-state iterations with
 cudaProfilerStart/Stop for Nsight (see the README, "Benchmarks and profiling"); ``--kernels``
 prints where each row's time goes, kernel by kernel (torch.profiler).
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls after the first (excluded)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: adaptive)")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="GPU: do not also time each layer row as a CUDA-graph replay (graph_ms)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"directory for {JSON_NAME}, {PNG_NAME}, {TABLE_NAME}")
     parser.add_argument("--results", default=None, metavar="DIR",
                         help="also write DIR/<gpu-name>.json (GPU runs only), e.g. benchmarks/results")
@@ -141,7 +144,11 @@ def _summary(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"{row['status']} ({str(row.get('reason', ''))[:120]})"
     ratio = row.get("ratio_to_linear", row.get("ratio_to_no_adapter"))
-    return f"{row['median_ms']:.3f} ms" + ("" if ratio is None else f" ({ratio:.2f}x)")
+    text = f"{row['median_ms']:.3f} ms" + ("" if ratio is None else f" ({ratio:.2f}x)")
+    if row.get("graph_ms") is not None:
+        graph_ratio = row.get("graph_ratio_to_linear")
+        text += f", graph {row['graph_ms']:.3f} ms" + ("" if graph_ratio is None else f" ({graph_ratio:.2f}x)")
+    return text
 
 
 def run_rows(
@@ -276,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"convlora-bench: {exc}", file=sys.stderr)
         return 2
-    timing = core.TimingConfig.for_device(device.type, warmup=args.warmup, reps=args.reps)
+    timing = core.TimingConfig.for_device(device.type, warmup=args.warmup, reps=args.reps,
+                                          graph=not args.no_graph)
     session = core.Session(device, timing)
     cases = _ordered_cases(grid)
     meta = core.environment(device)

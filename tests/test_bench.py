@@ -39,6 +39,10 @@ def test_cli_quick_writes_json_table_and_png(tmp_path: Path, capsys: pytest.Capt
     assert {"sam-tiny-b1-fp32-r8-none", "sam-tiny-b1-fp32-r8-reference"} <= set(rows)
     assert (tmp_path / bench.PNG_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "reference" in (tmp_path / bench.TABLE_NAME).read_text()
+    # No CUDA graphs on the CPU: every row says so, and no graph table is printed.
+    assert all(r.get("graph_ms") is None and r.get("graph_note") == "CUDA graphs need a GPU"
+               for r in rows.values() if r["kind"] == "layer")
+    assert "CUDA-graph replay" not in out
 
 
 def test_cli_reports_an_unavailable_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,6 +170,7 @@ def test_measure_on_cpu_counts_repetitions() -> None:
     timing = core.measure(lambda: calls.append(1), torch.device("cpu"), core.TimingConfig(warmup=2, reps=4))
     assert len(timing.times_ms) == 4 and len(calls) == 1 + 2 + 4
     assert timing.peak_mem_mb is None and timing.host_ms is None and timing.median_ms >= 0
+    assert timing.graph_times_ms is None and timing.graph_median_ms is None and timing.graph_note
 
 
 def test_reference_provider_computes_the_layer() -> None:
@@ -202,6 +207,50 @@ def test_table_marks_unavailable_and_failures() -> None:
     assert "| case |" in core.format_table([linear, fused], markdown=True)
 
 
+def _graph_rows() -> list[dict]:
+    shape = core.LAYER_SHAPES["tiny-window"]
+
+    def row(provider: str, median: float, graph: float | None, note: str | None = None, **case) -> dict:
+        base = core.layer_row(core.LayerCase(shape, provider, "bf16", "fwdbwd", **case))
+        return {**base, "status": "ok", "median_ms": median, "ratio_to_linear": median / 2.0,
+                "graph_ms": graph, "graph_ratio_to_linear": None if graph is None else graph / 0.5,
+                "graph_note": note}
+
+    return [row("linear", 2.0, 0.5), row("reference", 40.0, None, core.GRAPH_SKIP["reference"], r=8, routing="random"),
+            row("triton", 6.0, 1.5, r=8, routing="random"), row("cuda", 4.0, 1.0, r=8, routing="random"),
+            row("eager", 9.0, None, "capture failed: RuntimeError: boom", r=8, routing="random")]
+
+
+def test_table_repeats_the_layer_grid_from_graph_replays() -> None:
+    text = core.format_table(_graph_rows())
+    eager_part, graph_part = text.split("CUDA-graph replay")
+    assert "40.000 (20.00x)" in eager_part and "4.000 (2.00x)" in eager_part
+    header = graph_part.splitlines()[2].split()
+    assert header == ["case", "linear", "eager", "triton", "cuda"]  # reference: not capturable
+    assert "0.500 (1.00x)" in graph_part and "1.000 (2.00x)" in graph_part and "1.500 (3.00x)" in graph_part
+    assert "no graph replay: capture failed: RuntimeError: boom" in text
+    assert "boom" not in core.format_table([r for r in _graph_rows() if r["provider"] != "eager"])
+    rows = [{**r, "graph_ms": None} for r in _graph_rows()]
+    assert "CUDA-graph replay" not in core.format_table(rows)
+
+
+def test_runners_say_why_they_are_not_graphed() -> None:
+    shape = core.LAYER_SHAPES["tiny-window"]
+    cpu = torch.device("cpu")
+    for provider, expected in (("linear", None), ("lora", None), ("eager", None),
+                               ("reference", core.GRAPH_SKIP["reference"])):
+        case = core.LayerCase(shape, provider, "fp32", "fwdbwd", None if provider == "linear" else 8,
+                              None if provider in ("linear", "lora") else "random")
+        assert core.build_layer_runner(case, cpu).graph_skip == expected, provider
+    assert "not captured" in core.GRAPH_SKIP["compile"]
+
+
+def test_summary_line_shows_the_graph_replay() -> None:
+    cuda_row = _graph_rows()[3]
+    assert bench._summary(cuda_row) == "4.000 ms (2.00x), graph 1.000 ms (2.00x)"
+    assert bench._summary(_graph_rows()[1]) == "40.000 ms (20.00x)"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_measure_on_gpu_reports_host_time() -> None:
@@ -209,3 +258,26 @@ def test_measure_on_gpu_reports_host_time() -> None:
     timing = core.measure(lambda: x @ x, torch.device("cuda"), core.TimingConfig(warmup=1, reps=5))
     assert len(timing.times_ms) == 5 and timing.peak_mem_mb is not None
     assert timing.host_ms is not None and timing.host_ms > 0
+    assert timing.graph_times_ms is not None and len(timing.graph_times_ms) == 5 and timing.graph_note is None
+    skipped = core.measure(lambda: x @ x, torch.device("cuda"), core.TimingConfig(warmup=1, reps=5), "why")
+    assert skipped.graph_times_ms is None and skipped.graph_note == "why"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", ["linear", "lora", "triton", "cuda"])
+def test_gpu_graph_replay_computes_the_eager_call(provider: str) -> None:
+    """What graph_ms times is the row's own computation: a replay's gradients equal an eager
+    call's, bit for bit (forced routing, so both draw the same experts)."""
+    adapter = provider not in ("linear",)
+    case = core.LayerCase(core.LAYER_SHAPES["vitb-window-b1"], provider, "bf16", "fwdbwd",
+                          8 if adapter else None, "3" if provider in core.FUSED_PROVIDERS else None)
+    runner = core.build_layer_runner(case, torch.device("cuda"))
+    assert runner.graph_skip is None
+    graph, static = core.capture_graph(runner.fn, torch.device("cuda"))
+    graph.replay()
+    eager = runner.fn()
+    torch.cuda.synchronize()
+    assert len(eager) == len(static)
+    for a, b in zip(eager, static):
+        assert (a is None and b is None) or torch.equal(a, b)
