@@ -77,7 +77,7 @@ GBPS_DEFINITION = (
     "weights and the r-wide intermediates are ignored (< r/C_in of the traffic). The same model "
     "serves every provider of a case, so gbps compares like with like."
 )
-#: Layer providers whose call cannot be captured in a CUDA graph, and why.
+#: Providers (layer and SAM step) whose call is not captured in a CUDA graph, and why.
 GRAPH_SKIP = MappingProxyType({
     "reference": "routes on the host (syncs), like the official code: not capturable",
     "compile": "torch.compile's output is not captured by the harness "
@@ -676,7 +676,7 @@ def build_sam_runner(case: SamCase, device: torch.device, seed: int = 0) -> Runn
                 loss = loss + layer.moe_loss
         return torch.autograd.grad(loss, params, allow_unused=True)
 
-    return Runner(fn, (encoder, image), graph_skip="SAM steps are timed eagerly only")
+    return Runner(fn, (encoder, image), graph_skip=GRAPH_SKIP.get(case.provider))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -924,7 +924,7 @@ class Session:
         self._floors: dict[tuple[str, str, str], Timing] = {}
         self._references: dict[tuple[Any, ...], float] = {}
         self._reference_saved: dict[tuple[Any, ...], int] = {}
-        self._no_adapter: dict[tuple[str, int, str], float] = {}
+        self._no_adapter: dict[tuple[str, int, str], Timing] = {}
         self.timings: dict[str, Timing] = {}
 
     def _time(self, build: Callable[[], Runner]) -> Timing:
@@ -1016,10 +1016,13 @@ class Session:
         median = timing.median_ms
         key = (case.model, case.batch, case.dtype)
         if case.provider == "none":
-            self._no_adapter[key] = median
+            self._no_adapter[key] = timing
         if case.provider == "reference":
             self._references[(case.model, case.batch, case.dtype, case.r)] = median
-        base = self._no_adapter.get(key)
+        base_timing = self._no_adapter.get(key)
+        base = None if base_timing is None else base_timing.median_ms
+        graph_ms = timing.graph_median_ms
+        graph_base = None if base_timing is None else base_timing.graph_median_ms
         reference_ms = self._references.get((case.model, case.batch, case.dtype, case.r))
         return {
             **row,
@@ -1035,6 +1038,10 @@ class Session:
             "peak_mem_mb": _round(timing.peak_mem_mb, 1),
             "work_mem_mb": _round(timing.work_mem_mb, 1),
             "host_ms": _round(timing.host_ms),
+            "graph_ms": _round(graph_ms),
+            "graph_ratio_to_no_adapter": (None if graph_ms is None or not graph_base
+                                          else _round(graph_ms / graph_base, 3)),
+            "graph_note": timing.graph_note,
         }
 
     def profile(self, build: Callable[[], Runner], name: str, iters: int) -> None:
@@ -1175,7 +1182,7 @@ def format_table(rows: Iterable[dict[str, Any]], markdown: bool = False) -> str:
     """Readable tables: one per (mode, dtype) for the layer, cases down, providers across,
     each cell "ms (ratio to the frozen Linear)"; the same from CUDA-graph replays when the rows
     have them (:data:`GRAPH_DEFINITION`); then the SAM step, cells "ms (ratio to the encoder
-    without adapter)". Unavailable providers read n/a, failures OOM/ERROR, "-" no row (or no
+    without adapter)", and again from graph replays. Unavailable providers read n/a, failures OOM/ERROR, "-" no row (or no
     graph replay: the reference and compile rows)."""
     rows = list(rows)
     out: list[str] = []
@@ -1215,20 +1222,24 @@ def format_table(rows: Iterable[dict[str, Any]], markdown: bool = False) -> str:
         title = f"Layer {'forward' if mode == 'fwd' else 'forward+backward'}, {dtype}: {timed} (x frozen Linear)"
         out += [("### " if markdown else "") + title, ""] + _render(["case"] + providers, body, markdown) + [""]
     sam = [r for r in rows if r["kind"] == "sam"]
-    if sam:
-        providers = list(dict.fromkeys(r["provider"] for r in sam))
+    sam_graphed = any(r.get("graph_ms") is not None for r in sam)
+    for ms_key, ratio_key, timed in [("median_ms", "ratio_to_no_adapter", "median ms")] + (
+        [("graph_ms", "graph_ratio_to_no_adapter", "CUDA-graph replay, median ms")] if sam_graphed else []
+    ):
+        providers = [p for p in dict.fromkeys(r["provider"] for r in sam)
+                     if not (ms_key == "graph_ms" and p in GRAPH_SKIP)]
         body = []
         for key in dict.fromkeys((r["model"], r["batch"], r["dtype"]) for r in sam):
             line = [f"{key[0]} batch {key[1]} {key[2]}"]
             for p in providers:
                 found = next((r for r in sam if (r["model"], r["batch"], r["dtype"]) == key and r["provider"] == p), None)
-                line.append("-" if found is None else _cell(found, "ratio_to_no_adapter"))
+                line.append("-" if found is None else _cell(found, ratio_key, ms_key))
             body.append(line)
-        title = "SAM image-encoder training step: median ms (x no adapter)"
+        title = f"SAM image-encoder training step: {timed} (x no adapter)"
         out += [("### " if markdown else "") + title, ""] + _render(["step"] + providers, body, markdown) + [""]
     problems = [r for r in rows if r.get("status") not in ("ok", None)]
     reasons = dict.fromkeys(f"{r['provider']}: {r['status']}: {r.get('reason', '')}" for r in problems)
-    reasons.update(dict.fromkeys(f"{r['provider']} {r['id']}: no graph replay: {r['graph_note']}" for r in layer
+    reasons.update(dict.fromkeys(f"{r['provider']} {r['id']}: no graph replay: {r['graph_note']}" for r in rows
                                  if r.get("status") == "ok" and str(r.get("graph_note")).startswith("capture failed")))
     if reasons:
         out += ["Not measured:"] + [f"  {text}" for text in reasons] + [""]

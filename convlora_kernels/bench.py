@@ -146,7 +146,7 @@ def _summary(row: dict[str, Any]) -> str:
     ratio = row.get("ratio_to_linear", row.get("ratio_to_no_adapter"))
     text = f"{row['median_ms']:.3f} ms" + ("" if ratio is None else f" ({ratio:.2f}x)")
     if row.get("graph_ms") is not None:
-        graph_ratio = row.get("graph_ratio_to_linear")
+        graph_ratio = row.get("graph_ratio_to_linear", row.get("graph_ratio_to_no_adapter"))
         text += f", graph {row['graph_ms']:.3f} ms" + ("" if graph_ratio is None else f" ({graph_ratio:.2f}x)")
     return text
 

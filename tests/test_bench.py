@@ -234,6 +234,23 @@ def test_table_repeats_the_layer_grid_from_graph_replays() -> None:
     assert "CUDA-graph replay" not in core.format_table(rows)
 
 
+def test_table_repeats_the_sam_step_from_graph_replays() -> None:
+    def row(provider: str, median: float, graph: float | None, note: str | None = None) -> dict:
+        base = core.sam_row(core.SamCase("vit_b", 1, provider, "bf16", 8))
+        return {**base, "status": "ok", "median_ms": median, "ratio_to_no_adapter": median / 50.0,
+                "graph_ms": graph, "graph_ratio_to_no_adapter": None if graph is None else graph / 40.0,
+                "graph_note": note}
+
+    rows = [row("none", 50.0, 40.0), row("lora", 52.0, 41.0),
+            row("reference", 150.0, None, core.GRAPH_SKIP["reference"]), row("cuda", 70.0, 42.0)]
+    text = core.format_table(rows)
+    eager_part, graph_part = text.split("SAM image-encoder training step: CUDA-graph replay")
+    assert "150.000 (3.00x)" in eager_part and "70.000 (1.40x)" in eager_part
+    assert graph_part.splitlines()[2].split() == ["step", "none", "lora", "cuda"]
+    assert "42.000 (1.05x)" in graph_part and "41.000 (1.02x)" in graph_part
+    assert bench._summary(rows[3]) == "70.000 ms (1.40x), graph 42.000 ms (1.05x)"
+
+
 def test_runners_say_why_they_are_not_graphed() -> None:
     shape = core.LAYER_SHAPES["tiny-window"]
     cpu = torch.device("cpu")
@@ -281,3 +298,20 @@ def test_gpu_graph_replay_computes_the_eager_call(provider: str) -> None:
     assert len(eager) == len(static)
     for a, b in zip(eager, static):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", ["lora", "triton", "cuda"])
+def test_gpu_sam_step_graph_replays(provider: str) -> None:
+    """The SAM-step rows' graph_ms comes from a real capture: a (2-block) encoder's training
+    step under bf16 autocast, routed by the gate's noise, replays into finite gradients."""
+    pytest.importorskip("segment_anything")
+    runner = core.build_sam_runner(core.SamCase("tiny", 1, provider, "bf16", 8), torch.device("cuda"))
+    assert runner.graph_skip is None
+    graph, static = core.capture_graph(runner.fn, torch.device("cuda"))
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    grads = [g for g in static if g is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
