@@ -185,7 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
   const int r = static_cast<int>(z.size(3));
   const int64_t g = depthwise ? 1 : r;
   const std::vector<int64_t> idx = checked_index(expert_index, E);
-  at::Tensor zc = z.contiguous(), dyc = dy.contiguous();
+  // A 16-bit dy widened exactly; dz rounded to its dtype at the end, as the CUDA kernel rounds
+  // each element once.
+  at::Tensor zc = z.contiguous(), dyc = dy.to(z.scalar_type()).contiguous();
   at::Tensor ew = expert_weight.to(z.scalar_type()).contiguous();
   at::Tensor eb = expert_bias.to(z.scalar_type()).contiguous();
   const auto opts = z.options().memory_format(at::MemoryFormat::Contiguous);
@@ -212,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
     dew[idx[n]].add_(dew_n[n]);
     deb[idx[n]].add_(deb_n[n]);
   }
-  return {dz, dew.to(expert_weight.scalar_type()), deb.to(expert_bias.scalar_type())};
+  return {dz.to(dy.scalar_type()), dew.to(expert_weight.scalar_type()),
+          deb.to(expert_bias.scalar_type())};
 }
 
 // ----------------------------------------------------------------------------- gate

@@ -504,12 +504,13 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
 //  - dup[m] = conv^T of the tap gradients (per-pixel patch gradients (6, 6, r), read by the dz
 //    gather),
 //  - part[n, tile] = this tile's dEW (r, g, 3, 3) and dEB (r), summed over its pixels in order.
-template <typename T>
+// dy: row m at dy + m * dy_ld, in T or the layer's 16-bit dtype D (widened exactly on load).
+template <typename T, typename D>
 __global__ void __launch_bounds__(kThreads)
     convlora_experts_bwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
                                 const T* __restrict__ ew, const T* __restrict__ eb,
-                                const T* __restrict__ dy, ExpertGeom g, T* __restrict__ dup,
-                                T* __restrict__ part) {
+                                const D* __restrict__ dy, int64_t dy_ld, ExpertGeom g,
+                                T* __restrict__ dup, T* __restrict__ part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const ExpertTile<T> tile = expert_tile<T>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
   T* dpre = tile.tap_buf;  // (P, r, 4, 4)
@@ -520,7 +521,7 @@ __global__ void __launch_bounds__(kThreads)
   tap_loop<T>(tile, g, [&](int p, int c, int a, int b, T v) {
     const int64_t m = tile.m0 + pix0 + p;
     dpre[(p * g.r + c) * kTapArea + a * kTaps + b] =
-        tap_grad<T>(v, dy[m * g.r + c], tile.taps[p], a, b);
+        tap_grad<T>(v, static_cast<T>(dy[m * dy_ld + c]), tile.taps[p], a, b);
   });
   __syncthreads();
   const int side = patch_side(s);
@@ -546,18 +547,19 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // dz = dy + the gather of the neighbouring patch gradients (+ dg[n], the gradient of the per-sample
-// mean g / (H*W), when given): one thread per (pixel, channel), a
+// mean g / (H*W), when given), summed in T and rounded once to dy's dtype D (the layer's GEMMs
+// take dz in that dtype: the cast launch that followed is gone): one thread per (pixel, channel), a
 // block holding `pixels` consecutive pixels x r channels (dz_pixels_per_block). The gather's
 // weights depend on the pixel, not the channel: the block computes them once per pixel into
 // shared memory (each of a pixel's 14 axis rows by one thread), where every channel thread reads
 // them. Before, each of the r channel threads recomputed all 84 upsample weights (~40
 // instructions each, more than its gather's sums); H200, 2026-11-28, 100 windows 14x14, r = 8:
 // this kernel took 132 us against 108 us for the whole expert forward.
-template <typename T>
+template <typename T, typename D>
 __global__ void __launch_bounds__(kThreads)
-    convlora_experts_dz_kernel(const int64_t* __restrict__ idx, const T* __restrict__ dy,
-                               const T* __restrict__ dup, const T* __restrict__ dg, ExpertGeom g,
-                               int64_t M, int pixels, T* __restrict__ dz) {
+    convlora_experts_dz_kernel(const int64_t* __restrict__ idx, const D* __restrict__ dy,
+                               int64_t dy_ld, const T* __restrict__ dup, const T* __restrict__ dg,
+                               ExpertGeom g, int64_t M, int pixels, D* __restrict__ dz) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   GatherWeights<T>* gw = reinterpret_cast<GatherWeights<T>*>(smem_raw);  // (pixels,)
   const int hw = g.H * g.W;
@@ -581,10 +583,10 @@ __global__ void __launch_bounds__(kThreads)
   const int n = static_cast<int>(m / hw), pix = static_cast<int>(m % hw);
   const int s = load_expert<T>(idx, n, g.E) + 1;
   const T* dup_n = dup + static_cast<int64_t>(n) * hw * g.r * kPatchArea;
-  const int64_t k = m * g.r + c;
-  T v = dy[k] + gather_dz<T>(dup_n, g.H, g.W, g.r, c, pix / g.W, pix % g.W, s, gw[p]);
+  T v = static_cast<T>(dy[m * dy_ld + c]) +
+        gather_dz<T>(dup_n, g.H, g.W, g.r, c, pix / g.W, pix % g.W, s, gw[p]);
   if (dg != nullptr) v += dg[static_cast<int64_t>(n) * g.r + c];  // the CPU twin's order
-  dz[k] = v;
+  dz[m * g.r + c] = static_cast<D>(v);
 }
 
 // Per-expert sums of the expert backward's per-sample partials: dEW/dEB[e, j] = the sum over the
@@ -622,6 +624,31 @@ __global__ void __launch_bounds__(kThreads)
     dew[static_cast<int64_t>(e) * wsize + j] = sum;
   else
     deb[static_cast<int64_t>(e) * r + (j - wsize)] = sum;
+}
+
+// dy's rows for the expert backward: dy viewed as (M, r) with unit column stride, row m at
+// rows + m * ld. The layer's dy is a column slice of its backward GEMM's output (row stride
+// gemm_cols): read in place, in its dtype, instead of a contiguous float32 copy (one launch).
+struct DyRows {
+  at::Tensor rows;
+  int64_t ld;
+};
+
+DyRows dy_rows(const at::Tensor& dy, int64_t M) {
+  at::Tensor rows = dy.reshape({M, dy.size(3)});  // a view whenever dy's rows are evenly strided
+  if (rows.size(1) > 1 && rows.stride(1) != 1) rows = rows.contiguous();
+  return {rows, rows.size(0) > 1 ? rows.stride(0) : rows.size(1)};
+}
+
+// Calls f(D{}) with D the C++ type of dy's dtype: T, or c10::Half / c10::BFloat16 when T is float
+// (check_experts_grads allows no other pair, so no other kernel is instantiated).
+template <typename T, typename F>
+void dispatch_dy(at::ScalarType dtype, F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (dtype == at::kHalf) return f(c10::Half{});
+    if (dtype == at::kBFloat16) return f(c10::BFloat16{});
+  }
+  f(T{});
 }
 
 // Pixels per block of the dz kernel: as many as fit kThreads threads at one per channel, at most
@@ -686,13 +713,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
   const c10::cuda::CUDAGuard guard(z.device());
   ExpertArgs a = prepare_experts(z, expert_index, expert_weight, expert_bias);
   const at::Tensor dg = check_experts_grads(z, dy_in, dg_in);
-  const at::Tensor dy = dy_in.contiguous();
   const int64_t N = z.size(0), M = z.numel() / z.size(3);
+  const DyRows dy = dy_rows(dy_in, M);
   const int r = a.geom.r;
   const int64_t g = a.geom.depthwise ? 1 : r;
   const int64_t wsize = r * g * 9;
   const auto opts = a.z.options();
-  at::Tensor dz = new_output(z.sizes(), opts);
+  at::Tensor dz = new_output(z.sizes(), opts.dtype(dy_in.scalar_type()));
   at::Tensor dup = new_output({M, kPatchArea, r}, opts);  // dup_index layout
   at::Tensor part = new_output({N, a.tiles, wsize + r}, opts);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -704,17 +731,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
     // (prepare_experts' shared-memory check already bounds r well below kThreads)
     TORCH_CHECK(dz_pixels * r <= kThreads, "convlora: rank r = ", r, " too large for the dz kernel");
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_bwd_cuda", [&] {
-      convlora_experts_bwd_kernel<scalar_t><<<grid, kThreads, expert_smem(a), stream>>>(
-          a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
-          a.eb.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), a.geom, dup.data_ptr<scalar_t>(),
-          part.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      convlora_experts_dz_kernel<scalar_t><<<static_cast<unsigned>(dz_blocks), dz_pixels * r,
-                                             dz_pixels * sizeof(GatherWeights<scalar_t>), stream>>>(
-          a.idx.data_ptr<int64_t>(), dy.data_ptr<scalar_t>(), dup.data_ptr<scalar_t>(),
-          dg.defined() ? dg.data_ptr<scalar_t>() : nullptr, a.geom, M, dz_pixels,
-          dz.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      using T = scalar_t;
+      dispatch_dy<T>(dy.rows.scalar_type(), [&](auto dy_type) {
+        using D = decltype(dy_type);
+        convlora_experts_bwd_kernel<T, D><<<grid, kThreads, expert_smem(a), stream>>>(
+            a.z.data_ptr<T>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<T>(), a.eb.data_ptr<T>(),
+            dy.rows.data_ptr<D>(), dy.ld, a.geom, dup.data_ptr<T>(), part.data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        convlora_experts_dz_kernel<T, D><<<static_cast<unsigned>(dz_blocks), dz_pixels * r,
+                                           dz_pixels * sizeof(GatherWeights<T>), stream>>>(
+            a.idx.data_ptr<int64_t>(), dy.rows.data_ptr<D>(), dy.ld, dup.data_ptr<T>(),
+            dg.defined() ? dg.data_ptr<T>() : nullptr, a.geom, M, dz_pixels, dz.data_ptr<D>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   // Tiles (ATen's fixed-order reduction), then samples into experts (convlora_expert_sums_kernel).

@@ -77,13 +77,17 @@ inline bool check_experts_inputs(const at::Tensor& z, const at::Tensor& expert_i
   return expert_weight.size(2) == 1;
 }
 
-// The expert backward's incoming gradients: dy (z's shape and dtype) and the optional dg (N, r),
-// z's dtype, added per sample to dz. Returns dg contiguous, or undefined when absent.
+// The expert backward's incoming gradients: dy (z's shape; z's dtype, or float16 / bfloat16 when
+// z is float32: the layer's dtype, in which dz is then returned) and the optional dg (N, r), z's
+// dtype, added per sample to dz. Returns dg contiguous, or undefined when absent.
 inline at::Tensor check_experts_grads(const at::Tensor& z, const at::Tensor& dy,
                                       const c10::optional<at::Tensor>& dg) {
-  TORCH_CHECK(dy.sizes() == z.sizes() && dy.scalar_type() == z.scalar_type(),
-              "convlora: dy must match z (", z.sizes(), ", ", z.scalar_type(), "), got ",
-              dy.sizes(), ", ", dy.scalar_type());
+  const auto dt = dy.scalar_type();
+  TORCH_CHECK(dy.sizes() == z.sizes() &&
+                  (dt == z.scalar_type() ||
+                   (z.scalar_type() == at::kFloat && (dt == at::kHalf || dt == at::kBFloat16))),
+              "convlora: dy must have z's shape ", z.sizes(), " and z's dtype ", z.scalar_type(),
+              " (or float16 / bfloat16 with float32 z), got ", dy.sizes(), ", ", dt);
   check_same_device(z, dy, "z", "dy");
   if (!dg.has_value()) return at::Tensor();
   TORCH_CHECK(dg->dim() == 2 && dg->size(0) == z.size(0) && dg->size(1) == z.size(3) &&

@@ -260,7 +260,9 @@ Tensor layer_fwd_up(const Tensor& x, Tensor& xcat, const Tensor& y, const Tensor
 // only); w: packed_weight's (C_out, cols) when need_dx, else s B (C_out, r) (its column slice will
 // do). s sits in the packed operand, as in the forward: dy is the gradient of the y that the
 // forward's GEMM multiplied. Returns dxy, the whole (M, cols) GEMM output whose first C_in columns
-// are dx (the rest finishes it), or empty (0,); and dy (N, H, W, r) float32/64.
+// are dx (the rest finishes it), or empty (0,); and dy (N, H, W, r) in x's dtype: when need_dx a
+// view of dxy's columns C_in .. C_in + r, which the rest of the backward never writes (the
+// expert backward reads it in place: no copy, no cast launch), else the small GEMM's output.
 std::tuple<Tensor, Tensor> dx_dy(const Tensor& dout, const Tensor& x, const Tensor& w, int64_t r,
                                  bool need_dx) {
   NvtxRange range(x, "convlora.cuda.bwd.dx_dy");
@@ -270,11 +272,10 @@ std::tuple<Tensor, Tensor> dx_dy(const Tensor& dout, const Tensor& x, const Tens
   Tensor dxy, dy;
   if (need_dx) {
     dxy = at::mm(d2, w);
-    // A copy even in float32: dy must not alias dxy, which the rest of the backward mutates.
-    dy = dxy.narrow(1, c_in, r).to(acc_dtype(x.scalar_type()), false, /*copy=*/true);
+    dy = dxy.narrow(1, c_in, r);
   } else {
     dxy = x.new_empty({0});
-    dy = at::mm(d2, w).to(acc_dtype(x.scalar_type()));
+    dy = at::mm(d2, w);
   }
   return {dxy, dy.view({x.size(0), x.size(1), x.size(2), r})};
 }
@@ -287,16 +288,20 @@ Tensor dx_dy_operand(const Tensor& weight, const Tensor& lora_B, double scaling,
                  : scaled_lora_b(lora_B, scaling, dtype, Tensor());
 }
 
-// The op: weight and lora_B in any floating dtype, as layer_fwd_up's.
+// The op: weight and lora_B in any floating dtype, as layer_fwd_up's. dy comes out float32/64
+// and as a copy: an op's outputs must not alias each other (the native node keeps the view).
 std::tuple<Tensor, Tensor> layer_bwd_dy(const Tensor& dout, const Tensor& x, const Tensor& weight,
                                         const Tensor& lora_B, double scaling, bool need_dx) {
   LayerScope scope;
   const Tensor w = dx_dy_operand(weight, lora_B, scaling, x.size(3), x.scalar_type(), need_dx);
-  return dx_dy(dout, x, w, lora_B.size(1), need_dx);
+  auto [dxy, dy] = dx_dy(dout, x, w, lora_B.size(1), need_dx);
+  return {dxy, dy.to(acc_dtype(x.scalar_type()), false, /*copy=*/true)};
 }
 
-// The rest of the backward. dy: layer_bwd_dy's; dd: the expert output's gradient when it differs
-// from dy (the gate factor: dd = p dy), else absent; dgs (N, r): g's gradient / (H*W), or
+// The rest of the backward. dy: layer_bwd_dy's (float32/64), or dx_dy's (x's dtype, possibly a
+// view of dxy's columns past C_in: the expert backward reads it in place and returns dz in x's
+// dtype) when dd is absent; dd: the expert output's gradient when it differs from dy (the gate
+// factor: dd = p dy, float32/64 like dy then), else absent; dgs (N, r): g's gradient / (H*W), or
 // undefined when g has none (the native node's eval / forced routing; the op's schema always
 // passes one), added to dz by the expert backward's dz pass; dxy:
 // layer_bwd_dy's GEMM output, or empty: when x_down is absent, dz A is added in place to its
@@ -322,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
                                                 expert_weight, expert_bias, d_expert, dg);
     if (dd.has_value()) dz += dy - *dd;  // the kernel's residual term was dd, not dy
   }
-  const Tensor dz_low = dz.view({m, r}).to(x.scalar_type());
+  const Tensor dz_low = dz.view({m, r}).to(x.scalar_type());  // (no launch when dy was x's dtype)
   const Tensor a_low = lora_A.to(x.scalar_type());
   Tensor dx_down = x.new_empty({0});
   {
@@ -539,7 +544,13 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor w = !(flags & kPacked)
                          ? dx_dy_operand(w_saved, lora_B, scaling, c_in, x.scalar_type(), need_dx)
                          : (need_dx ? w_saved : w_saved.narrow(1, c_in, r));
-    auto [dxy, dy] = dx_dy(dout, x, w, r, need_dx);
+    auto [dxy, dy_low] = dx_dy(dout, x, w, r, need_dx);
+    // The gate factor's backward works on a contiguous float32 dy, as the op path's (the same
+    // reduction orders); otherwise the expert backward reads dy in place, in x's dtype (two
+    // launches less: dy's copy, dz's cast).
+    const Tensor dy = (flags & kGated)
+                          ? dy_low.to(acc_dtype(x.scalar_type()), false, /*copy=*/true)
+                          : dy_low;
     OptTensor dd;  // the expert output's gradient, when the gate factor makes it differ from dy
     if (flags & kGated) {
       NvtxRange range(x, "convlora.cuda.bwd.gate_factor");

@@ -28,7 +28,10 @@ TORCH_LIBRARY(convlora_cuda, m) {
   // Backward of experts_fwd given dy: dz (residual included), d expert_weight, d expert_bias
   // (in the parameters' dtypes; zeros for experts no sample chose). dg (N, r), optional: added to
   // every pixel of its sample's dz (the layer's g = mean z passes its gradient / (H*W) here, in
-  // the pass that writes dz, instead of a separate add over dz).
+  // the pass that writes dz, instead of a separate add over dz). dy may be float16 / bfloat16
+  // with float32 z, and strided (the layer passes a column slice of a GEMM output): it is read
+  // in place and widened exactly, and dz comes out in dy's dtype, rounded once from float32
+  // (what the layer's GEMMs take next).
   m.def(
       "experts_bwd(Tensor z, Tensor expert_index, Tensor expert_weight, Tensor expert_bias, "
       "Tensor dy, Tensor? dg=None) -> (Tensor dz, Tensor dweight, Tensor dbias)");

@@ -135,6 +135,29 @@ def test_experts_bwd_with_dg_float64(emu, depthwise):
     assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
+def test_experts_bwd_reads_a_strided_16bit_dy(emu, depthwise, dtype):
+    """The layer's dy: a column slice (row stride 13) of the backward GEMM's 16-bit output, read
+    in place by both kernels: exactly float32 dy's results (the same kernels on the widened dy)
+    with dz rounded once to dy's dtype, dz bit for bit the CPU twin's (float32 dEW sums differ
+    from the twin's in order: 1e-5 against the float64 twin, as in the other float32 tests);
+    dg added as before; 3x5 maps at r = 3."""
+    z, idx, ew, eb, dy = _experts_case(8, 3, 5, 3, depthwise, torch.float32)
+    wide = _rand(8, 3, 5, 13, dtype=dtype, seed=7)
+    dy16 = wide[..., 6:9]  # strides (195, 65, 13, 1)
+    dg = _rand(8, 3, dtype=torch.float32, seed=12)
+    got = emu.experts_bwd(z, idx, ew, eb, dy16, dg)
+    assert got[0].dtype == dtype and got[0].is_contiguous()
+    wide_f = emu.experts_bwd(z, idx, ew, eb, dy16.float(), dg)
+    assert torch.equal(got[0], wide_f[0].to(dtype))
+    assert torch.equal(got[1], wide_f[1]) and torch.equal(got[2], wide_f[2])
+    assert torch.equal(got[0], torch.ops.convlora_cuda.experts_bwd(z, idx, ew, eb, dy16, dg)[0])
+    twin64 = torch.ops.convlora_cuda.experts_bwd(z.double(), idx, ew.double(), eb.double(),
+                                                 dy16.double(), dg.double())
+    _check(got[1:], twin64[1:], 1e-5, "experts_bwd")
+
+
 # ------------------------------------------------------------------------------ gate
 @pytest.mark.parametrize("n, r, e", GATE_CASES)
 @pytest.mark.parametrize("mode", ["train", "eval", "forced"])
@@ -205,6 +228,9 @@ def test_experts_bwd_host_launches(emu, thread_order, monkeypatch):
 
     monkeypatch.setenv("CONVLORA_POISON", "0")  # the NaN fills are a test aid, not launches
     args = _experts_case(8, 5, 7, 8, False, torch.float32)
+    # dy as the layer passes it under autocast: a bf16 column slice, read in place (no copy).
+    dy = _rand(8, 5, 7, 24, dtype=torch.bfloat16, seed=7)[..., 8:16]
+    args = (*args[:4], dy)
     emu.experts_bwd(*args)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         emu.experts_bwd(*args)

@@ -405,8 +405,12 @@ def test_input_validation_messages():
         ops.down_proj(torch.randn(1, 2, 2, 6), torch.randn(3, 5))
     with pytest.raises(RuntimeError, match="lora_A dtype"):
         ops.down_proj(torch.randn(1, 2, 2, 6), torch.randn(3, 6, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="dy must match z"):
+    with pytest.raises(RuntimeError, match="dy must have z's shape"):
         ops.experts_bwd(z, idx, ew, eb, z[:1])
+    with pytest.raises(RuntimeError, match="or float16 / bfloat16 with float32 z"):
+        ops.experts_bwd(z.double(), idx, ew, eb, z.bfloat16())
+    with pytest.raises(RuntimeError, match="or float16 / bfloat16 with float32 z"):
+        ops.experts_bwd(z.float(), idx, ew, eb, z.double())
     with pytest.raises(RuntimeError, match="dg must be"):
         ops.experts_bwd(z, idx, ew, eb, z, z[:, 0, 0, :1])
     with pytest.raises(RuntimeError, match="dg must be"):
@@ -425,6 +429,26 @@ def test_experts_bwd_dg_is_added_per_sample():
     plain, with_dg = ops.experts_bwd(z, idx, ew, eb, dy), ops.experts_bwd(z, idx, ew, eb, dy, dg)
     torch.testing.assert_close(with_dg[0], plain[0] + dg[:, None, None, :], rtol=0, atol=0)
     assert torch.equal(with_dg[1], plain[1]) and torch.equal(with_dg[2], plain[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_experts_bwd_takes_a_16bit_strided_dy(dtype):
+    """With float32 z, dy may come in the layer's 16-bit dtype and strided (the cuda layer passes
+    a column slice of its backward GEMM's output): widened exactly, and dz returned in dy's dtype,
+    rounded once, bit for bit float32 dy's dz rounded; the weight gradients unchanged. The fake
+    kernel agrees on dz's dtype."""
+    z, idx, ew, eb = (t.float() if t.is_floating_point() else t for t in _op_samples()["experts"])
+    dy = torch.randn(*z.shape[:3], 3 * z.shape[3]).to(dtype)[..., z.shape[3]:2 * z.shape[3]]
+    assert not dy.is_contiguous()
+    ops = torch.ops.convlora_cuda
+    got, wide = ops.experts_bwd(z, idx, ew, eb, dy), ops.experts_bwd(z, idx, ew, eb, dy.float())
+    assert got[0].dtype == dtype and torch.equal(got[0], wide[0].to(dtype))
+    assert torch.equal(got[1], wide[1]) and torch.equal(got[2], wide[2])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = ops.experts_bwd(*(mode.from_tensor(t) for t in (z, idx, ew, eb, dy)))
+    assert fake[0].dtype == dtype and fake[0].shape == z.shape
 
 
 def test_non_contiguous_inputs():

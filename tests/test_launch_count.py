@@ -128,8 +128,9 @@ def _count(backend: str, multiply_by_gate: bool = False, autocast: bool = False
 # backward (copy, scale, zero the padding: 3 launches here, 2 without padding as at SAM's
 # shapes, where the concatenation took 2), so that dy comes from the forward's own operand
 # (under autocast the forward keeps it: test_cuda_autocast_launch_budget); dg / (H*W) is added
-# to dz by the expert backward's dz kernel (-1). Net: the same 11 here.
-_BUDGET = {("cuda", False): (9, 11), ("triton", False): (5, 10),
+# to dz by the expert backward's dz kernel (-1). Net: the same 11 here. Session 13: the expert
+# backward reads dy in place, a column slice of the GEMM output (-1: its copy).
+_BUDGET = {("cuda", False): (9, 10), ("triton", False): (5, 10),
            ("cuda", True): (19, 42), ("triton", True): (15, 40)}
 
 
@@ -169,9 +170,10 @@ def test_cuda_autocast_launch_budget():
     gradients back to float32. The native node keeps lora_A in x's dtype and the packed
     [W | s B | 0] from the forward for its backward (session 11: backward 18 -> 16; session 12,
     the weight packed in place and kept, and dg added in the dz kernel: forward 14 -> 12,
-    backward 16 -> 12)."""
+    backward 16 -> 12; session 13, the expert backward reads the bf16 dy in place and writes dz
+    in bf16: 12 -> 10)."""
     if backends.unavailable_reason("cuda", torch.zeros(1, 2, 2, 16)) is not None:
         pytest.fail("the cuda backend should run here")
     fwd, bwd = _count("cuda", autocast=True)
     assert sum(fwd.values()) <= 12, f"forward launches {sum(fwd.values())}: {dict(fwd)}"
-    assert sum(bwd.values()) <= 12, f"backward launches {sum(bwd.values())}: {dict(bwd)}"
+    assert sum(bwd.values()) <= 10, f"backward launches {sum(bwd.values())}: {dict(bwd)}"

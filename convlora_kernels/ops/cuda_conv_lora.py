@@ -12,7 +12,8 @@ arithmetic (``csrc/convlora_math.h``):
   only the V samples the downsample reads (differentiable: its backward is ``experts_bwd``).
 - ``experts_bwd(z, expert_index, expert_weight, expert_bias, dy, dg=None) -> (dz, dweight,
   dbias)``: deterministic (no floating-point atomics), residual included in dz, and ``dg``
-  (N, r), when given, added to every pixel of its sample's dz.
+  (N, r), when given, added to every pixel of its sample's dz. ``dy`` may also be float16 /
+  bfloat16 with float32 z, and strided: read in place, and dz comes out in its dtype.
 - ``gate_fwd(g, w_gate, w_noise, noise?, expert_index?) -> (expert_index, moe_loss)`` and
   ``gate_bwd(g, w_gate, w_noise, noise, dloss, dg_scale) -> (dg, dw_gate, dw_noise)``: the
   gate and the gradient of its loss, one launch each (the eager gate is ~160 small ops).
@@ -140,7 +141,7 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("convlora_cuda::experts_bwd")
     def _experts_bwd_fake(z, expert_index, expert_weight, expert_bias, dy, dg=None):
         return (
-            torch.empty_like(z, memory_format=torch.contiguous_format),
+            torch.empty_like(z, dtype=dy.dtype, memory_format=torch.contiguous_format),
             torch.empty_like(expert_weight, memory_format=torch.contiguous_format),
             torch.empty_like(expert_bias, memory_format=torch.contiguous_format),
         )
