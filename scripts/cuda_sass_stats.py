@@ -105,12 +105,37 @@ def ptxas_usage(log: str) -> dict[str, dict]:
     return usage
 
 
+def _template_args(mangled: str, pos: int) -> tuple[list[str], int] | None:
+    """The template arguments starting at ``mangled[pos]`` (after its ``I``) up to the closing
+    ``E``: builtin types by letter, nested names (``N3c108BFloat16E`` -> ``c10::BFloat16``)."""
+    args = []
+    while pos < len(mangled) and mangled[pos] != "E":
+        if mangled[pos] in _TYPE_NAMES:
+            args.append(_TYPE_NAMES[mangled[pos]])
+            pos += 1
+        elif mangled[pos] == "N":
+            parts, pos = [], pos + 1
+            while (m := re.match(r"\d+", mangled[pos:])) is not None:
+                length, pos = int(m.group()), pos + len(m.group())
+                parts.append(mangled[pos:pos + length])
+                pos += length
+            if not parts or mangled[pos:pos + 1] != "E":
+                return None
+            args.append("::".join(parts))
+            pos += 1
+        else:
+            return None
+    return (args, pos) if args else None
+
+
 def kernel_name(mangled: str) -> str:
-    """convlora_experts_fwd_kernel<float> from the mangled name (no c++filt needed)."""
-    m = re.search(r"\d+(convlora_\w+?_kernel)I([a-z])E", mangled)
-    if not m:
+    """convlora_experts_fwd_kernel<float> (or <float, c10::BFloat16>) from the mangled name (no
+    c++filt needed); the mangled name itself when it is not a convlora kernel template."""
+    m = re.search(r"\d+(convlora_\w+?_kernel)I", mangled)
+    parsed = m and _template_args(mangled, m.end())
+    if not parsed:
         return mangled
-    return f"{m.group(1)}<{_TYPE_NAMES.get(m.group(2), m.group(2))}>"
+    return f"{m.group(1)}<{', '.join(parsed[0])}>"
 
 
 def collect(kernel: str, arch: int, type_: str | None) -> list[dict]:
@@ -122,7 +147,7 @@ def collect(kernel: str, arch: int, type_: str | None) -> list[dict]:
     rows = []
     for mangled, lines in functions(sass).items():
         name = kernel_name(mangled)
-        if kernel not in name or (type_ and f"<{type_}>" not in name):
+        if kernel not in name or (type_ and f"<{type_}" not in name):  # the first argument
             continue
         rows.append({"kernel": name, "arch": arch, **usage.get(mangled, {}),
                      "sass": sass_counts(lines), "loops": loop_bodies(lines)})
@@ -133,7 +158,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernel", default="experts", help="substring of the kernel names")
     p.add_argument("--arch", type=int, default=90, choices=(80, 90))
-    p.add_argument("--type", choices=sorted(TYPES), help="only this element type")
+    p.add_argument("--type", choices=sorted(TYPES), help="only this element (first template) type")
     p.add_argument("--loops", action="store_true", help="also print every loop body's counts")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
@@ -146,7 +171,7 @@ def main(argv=None) -> int:
         print(f"no kernel matching {args.kernel!r}")
         return 1
     report(f"csrc/convlora_cuda.cu, sm_{args.arch}", rows,
-           lambda row: (f"{row['kernel']:<42} regs {row.get('regs')} stack {row.get('stack')} B "
+           lambda row: (f"{row['kernel']:<56} regs {row.get('regs')} stack {row.get('stack')} B "
                         f"spills {row.get('spill_stores')}/{row.get('spill_loads')} B"),
            args.loops, args.json)
     return 0

@@ -28,13 +28,18 @@ def test_expert_kernels_compiled_form(tmp_path):
          str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {row["kernel"]: row for row in json.loads(out.read_text())}
-    assert {"convlora_experts_fwd_kernel<float>", "convlora_experts_bwd_kernel<float>"} <= set(rows)
+    bwd_name = "convlora_experts_bwd_kernel<float, float>"  # (dy's type: float32 dy)
+    assert {"convlora_experts_fwd_kernel<float>", bwd_name} <= set(rows)
+    # 16-bit dy (the layer's, read in place): the same compiled form as float32 dy's.
+    for dy_type in ("c10::BFloat16", "c10::Half"):
+        other = rows[f"convlora_experts_bwd_kernel<float, {dy_type}>"]
+        assert other["regs"] == rows[bwd_name]["regs"] and other["spill_stores"] == rows[bwd_name]["spill_stores"]
 
     def tap_loops(row):  # c6: 72 FMAs per input channel, 9 U loads + 18 16-byte weight loads
         return [lp for lp in row["loops"]
                 if lp["FFMA"] >= 64 and 2 * (lp["LDS"] + lp["LDG"]) <= lp["FFMA"]]
 
-    for name in ("convlora_experts_fwd_kernel<float>", "convlora_experts_bwd_kernel<float>"):
+    for name in ("convlora_experts_fwd_kernel<float>", bwd_name):
         row = rows[name]
         assert row["regs"] > 0 and row["loops"], row
         assert tap_loops(row), f"{name}: no tap loop with <= 1 load per 2 FMAs: {row['loops']}"
@@ -42,7 +47,18 @@ def test_expert_kernels_compiled_form(tmp_path):
         assert not spilling, f"{name}: register spills inside loops: {spilling}"
     # c5: the weight-gradient stage's pixel loop, shared memory only, <= 1.5 loads per FMA
     # (one weight element per item had 2.25 with 16 FMAs per body).
-    bwd = rows["convlora_experts_bwd_kernel<float>"]
+    bwd = rows[bwd_name]
     weight_loops = [lp for lp in bwd["loops"] if lp not in tap_loops(bwd) and lp["FFMA"] >= 64
                     and lp["LDG"] == 0 and lp["LDS"] <= 1.5 * lp["FFMA"]]
     assert weight_loops, f"no weight-gradient loop of the c5 form: {bwd['loops']}"
+
+
+def test_kernel_names_from_mangled_symbols():
+    prefix = "_ZN8convlora55_GLOBAL__N__d1edbee1_16_convlora_cuda_cu_585a2a16_21252"
+    assert css.kernel_name(prefix + "27convlora_experts_fwd_kernelIfEEvPKT_") == \
+        "convlora_experts_fwd_kernel<float>"
+    assert css.kernel_name(prefix + "26convlora_experts_dz_kernelIfN3c108BFloat16EEEvPKlPKT0_") == \
+        "convlora_experts_dz_kernel<float, c10::BFloat16>"
+    assert css.kernel_name(prefix + "27convlora_experts_bwd_kernelIddEEvPKT_") == \
+        "convlora_experts_bwd_kernel<double, double>"
+    assert css.kernel_name("_Z3foov") == "_Z3foov"
