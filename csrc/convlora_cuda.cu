@@ -251,20 +251,53 @@ __device__ __forceinline__ int load_expert(const int64_t* idx, int n, int E) {
 }
 
 // Stage shared by forward and backward: the U patches of the block's pixels, (P, r, 6, 6), from
-// the upsample taps of their rows uty (P, 6) and columns utx (P, 6).
+// the upsample taps of their rows uty (P, 6) and columns utx (P, 6). A work item is one patch
+// column (pixel, column, channel; channels fastest, so a warp's z loads and patch stores are
+// contiguous): its U rows read overlapping z rows (the 6 rows of an even-s patch read 6-7 z rows
+// in all, 24 row reads U value by U value), so each row sum is computed once and slid down a
+// 4-row window as the rows' first tap advances (by at most one row per U row: the source
+// coordinate steps by 1/s). The same helpers as u_from_taps (u_row, u_from_rows), so the same bits;
+// per patch column (even s, in-grid rows) 6-7 row sums of 4 FMAs plus 6 x 4 FMAs and 24-28
+// loads, against 6 x 20 FMAs and 96 loads (c7, session 13). U rows outside the U grid (the
+// conv's zero padding) are 0, as u_value has them.
 template <typename T>
-__device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int npix, const UTaps<T>* uty,
-                             const UTaps<T>* utx, T* up) {
+__device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, int npix,
+                             const UTaps<T>* uty, const UTaps<T>* utx, T* up) {
   const int side = patch_side(s);
-  const int per_pixel = g.r * side * side;
+  const int per_pixel = side * g.r;
   for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
     const int p = k / per_pixel, rem = k % per_pixel;
-    const int ci = rem / (side * side), uv = rem % (side * side);
-    const int uy = uv / side, ux = uv % side;
-    const UTaps<T>& ty = uty[p * kPatch + uy];
-    const UTaps<T>& tx = utx[p * kPatch + ux];
-    up[(p * g.r + ci) * kPatchArea + uy * kPatch + ux] =
-        u_from_taps<T>(zn, g.H, g.W, g.r, ci, ty.first, ty.w, tx.first, tx.w);
+    const int ux = rem / g.r, ci = rem % g.r;
+    // Copies, not references: the patch stores below go to shared memory too, and through a
+    // reference every store would force the taps to be reloaded.
+    const UTaps<T> tx = utx[p * kPatch + ux];
+    int xoff[4];
+    u_columns(tx.first, g.W, g.r, xoff);
+    const int u0 = patch_origin((pix0 + p) / g.W, s);  // the patch's first U row
+    // Its rows inside the U grid: [lo, hi); the others are the conv's zero padding.
+    const int lo = max(0, -u0), hi = min(side, s * g.H - u0);
+    T* col = up + (p * g.r + ci) * kPatchArea + ux;
+    if (lo > 0 || hi < side) {  // the map's first and last pixel rows only
+      for (int uy = 0; uy < side; ++uy)
+        if (uy < lo || uy >= hi) col[uy * kPatch] = T(0);
+      if (lo >= hi) continue;
+    }
+    int cur = uty[p * kPatch + lo].first;  // the window holds z rows cur - 1 .. cur + 2
+    T r0 = u_row<T>(zn, g.H, g.W, g.r, ci, cur - 1, xoff, tx.w);
+    T r1 = u_row<T>(zn, g.H, g.W, g.r, ci, cur, xoff, tx.w);
+    T r2 = u_row<T>(zn, g.H, g.W, g.r, ci, cur + 1, xoff, tx.w);
+    T r3 = u_row<T>(zn, g.H, g.W, g.r, ci, cur + 2, xoff, tx.w);
+    for (int uy = lo; uy < hi; ++uy) {
+      const UTaps<T> ty = uty[p * kPatch + uy];
+      if (cur < ty.first) {  // by one row at most: the source coordinate steps by 1/s <= 1
+        r0 = r1;
+        r1 = r2;
+        r2 = r3;
+        r3 = u_row<T>(zn, g.H, g.W, g.r, ci, cur + 3, xoff, tx.w);
+        ++cur;
+      }
+      col[uy * kPatch] = u_from_rows<T>(ty.w, r0, r1, r2, r3);
+    }
   }
 }
 
@@ -337,7 +370,7 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
       b.utx[p * kPatch + q - 1 - kPatch] = u_taps<T>(patch_origin(j, b.s) + q - 1 - kPatch, b.s, g.W);
   }
   __syncthreads();
-  fill_patches<T>(z + b.m0 * g.r, g, b.s, b.npix, b.uty, b.utx, b.up);
+  fill_patches<T>(z + b.m0 * g.r, g, b.s, b.pix0, b.npix, b.uty, b.utx, b.up);
   __syncthreads();
   return b;
 }

@@ -104,22 +104,48 @@ CONVLORA_HD T gelu_grad(T x) {
   return T(0.5) * (T(1) + erf(x * inv_sqrt2)) + x * inv_sqrt_2pi * exp(T(-0.5) * x * x);
 }
 
+// The column taps of one U column resolved into element offsets within a z row: the clamped
+// columns x0 - 1 .. x0 + 2, times r (channels last), shared by every row sum of that column.
+// (W * r fits an int: the kernels' checks bound W by 2^24 / E and r by shared memory, ~50.)
+CONVLORA_HD void u_columns(int x0, int W, int r, int xoff[4]) {
+  for (int b = 0; b < 4; ++b) xoff[b] = clamp_index(x0 - 1 + b, W) * r;
+}
+
+// The horizontal sum of the bicubic filter over z row y (clamped into the map), channel c, at one
+// U column's taps (u_columns offsets, weights wx).
+template <typename T, typename Z>
+CONVLORA_HD T u_row(const Z* zn, int H, int W, int r, int c, int y, const int xoff[4],
+                    const T wx[4]) {
+  const Z* zrow = zn + static_cast<int64_t>(clamp_index(y, H)) * W * r + c;
+  T row = T(0);
+  for (int b = 0; b < 4; ++b) row += wx[b] * static_cast<T>(zrow[xoff[b]]);
+  return row;
+}
+
+// The vertical sum of the four row sums of z rows y0 - 1 .. y0 + 2 (u_row) at the row taps wy.
+template <typename T>
+CONVLORA_HD T u_from_rows(const T wy[4], T r0, T r1, T r2, T r3) {
+  T acc = T(0);
+  acc += wy[0] * r0;
+  acc += wy[1] * r1;
+  acc += wy[2] * r2;
+  acc += wy[3] * r3;
+  return acc;
+}
+
 // The bicubic sum of one U value from its taps: rows first, then columns, like PyTorch's
-// separable filter (y0, x0 from upsample_taps; taps clamped into the map).
+// separable filter (y0, x0 from upsample_taps; taps clamped into the map). Kernels that fill a
+// whole patch column reuse each row sum for the U rows that share it, with the same two
+// helpers: the same operations, so the same bits.
 template <typename T, typename Z>
 CONVLORA_HD T u_from_taps(const Z* zn, int H, int W, int r, int c, int y0, const T wy[4], int x0,
                           const T wx[4]) {
-  T acc = T(0);
-  for (int a = 0; a < 4; ++a) {
-    const int yy = clamp_index(y0 - 1 + a, H);
-    T row = T(0);
-    for (int b = 0; b < 4; ++b) {
-      const int xx = clamp_index(x0 - 1 + b, W);
-      row += wx[b] * static_cast<T>(zn[(static_cast<int64_t>(yy) * W + xx) * r + c]);
-    }
-    acc += wy[a] * row;
-  }
-  return acc;
+  int xoff[4];
+  u_columns(x0, W, r, xoff);
+  return u_from_rows<T>(wy, u_row<T>(zn, H, W, r, c, y0 - 1, xoff, wx),
+                        u_row<T>(zn, H, W, r, c, y0, xoff, wx),
+                        u_row<T>(zn, H, W, r, c, y0 + 1, xoff, wx),
+                        u_row<T>(zn, H, W, r, c, y0 + 2, xoff, wx));
 }
 
 // The upsample taps of U row (or column) p along an axis of `size` input rows, for kernels that
