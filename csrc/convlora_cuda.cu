@@ -222,6 +222,14 @@ size_t expert_bytes_per_pixel(int r, size_t elem) {
   return static_cast<size_t>(r) * (kPatchArea + kTapArea) * elem + geometry;
 }
 
+// The expert kernels' register budget: at least 3 blocks of kThreads per SM for float, i.e. at
+// most 85 registers (2, 128 registers, for double). Left to itself, ptxas (nvcc 13.0, sm_90)
+// moved these kernels between 62 and 80 registers with small source changes, and kept the
+// backward at 64 with 20-144 B of spills, some inside loops; with this bound all compile without
+// spills (c8, session 13).
+template <typename T>
+constexpr int expert_blocks_per_sm() { return sizeof(T) == sizeof(double) ? 2 : 3; }
+
 // Output channels one work item of the tap loop and of the weight-gradient stage accumulates
 // (registers).
 constexpr int kChannelChunk = 8;
@@ -432,7 +440,7 @@ __device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const Expert
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     convlora_experts_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
                                 const T* __restrict__ ew, const T* __restrict__ eb, ExpertGeom g,
                                 T* __restrict__ y) {
@@ -448,6 +456,46 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t m = tile.m0 + tile.pix0 + p;
     y[m * g.r + c] = z[m * g.r + c] + downsample_gelu<T>(pre + (p * g.r + c) * kTapArea, tile.taps[p]);
   }
+}
+
+// patch_grad for kChannelChunk input channels ci0 .. ci0 + 7 of one patch value (uy, ux) of a
+// pixel (full conv, weight staged): each tap gradient read feeds the 8 sums, whose weights
+// are two 16-byte loads from the restaged weight wt (c, 3, 3, ci), ci padded to whole chunks.
+// Per sum the same products in the same order as patch_grad (c, then the covering taps a, b),
+// so the same bits. Before (c4-c7) an item was one input channel: per product a weight load
+// from global memory with its own address arithmetic and a tap-gradient load (sm_90 SASS,
+// fp32, r = 8: ~9 instructions per FMA in the innermost loop); 4032 items per 14-pixel block
+// against 504 now (c8, session 13). emit(ci, value) for the chunk's ci < r.
+template <typename T, typename Emit>
+__device__ __forceinline__ void patch_grad_chunk(const T* dpre, const T* wt, int r, int ci0,
+                                                 int uy, int ux, const PixelTaps<T>& t,
+                                                 Emit emit) {
+  int a_lo, a_hi, b_lo, b_hi;
+  taps_covering(t.ry, t.ny, t.oy, uy, a_lo, a_hi);
+  taps_covering(t.rx, t.nx, t.ox, ux, b_lo, b_hi);
+  const int stride = staged_stride(r);
+  T acc[kChannelChunk];
+#pragma unroll
+  for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] = T(0);
+  for (int c = 0; c < r; ++c) {
+    const T* d = dpre + c * kTapArea;
+#pragma unroll 1  // (unrolled, the 8 sums' operands spilled: 144 B, ptxas keeping 64 registers)
+    for (int a = a_lo; a < a_hi; ++a) {
+      const int ky = uy - (t.ry[a] - t.oy - 1);
+#pragma unroll 1
+      for (int b = b_lo; b < b_hi; ++b) {
+        const int kx = ux - (t.rx[b] - t.ox - 1);
+        const T dv = d[a * kTaps + b];
+        const ChannelChunk<T> w =
+            *reinterpret_cast<const ChannelChunk<T>*>(wt + (c * 9 + ky * 3 + kx) * stride + ci0);
+#pragma unroll
+        for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] += w.v[cc] * dv;
+      }
+    }
+  }
+#pragma unroll
+  for (int cc = 0; cc < kChannelChunk; ++cc)
+    if (ci0 + cc < r) emit(ci0 + cc, acc[cc]);
 }
 
 // Work item k of the weight-gradient stage (see weight_partials).
@@ -539,7 +587,7 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
 //  - part[n, tile] = this tile's dEW (r, g, 3, 3) and dEB (r), summed over its pixels in order.
 // dy: row m at dy + m * dy_ld, in T or the layer's 16-bit dtype D (widened exactly on load).
 template <typename T, typename D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     convlora_experts_bwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
                                 const T* __restrict__ ew, const T* __restrict__ eb,
                                 const D* __restrict__ dy, int64_t dy_ld, ExpertGeom g,
@@ -558,15 +606,37 @@ __global__ void __launch_bounds__(kThreads)
   });
   __syncthreads();
   const int side = patch_side(s);
-  const int per_pixel = g.r * side * side;
-  for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
-    // Channels fastest, like dup's layout: a warp writes contiguous runs.
-    const int p = k / per_pixel, rem = k % per_pixel;
-    const int uv = rem / g.r, ci = rem % g.r;
-    const int64_t m = tile.m0 + pix0 + p;
-    dup[dup_index(m, g.r, uv / side, uv % side, ci)] = patch_grad<T, T>(
-        dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uv / side,
-        uv % side, tile.taps[p]);
+  if (tile.wt != nullptr) {
+    // The tap loop is done with the staged weight: restage it as (c, 3, 3, ci) for the
+    // patch gradients, which sum over c into kChannelChunk input channels per item.
+    T* wt = reinterpret_cast<T*>(smem_raw);  // tile.wt
+    const int stride = staged_stride(g.r);
+    for (int k = threadIdx.x; k < g.r * 9 * stride; k += blockDim.x) {
+      const int ci = k % stride, tap = k / stride % 9, c = k / (9 * stride);
+      wt[k] = ci < g.r ? ew_e[(c * g.r + ci) * 9 + tap] : T(0);
+    }
+    __syncthreads();
+    const int nchunk = stride / kChannelChunk;
+    const int per_pixel = side * side * nchunk;
+    for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
+      const int p = k / per_pixel, rem = k % per_pixel;
+      const int uv = rem / nchunk, ci0 = rem % nchunk * kChannelChunk;
+      const int64_t m = tile.m0 + pix0 + p;
+      patch_grad_chunk<T>(dpre + static_cast<size_t>(p) * g.r * kTapArea, wt, g.r, ci0,
+                          uv / side, uv % side, tile.taps[p],
+                          [&](int ci, T v) { dup[dup_index(m, g.r, uv / side, uv % side, ci)] = v; });
+    }
+  } else {
+    const int per_pixel = g.r * side * side;
+    for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
+      // Channels fastest, like dup's layout: a warp writes contiguous runs.
+      const int p = k / per_pixel, rem = k % per_pixel;
+      const int uv = rem / g.r, ci = rem % g.r;
+      const int64_t m = tile.m0 + pix0 + p;
+      dup[dup_index(m, g.r, uv / side, uv % side, ci)] = patch_grad<T, T>(
+          dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uv / side,
+          uv % side, tile.taps[p]);
+    }
   }
   T* part_tile = part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * (wsize + g.r);
   weight_partials<T>(tile, g, dpre, part_tile);
@@ -588,8 +658,10 @@ __global__ void __launch_bounds__(kThreads)
 // them. Before, each of the r channel threads recomputed all 84 upsample weights (~40
 // instructions each, more than its gather's sums); H200, 2026-11-28, 100 windows 14x14, r = 8:
 // this kernel took 132 us against 108 us for the whole expert forward.
+// (At least 4 blocks per SM, <= 64 registers: without a minimum ptxas kept it at 40 with 8 B of
+// spills; now 46-52, none.)
 template <typename T, typename D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     convlora_experts_dz_kernel(const int64_t* __restrict__ idx, const D* __restrict__ dy,
                                int64_t dy_ld, const T* __restrict__ dup, const T* __restrict__ dg,
                                ExpertGeom g, int64_t M, int pixels, D* __restrict__ dz) {

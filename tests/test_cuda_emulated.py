@@ -282,6 +282,8 @@ MUTANTS = {
     "experts_taps_barrier": "q - 1 - kPatch, b.s, g.W);\n  }\n  __syncthreads();\n",
     # Expert backward: a thread's dEW partial overwrites U patches others still read.
     "experts_weight_partials_barrier": "__syncthreads();       // the U patches are read\n",
+    # Expert backward (c8): patch gradients read the weight before every thread restaged it.
+    "experts_restage_barrier": "ew_e[(c * g.r + ci) * 9 + tap] : T(0);\n    }\n    __syncthreads();\n",
     # Down projection: a thread overwrites A's next chunk while others still read this one.
     "down_proj_chunk_barrier": "__syncthreads();  // the previous chunk is consumed\n",
 }
@@ -298,6 +300,9 @@ def test_emulator_catches_a_missing_barrier(mutant, thread_order):
     if mutant.startswith("experts_weight"):
         z, idx, ew, eb, dy = _experts_case(8, 5, 7, 8, False, torch.float64)
         got, want = ops.experts_bwd(z, idx, ew, eb, dy)[1], real.experts_bwd(z, idx, ew, eb, dy)[1]
+    elif mutant.startswith("experts_restage"):
+        z, idx, ew, eb, dy = _experts_case(8, 5, 7, 8, False, torch.float64)
+        got, want = ops.experts_bwd(z, idx, ew, eb, dy)[0], real.experts_bwd(z, idx, ew, eb, dy)[0]
     elif mutant.startswith("experts"):
         z, idx, ew, eb, _ = _experts_case(8, 5, 7, 8, False, torch.float64)
         got, want = ops.experts_fwd(z, idx, ew, eb), real.experts_fwd(z, idx, ew, eb)
