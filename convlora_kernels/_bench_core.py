@@ -832,15 +832,21 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 2) 
     the graph reruns the captured kernels on the same input and output buffers: randomness
     drawn from torch's CUDA generator (the gate's noise) is fresh at each replay.
     """
+    current = torch.cuda.current_stream(device)
     stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    stream.wait_stream(current)
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    current.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = fn()
+    try:
+        with torch.cuda.graph(graph):
+            static = fn()
+    finally:
+        # A failed capture can raise from torch.cuda.graph's exit before it restores the
+        # stream; the rows after this one must not run on the capture's side stream.
+        torch.cuda.set_stream(current)
     return graph, static
 
 
