@@ -1184,24 +1184,34 @@ def _render(headers: Sequence[str], body: Sequence[Sequence[str]], markdown: boo
     return [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
 
 
+def _views(rows: Sequence[dict[str, Any]], ratio_key: str) -> list[tuple[str, str, str]]:
+    """The tables to print for ``rows``: (time key, ratio key, what the cells hold); the eager
+    medians, then the CUDA-graph replays when any row has them (ratio key ``graph_`` + ...)."""
+    views = [("median_ms", ratio_key, "median ms")]
+    if any(r.get("graph_ms") is not None for r in rows):
+        views.append(("graph_ms", "graph_" + ratio_key, "CUDA-graph replay, median ms"))
+    return views
+
+
+def _columns(providers: Iterable[str], ms_key: str) -> list[str]:
+    """The providers a table shows: all, less the ones never replayed in a graph table."""
+    return [p for p in providers if not (ms_key == "graph_ms" and p in GRAPH_SKIP)]
+
+
 def format_table(rows: Iterable[dict[str, Any]], markdown: bool = False) -> str:
     """Readable tables: one per (mode, dtype) for the layer, cases down, providers across,
     each cell "ms (ratio to the frozen Linear)"; the same from CUDA-graph replays when the rows
     have them (:data:`GRAPH_DEFINITION`); then the SAM step, cells "ms (ratio to the encoder
-    without adapter)", and again from graph replays. Unavailable providers read n/a, failures OOM/ERROR, "-" no row (or no
-    graph replay: the reference and compile rows)."""
+    without adapter)", and again from graph replays. Unavailable providers read n/a, failures
+    OOM/ERROR, "-" no row (or no graph replay)."""
     rows = list(rows)
     out: list[str] = []
     layer = [r for r in rows if r["kind"] == "layer"]
-    graphed = any(r.get("graph_ms") is not None for r in layer)
     for (mode, dtype), (ms_key, ratio_key, timed) in itertools.product(
-        dict.fromkeys((r["mode"], r["dtype"]) for r in layer),
-        [("median_ms", "ratio_to_linear", "median ms")]
-        + ([("graph_ms", "graph_ratio_to_linear", "CUDA-graph replay, median ms")] if graphed else []),
+        dict.fromkeys((r["mode"], r["dtype"]) for r in layer), _views(layer, "ratio_to_linear")
     ):
         subset = [r for r in layer if r["mode"] == mode and r["dtype"] == dtype]
-        providers = [p for p in PROVIDERS if any(r["provider"] == p for r in subset)
-                     and not (ms_key == "graph_ms" and p in GRAPH_SKIP)]
+        providers = _columns((p for p in PROVIDERS if any(r["provider"] == p for r in subset)), ms_key)
         floors = {r["shape"]: r for r in subset if r["provider"] == "linear"}
         labels: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
         for r in subset:
@@ -1228,12 +1238,8 @@ def format_table(rows: Iterable[dict[str, Any]], markdown: bool = False) -> str:
         title = f"Layer {'forward' if mode == 'fwd' else 'forward+backward'}, {dtype}: {timed} (x frozen Linear)"
         out += [("### " if markdown else "") + title, ""] + _render(["case"] + providers, body, markdown) + [""]
     sam = [r for r in rows if r["kind"] == "sam"]
-    sam_graphed = any(r.get("graph_ms") is not None for r in sam)
-    for ms_key, ratio_key, timed in [("median_ms", "ratio_to_no_adapter", "median ms")] + (
-        [("graph_ms", "graph_ratio_to_no_adapter", "CUDA-graph replay, median ms")] if sam_graphed else []
-    ):
-        providers = [p for p in dict.fromkeys(r["provider"] for r in sam)
-                     if not (ms_key == "graph_ms" and p in GRAPH_SKIP)]
+    for ms_key, ratio_key, timed in (_views(sam, "ratio_to_no_adapter") if sam else []):
+        providers = _columns(dict.fromkeys(r["provider"] for r in sam), ms_key)
         body = []
         for key in dict.fromkeys((r["model"], r["batch"], r["dtype"]) for r in sam):
             line = [f"{key[0]} batch {key[1]} {key[2]}"]

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls after the first (excluded)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: adaptive)")
     parser.add_argument("--no-graph", action="store_true",
-                        help="GPU: do not also time each layer row as a CUDA-graph replay (graph_ms)")
+                        help="GPU: do not also time each row as a CUDA-graph replay (graph_ms)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"directory for {JSON_NAME}, {PNG_NAME}, {TABLE_NAME}")
     parser.add_argument("--results", default=None, metavar="DIR",
                         help="also write DIR/<gpu-name>.json (GPU runs only), e.g. benchmarks/results")
