@@ -70,15 +70,18 @@ void experts_fwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
 template <typename T>
 void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, const T* eb,
                       bool depthwise, int64_t N, int H, int W, int r, const T* dy, const T* dg,
-                      T* dz, T* dup, T* dew_n, T* deb_n) {
+                      T* dz, T* dzw, T* dew_n, T* deb_n) {
   const int64_t hw = static_cast<int64_t>(H) * W;
   const int g = depthwise ? 1 : r;
   const int64_t wsize = static_cast<int64_t>(r) * g * 9;
   // Phase 1, one sample per task so each sample's weight gradient sums its pixels in a fixed
-  // order: per-pixel U-patch gradients (dup) and per-sample dEW, dEB.
+  // order: per-pixel window gradients (dzw) and per-sample dEW, dEB.
   at::parallel_for(0, N, 1, [&](int64_t n_begin, int64_t n_end) {
     std::vector<T> up(static_cast<size_t>(r) * kPatchArea);
     std::vector<T> dpre(static_cast<size_t>(r) * kTapArea);
+    std::vector<T> du(static_cast<size_t>(r) * kPatchArea);  // dup_index layout, one pixel
+    WindowWeights<T> ww;
+    T out[kWindow];
     for (int64_t n = n_begin; n < n_end; ++n) {
       const int64_t e = idx[n];
       const int s = static_cast<int>(e) + 1;
@@ -105,8 +108,14 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
         for (int ci = 0; ci < r; ++ci)
           for (int uy = 0; uy < t.side; ++uy)
             for (int ux = 0; ux < t.side; ++ux)
-              dup[dup_index(m, r, uy, ux, ci)] =
+              du[dup_index(0, r, uy, ux, ci)] =
                   patch_grad<T, T>(dpre.data(), ew + e * wsize, r, depthwise, ci, uy, ux, t);
+        window_weights<T>(H, W, i, j, s, ww);
+        for (int c = 0; c < r; ++c)
+          for (int q = 0; q < kWindow; ++q) {
+            window_row_grad<T>(du.data() + c, r, t.side, ww.row[q], ww.col, out);
+            for (int tt = 0; tt < kWindow; ++tt) dzw[dzw_index(m, r, q, tt, c)] = out[tt];
+          }
         for (int c = 0; c < r; ++c)
           for (int gi = 0; gi < g; ++gi)
             for (int k = 0; k < 9; ++k)
@@ -115,17 +124,14 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
       }
     }
   });
-  // Phase 2: dz = dy (residual) + the gather of the neighbouring patch gradients (+ dg[n]).
+  // Phase 2: dz = dy (residual) + the neighbouring outputs' window gradients (+ dg[n]).
   at::parallel_for(0, N * hw, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t n = m / hw;
       const int i = static_cast<int>((m % hw) / W), j = static_cast<int>(m % W);
-      const int s = static_cast<int>(idx[n]) + 1;
-      const T* dup_n = dup + n * hw * r * kPatchArea;
-      GatherWeights<T> gw;
-      gather_weights<T>(H, W, i, j, s, gw);
+      const T* dzw_n = dzw + n * hw * r * kWindowArea;
       for (int c = 0; c < r; ++c) {
-        T v = dy[m * r + c] + gather_dz<T>(dup_n, H, W, r, c, i, j, s, gw);
+        T v = dy[m * r + c] + gather_window<T>(dzw_n, H, W, r, c, i, j);
         if (dg != nullptr) v += dg[n * r + c];
         dz[m * r + c] = v;
       }
@@ -192,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
   at::Tensor eb = expert_bias.to(z.scalar_type()).contiguous();
   const auto opts = z.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dz = new_output(z.sizes(), opts);
-  at::Tensor dup = new_output({N * H * W, kPatchArea, r}, opts);  // dup_index layout
+  at::Tensor dzw = new_output({N * H * W, kWindowArea, r}, opts);  // dzw_index layout
   at::Tensor dew_n = new_output({N, r, g, 3, 3}, opts);
   at::Tensor deb_n = new_output({N, r}, opts);
   if (z.numel() > 0) {
@@ -202,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
                                  dyc.data_ptr<scalar_t>(),
                                  dg.defined() ? dg.data_ptr<scalar_t>() : nullptr,
                                  dz.data_ptr<scalar_t>(),
-                                 dup.data_ptr<scalar_t>(), dew_n.data_ptr<scalar_t>(),
+                                 dzw.data_ptr<scalar_t>(), dew_n.data_ptr<scalar_t>(),
                                  deb_n.data_ptr<scalar_t>());
     });
   }

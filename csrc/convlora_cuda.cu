@@ -6,20 +6,21 @@
 //   convlora_experts_fwd_kernel      one block per (sample, tile of output pixels): U patches,
 //                                    the expert weight (ci, 3, 3, c) and the tap pre-activations
 //                                    in shared memory, 8 output channels per item, y = z + D
-//   convlora_experts_bwd_kernel      same tiling: per-pixel U-patch gradients to a scratch buffer
-//                                    and per-block dEW/dEB partials (fixed summation order; an
-//                                    item is 8 output channels x one input channel x one offset)
-//   convlora_experts_dz_kernel       one thread per (pixel, channel): dz = dy + gather of the
-//                                    neighbouring outputs' patch gradients (no atomics)
+//   convlora_experts_bwd_kernel      same tiling: per-block dEW/dEB partials (fixed summation
+//                                    order; an item is 8 output channels x one input channel x
+//                                    one offset), per-pixel U-patch gradients in shared memory,
+//                                    contracted to the gradients of the pixel's 7 x 7 z window
+//   convlora_experts_dz_kernel       one thread per (pixel, channel): dz = dy + the neighbouring
+//                                    outputs' window gradients (49 loads, no atomics)
 //   convlora_expert_sums_kernel      one block per (32 columns, expert): the per-sample dEW/dEB
 //                                    partials summed per expert, samples in a fixed order
 //   convlora_gate_fwd/bwd_kernel     one block: the gate and its loss (gradient), samples
 //                                    strided over threads, fixed-order block reductions
 //
-// Why per-pixel patch gradients plus a gather instead of a whole window in shared memory: the
+// Why per-pixel window gradients plus a gather instead of a whole window in shared memory: the
 // upsampled map of a 14x14 window at s = 8 is 112x112 per channel (r = 8: 400 KB in float32),
-// too big for one block, and splitting it needs halos anyway. The scratch costs M*r*36 floats
-// (SAM ViT-B, 100 windows, r = 8: 22 MB) but keeps every output written by exactly one thread in
+// too big for one block, and splitting it needs halos anyway. The scratch costs M*r*49 floats
+// (SAM ViT-B, 100 windows, r = 8: 31 MB) but keeps every output written by exactly one thread in
 // a fixed order, so the backward is bitwise deterministic.
 // (No ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE headers that CI's minimal toolkit lacks.)
 // CI runs these kernels and their launchers on the CPU through tests/cuda_emu (threads as fibers,
@@ -208,18 +209,27 @@ struct ExpertGeom {
   int pixels_per_block;
 };
 
-// Shared memory of an expert block per pixel: its U patch (r, 6, 6), its tap buffer (r, 4, 4),
-// its PixelTaps and the upsample taps of its patch rows and columns (2 x 6 UTaps), in the element
-// type (float, or double for float64).
+// Shared memory of an expert block per pixel: its U patch (r, 6, 6), its tap buffer (r, 4, 4;
+// the backward's WindowWeights later, hence at least 84 elements: more than r x 16 only for
+// r < 6), its PixelTaps and the upsample taps of its patch rows and columns (2 x 6 UTaps), in
+// the element type (float, or double for float64).
 template <typename T>
 constexpr size_t pixel_geometry_bytes() {
   return sizeof(PixelTaps<T>) + 2 * kPatch * sizeof(UTaps<T>);
 }
 
+static_assert(sizeof(WindowWeights<float>) == 2 * kWindow * kPatch * sizeof(float) &&
+                  sizeof(WindowWeights<double>) == 2 * kWindow * kPatch * sizeof(double),
+              "WindowWeights must fit tap_buffer_elems");
+CONVLORA_HD int tap_buffer_elems(int r) {
+  constexpr int kWindowWeights = 2 * kWindow * kPatch;  // sizeof(WindowWeights<T>) / sizeof(T)
+  return r * kTapArea > kWindowWeights ? r * kTapArea : kWindowWeights;
+}
+
 size_t expert_bytes_per_pixel(int r, size_t elem) {
   const size_t geometry =
       elem == sizeof(double) ? pixel_geometry_bytes<double>() : pixel_geometry_bytes<float>();
-  return static_cast<size_t>(r) * (kPatchArea + kTapArea) * elem + geometry;
+  return (static_cast<size_t>(r) * kPatchArea + tap_buffer_elems(r)) * elem + geometry;
 }
 
 // The expert kernels' register budget: at least 3 blocks of kThreads per SM for float, i.e. at
@@ -313,7 +323,8 @@ __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, 
 // expert and scale, pixels [pix0, pix0 + npix) of the map, and in shared memory the U patches and
 // the PixelTaps of those pixels (synchronised: ready to read on return). smem: the staged expert
 // weight when stages_weights (see tap_loop), then (P, r, 6, 6) U
-// patches, a (P, r, 4, 4) tap buffer (pre-activations forward, their gradients backward), then
+// patches, a (P, r, 4, 4) tap buffer (pre-activations forward, their gradients and then the
+// window weights backward: tap_buffer_elems per pixel), then
 // P PixelTaps, then the upsample taps of each patch's rows (P, 6) and columns (P, 6). Both are
 // computed once per pixel: every tap-loop work item, and every (weight element, pixel) of the
 // backward's weight gradient, used to recompute the PixelTaps, and every U value its two
@@ -345,7 +356,7 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   smem += wt_size;
   b.up = smem;
   b.tap_buf = smem + static_cast<size_t>(P) * g.r * kPatchArea;
-  b.taps = reinterpret_cast<PixelTaps<T>*>(b.tap_buf + static_cast<size_t>(P) * g.r * kTapArea);
+  b.taps = reinterpret_cast<PixelTaps<T>*>(b.tap_buf + static_cast<size_t>(P) * tap_buffer_elems(g.r));
   b.uty = reinterpret_cast<UTaps<T>*>(b.taps + P);
   b.utx = b.uty + P * kPatch;
   b.pix0 = blockIdx.x * P;
@@ -582,16 +593,18 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
 }
 
 // Backward per tile: recompute U patches and pre, tap gradients in shared memory, then
-//  - dup[m] = conv^T of the tap gradients (per-pixel patch gradients (6, 6, r), read by the dz
-//    gather),
-//  - part[n, tile] = this tile's dEW (r, g, 3, 3) and dEB (r), summed over its pixels in order.
+//  - part[n, tile] = this tile's dEW (r, g, 3, 3) and dEB (r), summed over its pixels in order,
+//  - each pixel's U-patch gradient (6, 6, r), the transposed conv of its tap gradients, into
+//    shared memory over the U patches,
+//  - dzw[m] = the gradients each pixel's patch sends to its 7 x 7 input window (the transposed
+//    upsample, window_row_grad), which the dz kernel sums.
 // dy: row m at dy + m * dy_ld, in T or the layer's 16-bit dtype D (widened exactly on load).
 template <typename T, typename D>
 __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     convlora_experts_bwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
                                 const T* __restrict__ ew, const T* __restrict__ eb,
                                 const D* __restrict__ dy, int64_t dy_ld, ExpertGeom g,
-                                T* __restrict__ dup, T* __restrict__ part) {
+                                T* __restrict__ dzw, T* __restrict__ part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const ExpertTile<T> tile = expert_tile<T>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
   T* dpre = tile.tap_buf;  // (P, r, 4, 4)
@@ -605,6 +618,17 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
         tap_grad<T>(v, static_cast<T>(dy[m * dy_ld + c]), tile.taps[p], a, b);
   });
   __syncthreads();
+  T* part_tile = part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * (wsize + g.r);
+  weight_partials<T>(tile, g, dpre, part_tile);
+  for (int c = threadIdx.x; c < g.r; c += blockDim.x) {  // dEB
+    T acc = T(0);
+    for (int p = 0; p < npix; ++p)
+      for (int a = 0; a < nt1; ++a)
+        for (int b = 0; b < nt1; ++b) acc += dpre[(p * g.r + c) * kTapArea + a * kTaps + b];
+    part_tile[wsize + c] = acc;
+  }
+  // The patch gradients go over the U patches (after a barrier: the weight gradients read them).
+  T* du = tile.up;  // (P, 6, 6, r): dup_index with the block's pixel p for m
   const int side = patch_side(s);
   if (tile.wt != nullptr) {
     // The tap loop is done with the staged weight: restage it as (c, 3, 3, ci) for the
@@ -615,81 +639,75 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
       const int ci = k % stride, tap = k / stride % 9, c = k / (9 * stride);
       wt[k] = ci < g.r ? ew_e[(c * g.r + ci) * 9 + tap] : T(0);
     }
-    __syncthreads();
+    __syncthreads();  // the weight is restaged, and the U patches are read
     const int nchunk = stride / kChannelChunk;
     const int per_pixel = side * side * nchunk;
     for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
       const int p = k / per_pixel, rem = k % per_pixel;
       const int uv = rem / nchunk, ci0 = rem % nchunk * kChannelChunk;
-      const int64_t m = tile.m0 + pix0 + p;
       patch_grad_chunk<T>(dpre + static_cast<size_t>(p) * g.r * kTapArea, wt, g.r, ci0,
                           uv / side, uv % side, tile.taps[p],
-                          [&](int ci, T v) { dup[dup_index(m, g.r, uv / side, uv % side, ci)] = v; });
+                          [&](int ci, T v) { du[dup_index(p, g.r, uv / side, uv % side, ci)] = v; });
     }
   } else {
+    __syncthreads();  // the U patches are read
     const int per_pixel = g.r * side * side;
     for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
-      // Channels fastest, like dup's layout: a warp writes contiguous runs.
       const int p = k / per_pixel, rem = k % per_pixel;
-      const int uv = rem / g.r, ci = rem % g.r;
-      const int64_t m = tile.m0 + pix0 + p;
-      dup[dup_index(m, g.r, uv / side, uv % side, ci)] = patch_grad<T, T>(
+      const int uv = rem / g.r, ci = rem % g.r;  // channels fastest, like du's layout
+      du[dup_index(p, g.r, uv / side, uv % side, ci)] = patch_grad<T, T>(
           dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uv / side,
           uv % side, tile.taps[p]);
     }
   }
-  T* part_tile = part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * (wsize + g.r);
-  weight_partials<T>(tile, g, dpre, part_tile);
-  for (int c = threadIdx.x; c < g.r; c += blockDim.x) {  // dEB
-    T acc = T(0);
-    for (int p = 0; p < npix; ++p)
-      for (int a = 0; a < nt1; ++a)
-        for (int b = 0; b < nt1; ++b) acc += dpre[(p * g.r + c) * kTapArea + a * kTaps + b];
-    part_tile[wsize + c] = acc;
+  __syncthreads();  // the tap gradients are read: the window weights go over them
+  // Each pixel's window weights, one axis row per work item (14 per pixel), from the upsample
+  // taps the fill used (their address rederived from tile.taps, which stays live anyway: keeping
+  // tile.uty and tile.utx live through the stages above spilled 20 B).
+  WindowWeights<T>* ww = reinterpret_cast<WindowWeights<T>*>(tile.tap_buf);  // (P,)
+  const UTaps<T>* uty = reinterpret_cast<const UTaps<T>*>(tile.taps + g.pixels_per_block);
+  const UTaps<T>* utx = uty + g.pixels_per_block * kPatch;
+  for (int k = threadIdx.x; k < npix * 2 * kWindow; k += blockDim.x) {
+    const int p = k / (2 * kWindow), q = k % (2 * kWindow);
+    const int pix = pix0 + p;
+    const bool row = q < kWindow;  // (one call site: two inlined copies spilled 16 B)
+    window_axis_weights<T>((row ? uty : utx) + p * kPatch, row ? pix / g.W : pix % g.W,
+                           q % kWindow, s, row ? g.H : g.W, row ? ww[p].row[q] : ww[p].col[q - kWindow]);
+  }
+  __syncthreads();
+  // A work item is (pixel, window row q, channel), channels fastest: its patch-gradient reads are
+  // consecutive words across the warp, the weights broadcasts, the stores whole sectors.
+  for (int k = threadIdx.x; k < npix * kWindow * g.r; k += blockDim.x) {
+    const int p = k / (kWindow * g.r), q = k / g.r % kWindow, c = k % g.r;
+    const int64_t m = tile.m0 + pix0 + p;
+    T out[kWindow];
+    window_row_grad<T>(du + dup_index(p, g.r, 0, 0, c), g.r, side, ww[p].row[q], ww[p].col, out);
+#pragma unroll
+    for (int t = 0; t < kWindow; ++t) dzw[dzw_index(m, g.r, q, t, c)] = out[t];
   }
 }
 
-// dz = dy + the gather of the neighbouring patch gradients (+ dg[n], the gradient of the per-sample
-// mean g / (H*W), when given), summed in T and rounded once to dy's dtype D (the layer's GEMMs
-// take dz in that dtype: the cast launch that followed is gone): one thread per (pixel, channel), a
-// block holding `pixels` consecutive pixels x r channels (dz_pixels_per_block). The gather's
-// weights depend on the pixel, not the channel: the block computes them once per pixel into
-// shared memory (each of a pixel's 14 axis rows by one thread), where every channel thread reads
-// them. Before, each of the r channel threads recomputed all 84 upsample weights (~40
-// instructions each, more than its gather's sums); H200, 2026-11-28, 100 windows 14x14, r = 8:
-// this kernel took 132 us against 108 us for the whole expert forward.
-// (At least 4 blocks per SM, <= 64 registers: without a minimum ptxas kept it at 40 with 8 B of
-// spills; now 46-52, none.)
+// dz = dy + the window gradients of the neighbouring outputs (+ dg[n], the gradient of the
+// per-sample mean g / (H*W), when given), summed in T and rounded once to dy's dtype D (the
+// layer's GEMMs take dz in that dtype: the cast launch that followed is gone): one thread per
+// (pixel, channel), 49 loads. Before c9 (session 14) this kernel gathered the neighbours' 6 x 6
+// patch gradients itself, with their upsample weights: ~600 loads and FMAs per thread (H200,
+// 2026-11-28, c3: 132 us at 100 windows 14x14, r = 8, more than the whole expert forward's
+// 108 us); the expert backward now contracts each patch to its window in shared memory.
 template <typename T, typename D>
-__global__ void __launch_bounds__(kThreads, 4)
-    convlora_experts_dz_kernel(const int64_t* __restrict__ idx, const D* __restrict__ dy,
-                               int64_t dy_ld, const T* __restrict__ dup, const T* __restrict__ dg,
-                               ExpertGeom g, int64_t M, int pixels, D* __restrict__ dz) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  GatherWeights<T>* gw = reinterpret_cast<GatherWeights<T>*>(smem_raw);  // (pixels,)
+__global__ void __launch_bounds__(kThreads)
+    convlora_experts_dz_kernel(const D* __restrict__ dy, int64_t dy_ld, const T* __restrict__ dzw,
+                               const T* __restrict__ dg, ExpertGeom g, int64_t M,
+                               D* __restrict__ dz) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= M * g.r) return;
+  const int64_t m = k / g.r;
+  const int c = static_cast<int>(k % g.r);
   const int hw = g.H * g.W;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * pixels;
-  const int npix = M - m0 < pixels ? static_cast<int>(M - m0) : pixels;
-  constexpr int kAxisRows = 2 * kGatherSpan;  // 7 row weights, then 7 column weights
-  for (int k = threadIdx.x; k < npix * kAxisRows; k += blockDim.x) {
-    const int p = k / kAxisRows, q = k % kAxisRows;
-    const int64_t m = m0 + p;
-    const int n = static_cast<int>(m / hw), pix = static_cast<int>(m % hw);
-    const int s = load_expert<T>(idx, n, g.E) + 1;
-    if (q < kGatherSpan)
-      gw[p].any_row[q] = gather_axis_weights<T>(pix / g.W, q, s, g.H, gw[p].wrow[q]);
-    else
-      gather_axis_weights<T>(pix % g.W, q - kGatherSpan, s, g.W, gw[p].wcol[q - kGatherSpan]);
-  }
-  __syncthreads();
-  const int p = static_cast<int>(threadIdx.x) / g.r, c = static_cast<int>(threadIdx.x) % g.r;
-  if (p >= npix) return;
-  const int64_t m = m0 + p;
   const int n = static_cast<int>(m / hw), pix = static_cast<int>(m % hw);
-  const int s = load_expert<T>(idx, n, g.E) + 1;
-  const T* dup_n = dup + static_cast<int64_t>(n) * hw * g.r * kPatchArea;
+  const T* dzw_n = dzw + static_cast<int64_t>(n) * hw * kWindowArea * g.r;
   T v = static_cast<T>(dy[m * dy_ld + c]) +
-        gather_dz<T>(dup_n, g.H, g.W, g.r, c, pix / g.W, pix % g.W, s, gw[p]);
+        gather_window<T>(dzw_n, g.H, g.W, g.r, c, pix / g.W, pix % g.W);
   if (dg != nullptr) v += dg[static_cast<int64_t>(n) * g.r + c];  // the CPU twin's order
   dz[m * g.r + c] = static_cast<D>(v);
 }
@@ -756,10 +774,6 @@ void dispatch_dy(at::ScalarType dtype, F&& f) {
   f(T{});
 }
 
-// Pixels per block of the dz kernel: as many as fit kThreads threads at one per channel, at most
-// 64 (shared memory: 64 GatherWeights<double> are 43 KB).
-int dz_pixels_per_block(int r) { return std::clamp(kThreads / r, 1, 64); }
-
 struct ExpertArgs {
   at::Tensor z, idx, ew, eb;
   ExpertGeom geom;
@@ -825,28 +839,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
   const int64_t wsize = r * g * 9;
   const auto opts = a.z.options();
   at::Tensor dz = new_output(z.sizes(), opts.dtype(dy_in.scalar_type()));
-  at::Tensor dup = new_output({M, kPatchArea, r}, opts);  // dup_index layout
+  at::Tensor dzw = new_output({M, kWindowArea, r}, opts);  // dzw_index layout
   at::Tensor part = new_output({N, a.tiles, wsize + r}, opts);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (M > 0) {
     const dim3 grid(a.tiles, static_cast<unsigned>(N));
-    const int dz_pixels = dz_pixels_per_block(r);
-    const int64_t dz_blocks = (M + dz_pixels - 1) / dz_pixels;
+    const int64_t dz_blocks = (M * r + kThreads - 1) / kThreads;
     TORCH_CHECK(dz_blocks < (int64_t(1) << 31), "convlora: too many pixels for one launch: ", M);
-    // (prepare_experts' shared-memory check already bounds r well below kThreads)
-    TORCH_CHECK(dz_pixels * r <= kThreads, "convlora: rank r = ", r, " too large for the dz kernel");
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_bwd_cuda", [&] {
       using T = scalar_t;
       dispatch_dy<T>(dy.rows.scalar_type(), [&](auto dy_type) {
         using D = decltype(dy_type);
         convlora_experts_bwd_kernel<T, D><<<grid, kThreads, expert_smem(a), stream>>>(
             a.z.data_ptr<T>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<T>(), a.eb.data_ptr<T>(),
-            dy.rows.data_ptr<D>(), dy.ld, a.geom, dup.data_ptr<T>(), part.data_ptr<T>());
+            dy.rows.data_ptr<D>(), dy.ld, a.geom, dzw.data_ptr<T>(), part.data_ptr<T>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        convlora_experts_dz_kernel<T, D><<<static_cast<unsigned>(dz_blocks), dz_pixels * r,
-                                           dz_pixels * sizeof(GatherWeights<T>), stream>>>(
-            a.idx.data_ptr<int64_t>(), dy.rows.data_ptr<D>(), dy.ld, dup.data_ptr<T>(),
-            dg.defined() ? dg.data_ptr<T>() : nullptr, a.geom, M, dz_pixels, dz.data_ptr<D>());
+        convlora_experts_dz_kernel<T, D><<<static_cast<unsigned>(dz_blocks), kThreads, 0, stream>>>(
+            dy.rows.data_ptr<D>(), dy.ld, dzw.data_ptr<T>(), dg.defined() ? dg.data_ptr<T>() : nullptr,
+            a.geom, M, dz.data_ptr<D>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

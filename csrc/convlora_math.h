@@ -299,98 +299,123 @@ CONVLORA_HD T weight_grad(const T* up, const T* dpre, int c, int ci, int ky, int
   return acc;
 }
 
-// Weight of U position p (along one axis) on input row zi: sum of its upsample weights whose
-// clamped tap is zi (several taps can clamp onto the same edge row).
-template <typename T>
-CONVLORA_HD T upsample_weight_on(int p, int s, int size, int zi) {
-  if (s == 1) return p == zi ? T(1) : T(0);
-  T w[4];
-  const int i0 = upsample_taps<T>(p, s, w);
-  T acc = T(0);
-  for (int a = 0; a < 4; ++a)
-    if (clamp_index(i0 - 1 + a, size) == zi) acc += w[a];
-  return acc;
-}
-
 // Largest |i - zi| between an output pixel i and an input pixel zi its U patch reads, on one axis
 // (the patch spans src within oi +- 1.25, so taps within oi +- 3; clamping moves taps toward the
 // edge row, which then lies within 3 of the outputs near that edge as well).
 constexpr int kGatherRadius = 3;
+// The input pixels one output pixel's U patch reads, per axis: its window oi - 3 .. oi + 3.
+constexpr int kWindow = 2 * kGatherRadius + 1;
+constexpr int kWindowArea = kWindow * kWindow;
 
-// Layout of the per-output-pixel U-patch gradients ("dup"): (pixels, 6, 6, r), channels
-// innermost, so the dz gather's threads (consecutive channels of a pixel) read whole sectors.
+// Layout of U-patch gradients: (pixels, 6, 6, r), channels innermost (a warp's consecutive
+// channels read and write consecutive words).
 CONVLORA_HD int64_t dup_index(int64_t m, int r, int uy, int ux, int c) {
   return (m * kPatchArea + uy * kPatch + ux) * r + c;
 }
 
-// The weights of the dZ gather at input pixel (zi, zj), the same for every channel: for the 7
-// output rows i = zi - 3 + di, wrow[di][u] is the weight of their patch row u on input row zi
-// (zero when i is off the map, u is past the patch side or the U row is padding), any_row[di]
-// whether one is non-zero; wcol[dj][v] likewise for the output columns j = zj - 3 + dj.
-constexpr int kGatherSpan = 2 * kGatherRadius + 1;
+// Layout of the window gradients ("dzw"): (pixels, 7, 7, r), channels innermost. Element
+// (q, t, c) of output pixel m = (i, j) is the gradient its U patch sends to input pixel
+// (i - 3 + q, j - 3 + t), channel c (zero where that pixel is off the map).
+CONVLORA_HD int64_t dzw_index(int64_t m, int r, int q, int t, int c) {
+  return ((m * kWindow + q) * kWindow + t) * r + c;
+}
 
+// The weights of output row (or column) o's patch rows on input row o - 3 + q, along an axis of
+// `size` pixels: w[u] = the sum of patch row u's upsample weights whose clamped tap is that row
+// (several taps can clamp onto the same edge row); zero when the input row is off the map, u is
+// past the patch side or the U row is padding (u_taps gives it zero weights). ut: the upsample
+// taps of the 6 patch rows, u_taps(patch_origin(o, s) + u, s, size), which the expert kernels
+// keep in shared memory for the fill (recomputing the taps here cost ~850 SASS instructions per
+// call, sm_90, float).
 template <typename T>
-struct GatherWeights {
-  T wrow[kGatherSpan][kPatch];
-  T wcol[kGatherSpan][kPatch];
-  bool any_row[kGatherSpan];
-};
-
-// Row (axis 0) or column (axis 1) d of the weights: one output row/column's 6 patch weights on
-// input index z along an axis of `size` pixels. ~40 instructions per upsample_weight_on call,
-// 6 calls: the gather's weights cost more than its sums, hence computed once per pixel (CPU) or
-// once per pixel and block (GPU), not once per channel.
-template <typename T>
-CONVLORA_HD bool gather_axis_weights(int z, int d, int s, int size, T w[kPatch]) {
+CONVLORA_HD void window_axis_weights(const UTaps<T> ut[kPatch], int o, int q, int s, int size,
+                                     T w[kPatch]) {
+  const int zq = o - kGatherRadius + q;
+  const bool on_map = zq >= 0 && zq < size;
   const int side = patch_side(s);
-  const int o = z - kGatherRadius + d;  // the output row (column)
-  const int origin = patch_origin(o, s);
-  bool any = false;
   CONVLORA_UNROLL
   for (int u = 0; u < kPatch; ++u) {
-    const int p = origin + u;
-    const bool used = o >= 0 && o < size && u < side && p >= 0 && p < s * size;
-    w[u] = used ? upsample_weight_on<T>(p, s, size, z) : T(0);
-    any = any || w[u] != T(0);
-  }
-  return any;
-}
-
-template <typename T>
-CONVLORA_HD void gather_weights(int H, int W, int zi, int zj, int s, GatherWeights<T>& g) {
-  for (int d = 0; d < kGatherSpan; ++d) {
-    g.any_row[d] = gather_axis_weights<T>(zi, d, s, H, g.wrow[d]);
-    gather_axis_weights<T>(zj, d, s, W, g.wcol[d]);
+    T acc = T(0);
+    if (on_map && u < side) {
+      CONVLORA_UNROLL
+      for (int a = 0; a < 4; ++a)
+        if (clamp_index(ut[u].first - 1 + a, size) == zq) acc += ut[u].w[a];
+    }
+    w[u] = acc;
   }
 }
 
-// dZ[n, zi, zj, c] gathered from the per-output-pixel U patch gradients of the outputs around
-// it, in a fixed order (deterministic, no atomics). dup_n points at the (H*W, 6, 6, r) patch
-// gradients of sample n (dup_index); gw: gather_weights(H, W, zi, zj, s).
+// One output pixel (i, j)'s window weights: row[q] for input row i - 3 + q, col[t] for input
+// column j - 3 + t.
 template <typename T>
-CONVLORA_HD T gather_dz(const T* dup_n, int H, int W, int r, int c, int zi, int zj, int s,
-                        const GatherWeights<T>& gw) {
-  const int side = patch_side(s);
-  T acc = T(0);
-  for (int di = 0; di < kGatherSpan; ++di) {
-    const int i = zi - kGatherRadius + di;
-    if (i < 0 || i >= H || !gw.any_row[di]) continue;
-    const T* wrow = gw.wrow[di];
+struct WindowWeights {
+  T row[kWindow][kPatch];
+  T col[kWindow][kPatch];
+};
+
+template <typename T>
+CONVLORA_HD void window_weights(int H, int W, int i, int j, int s, WindowWeights<T>& w) {
+  UTaps<T> uty[kPatch], utx[kPatch];
+  for (int u = 0; u < kPatch; ++u) {
+    uty[u] = u_taps<T>(patch_origin(i, s) + u, s, H);
+    utx[u] = u_taps<T>(patch_origin(j, s) + u, s, W);
+  }
+  for (int q = 0; q < kWindow; ++q) {
+    window_axis_weights<T>(uty, i, q, s, H, w.row[q]);
+    window_axis_weights<T>(utx, j, q, s, W, w.col[q]);
+  }
+}
+
+// Row q of one output pixel's window gradient, one channel: out[t] = the gradient its U patch
+// sends to input pixel (i - 3 + q, j - 3 + t) = sum_v col[t][v] * (sum_u row[u] * dU[u][v]), the
+// transposed bicubic upsample, rows first (u, v < side: odd s has a 3 x 3 patch). du: the
+// channel's dU[0][0] in the dup_index layout (element (u, v) at du[(u * kPatch + v) * r]); row:
+// WindowWeights::row[q]. 78 FMAs for 7 outputs. Why a window per output and not a gather per
+// input: the gather (c3/c4) read, per input pixel and channel, each of the 49 neighbouring
+// outputs' 6 x 6 patch gradients it lies under (~600 global loads and as many FMAs); here the
+// expert backward contracts each patch while it is in shared memory, and the dz kernel adds 49
+// values (c9, session 14).
+template <typename T>
+CONVLORA_HD void window_row_grad(const T* du, int r, int side, const T row[kPatch],
+                                 const T col[kWindow][kPatch], T out[kWindow]) {
+  T rows[kPatch];
+  CONVLORA_UNROLL
+  for (int v = 0; v < kPatch; ++v) {
+    T acc = T(0);
     CONVLORA_UNROLL
-    for (int dj = 0; dj < kGatherSpan; ++dj) {
+    for (int u = 0; u < kPatch; ++u)
+      if (u < side && v < side) acc += row[u] * du[(u * kPatch + v) * r];
+    rows[v] = acc;
+  }
+  CONVLORA_UNROLL
+  for (int t = 0; t < kWindow; ++t) {
+    T acc = T(0);
+    CONVLORA_UNROLL
+    for (int v = 0; v < kPatch; ++v)
+      if (v < side) acc += col[t][v] * rows[v];
+    out[t] = acc;
+  }
+}
+
+// dZ[n, zi, zj, c] less dy: the window gradients the outputs around (zi, zj) send it, summed in
+// a fixed order (deterministic, no atomics). dzw_n: sample n's (H*W, 7, 7, r) (dzw_index).
+template <typename T>
+CONVLORA_HD T gather_window(const T* dzw_n, int H, int W, int r, int c, int zi, int zj) {
+  const int64_t step = static_cast<int64_t>(kWindowArea - 1) * r;
+  T acc = T(0);
+  for (int di = 0; di < kWindow; ++di) {
+    const int i = zi - kGatherRadius + di;  // the output; zi is its window row 6 - di
+    if (i < 0 || i >= H) continue;
+    // dzw_index(i * W + j, r, 6 - di, 6 - dj, c) at j = zj - 3 + dj, as one index per row: a
+    // step of one neighbour is one pixel forward and one window column back. (Written out per
+    // dj, the 64-bit index products took ~30 SASS instructions per load.)
+    const int64_t row = dzw_index(static_cast<int64_t>(i) * W + zj - kGatherRadius, r,
+                                  kWindow - 1 - di, kWindow - 1, c);
+    CONVLORA_UNROLL
+    for (int dj = 0; dj < kWindow; ++dj) {
       const int j = zj - kGatherRadius + dj;
       if (j < 0 || j >= W) continue;
-      const int64_t m = static_cast<int64_t>(i) * W + j;
-      CONVLORA_UNROLL
-      for (int v = 0; v < kPatch; ++v) {
-        const T wq = gw.wcol[dj][v];
-        if (wq == T(0)) continue;
-        T col = T(0);
-        CONVLORA_UNROLL
-        for (int u = 0; u < kPatch; ++u)  // u < side: odd s writes only the 3 x 3 patch
-          if (u < side) col += wrow[u] * dup_n[dup_index(m, r, u, v, c)];
-        acc += wq * col;
-      }
+      acc += dzw_n[row + dj * step];
     }
   }
   return acc;

@@ -283,7 +283,15 @@ MUTANTS = {
     # Expert backward: a thread's dEW partial overwrites U patches others still read.
     "experts_weight_partials_barrier": "__syncthreads();       // the U patches are read\n",
     # Expert backward (c8): patch gradients read the weight before every thread restaged it.
-    "experts_restage_barrier": "ew_e[(c * g.r + ci) * 9 + tap] : T(0);\n    }\n    __syncthreads();\n",
+    "experts_restage_barrier": "ew_e[(c * g.r + ci) * 9 + tap] : T(0);\n    }\n    __syncthreads();  // the weight",
+    # Expert backward (c9, depthwise: no restaging barrier): patch gradients overwrite the U
+    # patches (and the weight-gradient groups' partials there) that others still read.
+    "experts_weight_du_barrier": "__syncthreads();  // the U patches are read\n    const int per",
+    # Expert backward (c9): window weights overwrite tap gradients others still read.
+    "experts_dz_window_weights_barrier": "__syncthreads();  // the tap gradients are read:",
+    # Expert backward (c9): the window contraction reads weights and patch gradients other
+    # threads have not written yet.
+    "experts_dz_window_barrier": "ww[p].col[q - kWindow]);\n  }\n  __syncthreads();\n",
     # Down projection: a thread overwrites A's next chunk while others still read this one.
     "down_proj_chunk_barrier": "__syncthreads();  // the previous chunk is consumed\n",
 }
@@ -298,9 +306,9 @@ def test_emulator_catches_a_missing_barrier(mutant, thread_order):
                         namespace=f"convlora_cuda_emu_{mutant}")
     real = torch.ops.convlora_cuda
     if mutant.startswith("experts_weight"):
-        z, idx, ew, eb, dy = _experts_case(8, 5, 7, 8, False, torch.float64)
+        z, idx, ew, eb, dy = _experts_case(8, 5, 7, 8, mutant.endswith("du_barrier"), torch.float64)
         got, want = ops.experts_bwd(z, idx, ew, eb, dy)[1], real.experts_bwd(z, idx, ew, eb, dy)[1]
-    elif mutant.startswith("experts_restage"):
+    elif mutant.startswith(("experts_restage", "experts_dz")):
         z, idx, ew, eb, dy = _experts_case(8, 5, 7, 8, False, torch.float64)
         got, want = ops.experts_bwd(z, idx, ew, eb, dy)[0], real.experts_bwd(z, idx, ew, eb, dy)[0]
     elif mutant.startswith("experts"):

@@ -81,11 +81,11 @@ print("NOT CAUGHT")
 
 
 def test_address_sanitizer_catches_an_overflow():
-    """A mutant whose dz gather's last block runs one thread past the end must be reported."""
+    """A mutant whose dz kernel runs one thread past the end must be reported."""
     proc = _run_mutant(
-        ("if (p >= npix) return;", "if (p > npix) return;"), "convlora_cuda_emu_overflow",
-        # 8 samples x 5 x 7 pixels at r = 3: 280 = 4 * 64 + 24 pixels of 64 per block, the last
-        # block partial (its thread for pixel 24 then reads and writes one pixel past the end).
+        ("if (k >= M * g.r) return;", "if (k > M * g.r) return;"), "convlora_cuda_emu_overflow",
+        # 8 samples x 5 x 7 pixels at r = 3: 840 threads' work in 4 blocks of 256, the last
+        # partial (its thread 840 then reads and writes one element past the end).
         "ops.experts_bwd(*_experts_case(8, 5, 7, 3, False, torch.float64))")
     assert proc.returncode != 0 and "heap-buffer-overflow" in proc.stderr, (proc.stdout + proc.stderr)[-4000:]
 
