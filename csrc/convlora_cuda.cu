@@ -270,22 +270,27 @@ __device__ __forceinline__ int load_expert(const int64_t* idx, int n, int E) {
 
 // Stage shared by forward and backward: the U patches of the block's pixels, (P, r, 6, 6), from
 // the upsample taps of their rows uty (P, 6) and columns utx (P, 6). A work item is one patch
-// column (pixel, column, channel; channels fastest, so a warp's z loads and patch stores are
-// contiguous): its U rows read overlapping z rows (the 6 rows of an even-s patch read 6-7 z rows
-// in all, 24 row reads U value by U value), so each row sum is computed once and slid down a
-// 4-row window as the rows' first tap advances (by at most one row per U row: the source
-// coordinate steps by 1/s). The same helpers as u_from_taps (u_row, u_from_rows), so the same bits;
-// per patch column (even s, in-grid rows) 6-7 row sums of 4 FMAs plus 6 x 4 FMAs and 24-28
-// loads, against 6 x 20 FMAs and 96 loads (c7, session 13). U rows outside the U grid (the
-// conv's zero padding) are 0, as u_value has them.
-template <typename T>
-__device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, int npix,
-                             const UTaps<T>* uty, const UTaps<T>* utx, T* up) {
+// column of V channels (pixel, column, channel group; groups fastest, so a warp's z loads and
+// patch stores are contiguous): its U rows read overlapping z rows (the 6 rows of an even-s
+// patch read 6-7 z rows in all, 24 row reads U value by U value), so each row sum is computed
+// once and slid down a 4-row window as the rows' first tap advances (by at most one row per U
+// row: the source coordinate steps by 1/s). The same helpers as u_from_taps (u_rows,
+// u_from_rows), so the same bits; per patch column (even s, in-grid rows) 6-7 row sums of 4 FMAs
+// plus 6 x 4 FMAs and 24-28 loads, against 6 x 20 FMAs and 96 loads (c7, session 13). U rows
+// outside the U grid (the conv's zero padding) are 0, as u_value has them.
+// V channels per item (c10, session 14): the item's index arithmetic (three integer divisions,
+// clamped tap offsets: ~340 of the ~360 SASS instructions before its first U row, sm_90, float)
+// is the same for every channel of a pixel, and channels-last z gives V consecutive channels in
+// one 16-byte load per tap.
+template <typename T, int V>
+__device__ void fill_patches_v(const T* zn, const ExpertGeom& g, int s, int pix0, int npix,
+                               const UTaps<T>* uty, const UTaps<T>* utx, T* up) {
   const int side = patch_side(s);
-  const int per_pixel = side * g.r;
+  const int groups = g.r / V;
+  const int per_pixel = side * groups;
   for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
     const int p = k / per_pixel, rem = k % per_pixel;
-    const int ux = rem / g.r, ci = rem % g.r;
+    const int ux = rem / groups, c0 = rem % groups * V;
     // Copies, not references: the patch stores below go to shared memory too, and through a
     // reference every store would force the taps to be reloaded.
     const UTaps<T> tx = utx[p * kPatch + ux];
@@ -294,29 +299,52 @@ __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, 
     const int u0 = patch_origin((pix0 + p) / g.W, s);  // the patch's first U row
     // Its rows inside the U grid: [lo, hi); the others are the conv's zero padding.
     const int lo = max(0, -u0), hi = min(side, s * g.H - u0);
-    T* col = up + (p * g.r + ci) * kPatchArea + ux;
+    T* col = up + (p * g.r + c0) * kPatchArea + ux;  // channel c0 + v at col + v * kPatchArea
     if (lo > 0 || hi < side) {  // the map's first and last pixel rows only
       for (int uy = 0; uy < side; ++uy)
-        if (uy < lo || uy >= hi) col[uy * kPatch] = T(0);
+        if (uy < lo || uy >= hi)
+#pragma unroll
+          for (int v = 0; v < V; ++v) col[v * kPatchArea + uy * kPatch] = T(0);
       if (lo >= hi) continue;
     }
     int cur = uty[p * kPatch + lo].first;  // the window holds z rows cur - 1 .. cur + 2
-    T r0 = u_row<T>(zn, g.H, g.W, g.r, ci, cur - 1, xoff, tx.w);
-    T r1 = u_row<T>(zn, g.H, g.W, g.r, ci, cur, xoff, tx.w);
-    T r2 = u_row<T>(zn, g.H, g.W, g.r, ci, cur + 1, xoff, tx.w);
-    T r3 = u_row<T>(zn, g.H, g.W, g.r, ci, cur + 2, xoff, tx.w);
+    T r0[V], r1[V], r2[V], r3[V];
+    u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur - 1, xoff, tx.w, r0);
+    u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur, xoff, tx.w, r1);
+    u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur + 1, xoff, tx.w, r2);
+    u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur + 2, xoff, tx.w, r3);
     for (int uy = lo; uy < hi; ++uy) {
       const UTaps<T> ty = uty[p * kPatch + uy];
       if (cur < ty.first) {  // by one row at most: the source coordinate steps by 1/s <= 1
-        r0 = r1;
-        r1 = r2;
-        r2 = r3;
-        r3 = u_row<T>(zn, g.H, g.W, g.r, ci, cur + 3, xoff, tx.w);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          r0[v] = r1[v];
+          r1[v] = r2[v];
+          r2[v] = r3[v];
+        }
+        u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur + 3, xoff, tx.w, r3);
         ++cur;
       }
-      col[uy * kPatch] = u_from_rows<T>(ty.w, r0, r1, r2, r3);
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        col[v * kPatchArea + uy * kPatch] = u_from_rows<T>(ty.w, r0[v], r1[v], r2[v], r3[v]);
     }
   }
+}
+
+// Channels per fill item: one 16-byte vector of z per tap where r and z's alignment allow it.
+template <typename T>
+constexpr int fill_vector() { return 16 / sizeof(T); }
+
+template <typename T>
+__device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, int npix,
+                             const UTaps<T>* uty, const UTaps<T>* utx, T* up) {
+  constexpr int V = fill_vector<T>();
+  // Block-uniform: zn is z + (sample) * H * W * r, so r % V == 0 leaves only z's own alignment.
+  if (g.r % V == 0 && reinterpret_cast<uintptr_t>(zn) % (V * sizeof(T)) == 0)
+    fill_patches_v<T, V>(zn, g, s, pix0, npix, uty, utx, up);
+  else
+    fill_patches_v<T, 1>(zn, g, s, pix0, npix, uty, utx, up);
 }
 
 // The block's tile, shared by the forward and backward expert kernels: sample n = blockIdx.y, its

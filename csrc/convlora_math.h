@@ -111,15 +111,37 @@ CONVLORA_HD void u_columns(int x0, int W, int r, int xoff[4]) {
   for (int b = 0; b < 4; ++b) xoff[b] = clamp_index(x0 - 1 + b, W) * r;
 }
 
-// The horizontal sum of the bicubic filter over z row y (clamped into the map), channel c, at one
-// U column's taps (u_columns offsets, weights wx).
+// V consecutive values read as one vector (V * sizeof(T) bytes, aligned to it).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Lanes {
+  T v[V];
+};
+
+// The horizontal sums of the bicubic filter over z row y (clamped into the map) for channels
+// c .. c + V - 1, at one U column's taps (u_columns offsets, weights wx): per channel the same
+// operations as u_row. With V > 1 each tap is one vector load, so zn + c must be aligned to
+// V elements and r a multiple of V (the CUDA fill checks both).
+template <typename T, int V, typename Z>
+CONVLORA_HD void u_rows(const Z* zn, int H, int W, int r, int c, int y, const int xoff[4],
+                        const T wx[4], T out[V]) {
+  const Z* zrow = zn + static_cast<int64_t>(clamp_index(y, H)) * W * r + c;
+  CONVLORA_UNROLL
+  for (int v = 0; v < V; ++v) out[v] = T(0);
+  CONVLORA_UNROLL
+  for (int b = 0; b < 4; ++b) {
+    const Lanes<Z, V> zv = *reinterpret_cast<const Lanes<Z, V>*>(zrow + xoff[b]);
+    CONVLORA_UNROLL
+    for (int v = 0; v < V; ++v) out[v] += wx[b] * static_cast<T>(zv.v[v]);
+  }
+}
+
+// u_rows for one channel.
 template <typename T, typename Z>
 CONVLORA_HD T u_row(const Z* zn, int H, int W, int r, int c, int y, const int xoff[4],
                     const T wx[4]) {
-  const Z* zrow = zn + static_cast<int64_t>(clamp_index(y, H)) * W * r + c;
-  T row = T(0);
-  for (int b = 0; b < 4; ++b) row += wx[b] * static_cast<T>(zrow[xoff[b]]);
-  return row;
+  T out[1];
+  u_rows<T, 1>(zn, H, W, r, c, y, xoff, wx, out);
+  return out[0];
 }
 
 // The vertical sum of the four row sums of z rows y0 - 1 .. y0 + 2 (u_row) at the row taps wy.

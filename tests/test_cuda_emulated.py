@@ -121,6 +121,19 @@ def test_experts_random_routing_float32(emu, depthwise):
     assert not got[2][4].any() and not got[3][7].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_experts_z_not_16_byte_aligned(emu, dtype):
+    """z one element into its storage (contiguous, not 16-byte aligned): the U-patch fill's
+    vector path (16 bytes of channels per load) must fall back to one channel per load, with
+    the same values to the bit (the sanitizer run checks the alignment of every load)."""
+    z, idx, ew, eb, dy = _experts_case(8, 5, 7, 8, False, dtype)
+    shifted = torch.empty(z.numel() + 1, dtype=dtype)[1:].view_as(z).copy_(z)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    aligned = _experts_both(emu, z, idx, ew, eb, dy)
+    for i, (a, b) in enumerate(zip(_experts_both(emu, shifted, idx, ew, eb, dy), aligned)):
+        assert torch.equal(a, b), f"output {i}"
+
+
 @pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
 def test_experts_bwd_with_dg_float64(emu, depthwise):
     """The dz kernel adds dg[n] (the per-sample mean's gradient) to every pixel of sample n, after
