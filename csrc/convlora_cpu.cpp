@@ -102,7 +102,7 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
               const T pre =
                   pre_value<T, T>(up.data(), ew + e * wsize, eb + e * r, r, depthwise, c, t, a, b);
               const T d = tap_grad<T>(pre, dy[m * r + c], t, a, b);
-              dpre[c * kTapArea + a * kTaps + b] = d;
+              dpre[tap_grad_index(r, a, b, c)] = d;
               deb[c] += d;
             }
         for (int ci = 0; ci < r; ++ci)
@@ -120,7 +120,8 @@ void experts_bwd_impl(const T* z, const std::vector<int64_t>& idx, const T* ew, 
           for (int gi = 0; gi < g; ++gi)
             for (int k = 0; k < 9; ++k)
               dew[(c * g + gi) * 9 + k] +=
-                  weight_grad<T>(up.data(), dpre.data(), c, depthwise ? c : gi, k / 3, k % 3, t);
+                  weight_grad<T>(up.data(), dpre.data(), r, c, depthwise ? c : gi, k / 3, k % 3,
+                                 t);
       }
     }
   });

@@ -9,7 +9,8 @@
 //   expert bias       (E, r)
 //   U patch           (r, 6, 6): the U values one low-res output pixel reads, rows/cols from the
 //                     patch origin (patch_origin); odd s uses the top-left 3x3 only
-//   tap gradient      (r, 4, 4): d pre at the V samples one output reads (odd s: [c][0][0] only)
+//   tap gradient      (4, 4, r): d pre at the V samples one output reads, channels innermost
+//                     (tap_grad_index; odd s: tap (0, 0) only)
 //
 // T is the accumulation type: float for float32/bfloat16/float16 storage, double for float64.
 // The bicubic source coordinate is evaluated in T like PyTorch's upsample_bicubic2d (opmath_t /
@@ -258,6 +259,10 @@ CONVLORA_HD T downsample_gelu(const T* pre_c, const PixelTaps<T>& t) {
   return acc;
 }
 
+// Element (a, b, c) of one pixel's tap gradients (4, 4, r): channels innermost, so the 8
+// channels a weight-gradient item multiplies are one 32-byte run in the CUDA kernel (c11).
+CONVLORA_HD int tap_grad_index(int r, int a, int b, int c) { return (a * kTaps + b) * r + c; }
+
 // Backward through the downsample and GELU at the tap (a, b): d pre = wy wx dD gelu'(pre).
 template <typename T>
 CONVLORA_HD T tap_grad(T pre, T dd, const PixelTaps<T>& t, int a, int b) {
@@ -275,7 +280,7 @@ CONVLORA_HD void taps_covering(const int rows[4], int n, int origin, int u, int&
 }
 
 // d U[ci, uy, ux] (patch coordinates) of one pixel: the transposed conv of its tap gradients.
-// dpre: (r, 4, 4) tap gradients of this pixel. Only the taps whose window covers (uy, ux) are
+// dpre: (4, 4, r) tap gradients of this pixel. Only the taps whose window covers (uy, ux) are
 // visited (at most 3 x 3 of the 4 x 4), in the order of a full scan that skips the others, so the
 // sum is the same to the bit. Why: this is the GPU expert backward's largest stage by instruction
 // count (36 r patch values per pixel, each scanning 16 taps per channel with two bound checks);
@@ -293,11 +298,11 @@ CONVLORA_HD T patch_grad(const T* dpre, const WT* ew, int r, bool depthwise, int
   const int c_hi = depthwise ? ci + 1 : r;
   for (int c = c_lo; c < c_hi; ++c) {
     const WT* w = ew + (static_cast<int64_t>(c) * (depthwise ? 1 : r) + (depthwise ? 0 : ci)) * 9;
-    const T* d = dpre + c * kTapArea;
+    const T* d = dpre + c;
     for (int a = a_lo; a < a_hi; ++a) {
       const WT* wrow = w + (uy - (t.ry[a] - t.oy - 1)) * 3;
       for (int b = b_lo; b < b_hi; ++b)
-        acc += static_cast<T>(wrow[ux - (t.rx[b] - t.ox - 1)]) * d[a * kTaps + b];
+        acc += static_cast<T>(wrow[ux - (t.rx[b] - t.ox - 1)]) * d[tap_grad_index(r, a, b, 0)];
     }
   }
   return acc;
@@ -308,14 +313,14 @@ CONVLORA_HD T patch_grad(const T* dpre, const WT* ew, int r, bool depthwise, int
 // twin's form; the CUDA kernel makes the same products for 8 channels c per U read:
 // weight_partials in convlora_cuda.cu.)
 template <typename T>
-CONVLORA_HD T weight_grad(const T* up, const T* dpre, int c, int ci, int ky, int kx,
+CONVLORA_HD T weight_grad(const T* up, const T* dpre, int r, int c, int ci, int ky, int kx,
                           const PixelTaps<T>& t) {
   T acc = T(0);
   for (int a = 0; a < t.ny; ++a) {
     const int py = t.ry[a] - t.oy - 1 + ky;
     for (int b = 0; b < t.nx; ++b) {
       const int px = t.rx[b] - t.ox - 1 + kx;
-      acc += dpre[c * kTapArea + a * kTaps + b] * up[ci * kPatchArea + py * kPatch + px];
+      acc += dpre[tap_grad_index(r, a, b, c)] * up[ci * kPatchArea + py * kPatch + px];
     }
   }
   return acc;
