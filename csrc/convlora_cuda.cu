@@ -703,17 +703,19 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   }
   __syncthreads();  // the tap gradients are read: the window weights go over them
   // Each pixel's window weights, one axis row per work item (14 per pixel), from the upsample
-  // taps the fill used (their address rederived from tile.taps, which stays live anyway: keeping
-  // tile.uty and tile.utx live through the stages above spilled 20 B).
+  // taps the fill used. (Their address rederived from tile.taps, which stays live anyway, and one
+  // call site: with tile.uty / tile.utx and two call sites, ptxas spilled 16 B in the float64
+  // kernel against 4 B; sm_90, nvcc 13.0.)
   WindowWeights<T>* ww = reinterpret_cast<WindowWeights<T>*>(tile.tap_buf);  // (P,)
   const UTaps<T>* uty = reinterpret_cast<const UTaps<T>*>(tile.taps + g.pixels_per_block);
   const UTaps<T>* utx = uty + g.pixels_per_block * kPatch;
   for (int k = threadIdx.x; k < npix * 2 * kWindow; k += blockDim.x) {
     const int p = k / (2 * kWindow), q = k % (2 * kWindow);
     const int pix = pix0 + p;
-    const bool row = q < kWindow;  // (one call site: two inlined copies spilled 16 B)
+    const bool row = q < kWindow;
     window_axis_weights<T>((row ? uty : utx) + p * kPatch, row ? pix / g.W : pix % g.W,
-                           q % kWindow, s, row ? g.H : g.W, row ? ww[p].row[q] : ww[p].col[q - kWindow]);
+                           q % kWindow, s, row ? g.H : g.W,
+                           row ? ww[p].row[q] : ww[p].col[q - kWindow]);
   }
   __syncthreads();
   // A work item is (pixel, window row q, channel), channels fastest: its patch-gradient reads are
