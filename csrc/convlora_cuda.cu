@@ -218,11 +218,8 @@ constexpr size_t pixel_geometry_bytes() {
   return sizeof(PixelTaps<T>) + 2 * kPatch * sizeof(UTaps<T>);
 }
 
-static_assert(sizeof(WindowWeights<float>) == 2 * kWindow * kPatch * sizeof(float) &&
-                  sizeof(WindowWeights<double>) == 2 * kWindow * kPatch * sizeof(double),
-              "WindowWeights must fit tap_buffer_elems");
 CONVLORA_HD int tap_buffer_elems(int r) {
-  constexpr int kWindowWeights = 2 * kWindow * kPatch;  // sizeof(WindowWeights<T>) / sizeof(T)
+  constexpr int kWindowWeights = sizeof(WindowWeights<float>) / sizeof(float);  // (double: same)
   return r * kTapArea > kWindowWeights ? r * kTapArea : kWindowWeights;
 }
 
