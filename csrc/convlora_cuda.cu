@@ -5,9 +5,10 @@
 //                                    optionally copying x into the up-projection's [x | y | 0]
 //   convlora_experts_fwd_kernel      one block per (sample, tile of output pixels): U patches,
 //                                    the expert weight (ci, 3, 3, c) and the tap pre-activations
-//                                    in shared memory, 8 output channels per item, y = z + D
+//                                    in shared memory, CH output channels per item (8; 4 for
+//                                    r <= 4), y = z + D
 //   convlora_experts_bwd_kernel      same tiling: per-block dEW/dEB partials (fixed summation
-//                                    order; an item is 8 output channels x one input channel x
+//                                    order; an item is CH output channels x one input channel x
 //                                    one offset), per-pixel U-patch gradients in shared memory,
 //                                    contracted to the gradients of the pixel's 7 x 7 z window
 //   convlora_experts_dz_kernel       one thread per (pixel, channel): dz = dy + the neighbouring
@@ -237,19 +238,34 @@ size_t expert_bytes_per_pixel(int r, size_t elem) {
 template <typename T>
 constexpr int expert_blocks_per_sm() { return sizeof(T) == sizeof(double) ? 2 : 3; }
 
-// Output channels one work item of the tap loop and of the weight-gradient stage accumulates
-// (registers).
+// Channels one work item of the tap loop, the patch gradients and the weight-gradient stage
+// accumulates (registers; the kernels' template argument CH): 8, or 4 for ranks up to 4. With 8
+// at the paper's r = 3 (c6-c11), five of every eight FMAs multiplied the staged weight's zero
+// padding, and each U value took two 16-byte weight loads where one holds the 3 weights
+// (c12, session 15).
 constexpr int kChannelChunk = 8;
+constexpr int kSmallChannelChunk = 4;
+CONVLORA_HD int channel_chunk(int r) { return r <= kSmallChannelChunk ? kSmallChannelChunk : kChannelChunk; }
 // Full convs up to this rank stage the block's expert weight in shared memory as (ci, 3, 3, c),
 // c padded to whole chunks (zeros), for the tap loop's 16-byte chunk loads (tap_loop). r = 16:
 // 9 KB of the 32 KB budget.
 constexpr int kStagedRank = 16;
 
 CONVLORA_HD bool stages_weights(int r, bool depthwise) { return !depthwise && r <= kStagedRank; }
-CONVLORA_HD int staged_stride(int r) { return (r + kChannelChunk - 1) / kChannelChunk * kChannelChunk; }
+// r padded to whole chunks of ch = channel_chunk(r): the kernels pass their CH, a constant (a
+// runtime channel_chunk there added index arithmetic to every kernel, and spills).
+CONVLORA_HD int staged_stride(int r, int ch) { return (r + ch - 1) / ch * ch; }
+
+// Calls f(std::integral_constant<int, CH>{}) with CH = channel_chunk(r): the expert kernels'
+// chunk width as a compile-time constant (the accumulators are register arrays).
+template <typename F>
+void dispatch_chunk(int r, F&& f) {
+  if (channel_chunk(r) == kSmallChannelChunk) return f(std::integral_constant<int, kSmallChannelChunk>{});
+  f(std::integral_constant<int, kChannelChunk>{});
+}
 
 size_t staged_weight_bytes(int r, bool depthwise, size_t elem) {
-  return stages_weights(r, depthwise) ? static_cast<size_t>(r) * 9 * staged_stride(r) * elem : 0;
+  return stages_weights(r, depthwise) ? static_cast<size_t>(r) * 9 * staged_stride(r, channel_chunk(r)) * elem : 0;
 }
 
 int pixels_per_block(int r, bool depthwise, size_t elem) {
@@ -278,8 +294,9 @@ __device__ __forceinline__ int load_expert(const int64_t* idx, int n, int E) {
 // V channels per item (c10, session 14): the item's index arithmetic (three integer divisions,
 // clamped tap offsets: ~340 of the ~360 SASS instructions before its first U row, sm_90, float)
 // is the same for every channel of a pixel, and channels-last z gives V consecutive channels in
-// one 16-byte load per tap.
-template <typename T, int V>
+// one 16-byte load per tap. Small ranks that cannot take that path (r = 2 or 3; c12, session 15)
+// use one item for all r channels with scalar loads: r items' index arithmetic became one.
+template <typename T, int V, bool kVector>
 __device__ void fill_patches_v(const T* zn, const ExpertGeom& g, int s, int pix0, int npix,
                                const UTaps<T>* uty, const UTaps<T>* utx, T* up) {
   const int side = patch_side(s);
@@ -306,10 +323,10 @@ __device__ void fill_patches_v(const T* zn, const ExpertGeom& g, int s, int pix0
     }
     int cur = uty[p * kPatch + lo].first;  // the window holds z rows cur - 1 .. cur + 2
     T r0[V], r1[V], r2[V], r3[V];
-    u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur - 1, xoff, tx.w, r0);
-    u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur, xoff, tx.w, r1);
-    u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur + 1, xoff, tx.w, r2);
-    u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur + 2, xoff, tx.w, r3);
+    u_rows<T, V, kVector>(zn, g.H, g.W, g.r, c0, cur - 1, xoff, tx.w, r0);
+    u_rows<T, V, kVector>(zn, g.H, g.W, g.r, c0, cur, xoff, tx.w, r1);
+    u_rows<T, V, kVector>(zn, g.H, g.W, g.r, c0, cur + 1, xoff, tx.w, r2);
+    u_rows<T, V, kVector>(zn, g.H, g.W, g.r, c0, cur + 2, xoff, tx.w, r3);
     for (int uy = lo; uy < hi; ++uy) {
       const UTaps<T> ty = uty[p * kPatch + uy];
       if (cur < ty.first) {  // by one row at most: the source coordinate steps by 1/s <= 1
@@ -319,7 +336,7 @@ __device__ void fill_patches_v(const T* zn, const ExpertGeom& g, int s, int pix0
           r1[v] = r2[v];
           r2[v] = r3[v];
         }
-        u_rows<T, V>(zn, g.H, g.W, g.r, c0, cur + 3, xoff, tx.w, r3);
+        u_rows<T, V, kVector>(zn, g.H, g.W, g.r, c0, cur + 3, xoff, tx.w, r3);
         ++cur;
       }
 #pragma unroll
@@ -333,15 +350,24 @@ __device__ void fill_patches_v(const T* zn, const ExpertGeom& g, int s, int pix0
 template <typename T>
 constexpr int fill_vector() { return 16 / sizeof(T); }
 
-template <typename T>
+// CH: the kernel's channel chunk, which tells whether r <= kSmallChannelChunk: only those kernels
+// carry the small ranks' fill variants (in the others, ptxas spilled more for code that never
+// runs: sm_90, float backward, 4/8 B -> 8/36 B).
+template <typename T, int CH>
 __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, int npix,
                              const UTaps<T>* uty, const UTaps<T>* utx, T* up) {
   constexpr int V = fill_vector<T>();
   // Block-uniform: zn is z + (sample) * H * W * r, so r % V == 0 leaves only z's own alignment.
   if (g.r % V == 0 && reinterpret_cast<uintptr_t>(zn) % (V * sizeof(T)) == 0)
-    fill_patches_v<T, V>(zn, g, s, pix0, npix, uty, utx, up);
-  else
-    fill_patches_v<T, 1>(zn, g, s, pix0, npix, uty, utx, up);
+    fill_patches_v<T, V, true>(zn, g, s, pix0, npix, uty, utx, up);
+  else if constexpr (CH == kSmallChannelChunk) {
+    if (g.r == 3)  // the paper's rank
+      fill_patches_v<T, 3, false>(zn, g, s, pix0, npix, uty, utx, up);
+    else
+      fill_patches_v<T, 1, true>(zn, g, s, pix0, npix, uty, utx, up);
+  } else {
+    fill_patches_v<T, 1, true>(zn, g, s, pix0, npix, uty, utx, up);
+  }
 }
 
 // The block's tile, shared by the forward and backward expert kernels: sample n = blockIdx.y, its
@@ -363,12 +389,12 @@ struct ExpertTile {
   UTaps<T>* utx;
   const T* ew_e;  // the sample's expert weight (r, g, 3, 3) and bias (r)
   const T* eb_e;
-  const T* wt;    // staged weight (r, 3, 3, staged_stride(r)) in shared memory, or nullptr
+  const T* wt;    // staged weight (r, 3, 3, staged_stride(r, CH)) in shared memory, or nullptr
   int64_t m0;     // flat index of the sample's first pixel
   int pix0, npix, s, nt1, ntap;  // nt1: V taps per axis (1 for odd s, whose V sample is centred)
 };
 
-template <typename T>
+template <typename T, int CH>
 __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew, const T* eb,
                                      const ExpertGeom& g, T* smem) {
   ExpertTile<T> b;  // (b: the block's)
@@ -376,7 +402,7 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   const int n = blockIdx.y;
   const int hw = g.H * g.W;
   const bool staged = stages_weights(g.r, g.depthwise);
-  const int wt_size = staged ? g.r * 9 * staged_stride(g.r) : 0;  // a multiple of 16 bytes
+  const int wt_size = staged ? g.r * 9 * staged_stride(g.r, CH) : 0;  // a multiple of 16 bytes
   b.wt = staged ? smem : nullptr;
   smem += wt_size;
   b.up = smem;
@@ -394,7 +420,7 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   b.ew_e = ew + e * static_cast<int64_t>(g.r) * (g.depthwise ? 1 : g.r) * 9;
   b.eb_e = eb + e * g.r;
   if (staged) {  // (c, ci, 3, 3) -> (ci, 3, 3, c), zero past r
-    const int stride = staged_stride(g.r);
+    const int stride = staged_stride(g.r, CH);
     for (int k = threadIdx.x; k < wt_size; k += blockDim.x) {
       const int c = k % stride, tap = k / stride;  // tap = ci * 9 + ky * 3 + kx
       smem[k - wt_size] = c < g.r ? b.ew_e[c * g.r * 9 + tap] : T(0);
@@ -414,34 +440,34 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
       b.utx[p * kPatch + q - 1 - kPatch] = u_taps<T>(patch_origin(j, b.s) + q - 1 - kPatch, b.s, g.W);
   }
   __syncthreads();
-  fill_patches<T>(z + b.m0 * g.r, g, b.s, b.pix0, b.npix, b.uty, b.utx, b.up);
+  fill_patches<T, CH>(z + b.m0 * g.r, g, b.s, b.pix0, b.npix, b.uty, b.utx, b.up);
   __syncthreads();
   return b;
 }
 
-// kChannelChunk consecutive values, read as 16-byte vectors (the staged weight's rows are whole
-// chunks, and a chunk starts at a multiple of kChannelChunk elements).
-template <typename T>
+// CH consecutive values, read as 16-byte vectors (the staged weight's rows are whole chunks, and
+// a chunk starts at a multiple of CH elements; CH * sizeof(T) is a multiple of 16).
+template <typename T, int CH>
 struct alignas(16) ChannelChunk {
-  T v[kChannelChunk];
+  T v[CH];
 };
 
 // The tap loop of the forward and backward expert kernels: the conv pre-activation at every
 // (pixel, channel, V tap) of the tile, handed to emit(p, c, a, b, pre). With the weight staged
-// (full conv, r <= kStagedRank), a work item is (pixel, tap, kChannelChunk output channels): each
-// U value feeds the chunk's accumulators, whose weights are two 16-byte loads (float), in
+// (full conv, r <= kStagedRank), a work item is (pixel, tap, CH output channels): each
+// U value feeds the chunk's accumulators, whose weights are CH * sizeof(T) / 16 16-byte loads, in
 // pre_value's order for each channel (the same sums, to the bit). Otherwise (depthwise, where no
 // U value feeds two channels, or larger r) an item is one channel, as before c6. Per FMA (sm_90
 // SASS, fp32, r = 8): 1 U load per 8 and 1 vector load per 4, against 1 U and 1 weight load per
 // FMA, and 1.6 instructions against 3.8; 240 items per block at r = 8 (one round of 256 threads)
 // instead of 1920. (Without the staging, the 8 weights' separate addresses cost more than the
 // U loads saved: 4.2 instructions per FMA.)
-template <typename T, typename Emit>
+template <typename T, int CH, typename Emit>
 __device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const ExpertGeom& g,
                                          Emit emit) {
   const bool staged = tile.wt != nullptr;
-  const int stride = staged_stride(g.r);
-  const int nchunk = staged ? stride / kChannelChunk : g.r;  // items per (pixel, tap)
+  const int stride = staged_stride(g.r, CH);
+  const int nchunk = staged ? stride / CH : g.r;  // items per (pixel, tap)
   for (int k = threadIdx.x; k < tile.npix * tile.ntap * nchunk; k += blockDim.x) {
     const int p = k / (tile.ntap * nchunk);
     const int tap = k / nchunk % tile.ntap;
@@ -453,37 +479,37 @@ __device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const Expert
       emit(p, c, a, b, pre_value<T, T>(up, tile.ew_e, tile.eb_e, g.r, g.depthwise, c, t, a, b));
       continue;
     }
-    const int c0 = k % nchunk * kChannelChunk;
-    T acc[kChannelChunk];
+    const int c0 = k % nchunk * CH;
+    T acc[CH];
 #pragma unroll
-    for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] = c0 + cc < g.r ? tile.eb_e[c0 + cc] : T(0);
+    for (int cc = 0; cc < CH; ++cc) acc[cc] = c0 + cc < g.r ? tile.eb_e[c0 + cc] : T(0);
     const T* u0 = up + (t.ry[a] - t.oy - 1) * kPatch + t.rx[b] - t.ox - 1;  // window's top-left
     const T* w0 = tile.wt + c0;
     for (int ci = 0; ci < g.r; ++ci) {
 #pragma unroll
       for (int kk = 0; kk < 9; ++kk) {
         const T uv = u0[ci * kPatchArea + kk / 3 * kPatch + kk % 3];
-        const ChannelChunk<T> w =
-            *reinterpret_cast<const ChannelChunk<T>*>(w0 + (ci * 9 + kk) * stride);
+        const ChannelChunk<T, CH> w =
+            *reinterpret_cast<const ChannelChunk<T, CH>*>(w0 + (ci * 9 + kk) * stride);
 #pragma unroll
-        for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] += w.v[cc] * uv;
+        for (int cc = 0; cc < CH; ++cc) acc[cc] += w.v[cc] * uv;
       }
     }
 #pragma unroll
-    for (int cc = 0; cc < kChannelChunk; ++cc)
+    for (int cc = 0; cc < CH; ++cc)
       if (c0 + cc < g.r) emit(p, c0 + cc, a, b, acc[cc]);
   }
 }
 
-template <typename T>
+template <typename T, int CH>
 __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     convlora_experts_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
                                 const T* __restrict__ ew, const T* __restrict__ eb, ExpertGeom g,
                                 T* __restrict__ y) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const ExpertTile<T> tile = expert_tile<T>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
+  const ExpertTile<T> tile = expert_tile<T, CH>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
   T* pre = tile.tap_buf;  // (P, r, 4, 4)
-  tap_loop<T>(tile, g, [&](int p, int c, int a, int b, T v) {
+  tap_loop<T, CH>(tile, g, [&](int p, int c, int a, int b, T v) {
     pre[(p * g.r + c) * kTapArea + a * kTaps + b] = v;
   });
   __syncthreads();
@@ -494,25 +520,26 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   }
 }
 
-// patch_grad for kChannelChunk input channels ci0 .. ci0 + 7 of one patch value (uy, ux) of a
-// pixel (full conv, weight staged): each tap gradient read feeds the 8 sums, whose weights
-// are two 16-byte loads from the restaged weight wt (c, 3, 3, ci), ci padded to whole chunks.
+// patch_grad for CH input channels ci0 .. ci0 + CH - 1 of one patch value (uy, ux) of a pixel
+// (full conv, weight staged): each tap gradient read feeds the CH sums, whose weights are
+// CH * sizeof(T) / 16 16-byte loads from the restaged weight wt (c, 3, 3, ci), ci padded to
+// whole chunks.
 // Per sum the same products in the same order as patch_grad (c, then the covering taps a, b),
 // so the same bits. Before (c4-c7) an item was one input channel: per product a weight load
 // from global memory with its own address arithmetic and a tap-gradient load (sm_90 SASS,
 // fp32, r = 8: ~9 instructions per FMA in the innermost loop); 4032 items per 14-pixel block
 // against 504 now (c8, session 13). emit(ci, value) for the chunk's ci < r.
-template <typename T, typename Emit>
+template <typename T, int CH, typename Emit>
 __device__ __forceinline__ void patch_grad_chunk(const T* dpre, const T* wt, int r, int ci0,
                                                  int uy, int ux, const PixelTaps<T>& t,
                                                  Emit emit) {
   int a_lo, a_hi, b_lo, b_hi;
   taps_covering(t.ry, t.ny, t.oy, uy, a_lo, a_hi);
   taps_covering(t.rx, t.nx, t.ox, ux, b_lo, b_hi);
-  const int stride = staged_stride(r);
-  T acc[kChannelChunk];
+  const int stride = staged_stride(r, CH);
+  T acc[CH];
 #pragma unroll
-  for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] = T(0);
+  for (int cc = 0; cc < CH; ++cc) acc[cc] = T(0);
   for (int c = 0; c < r; ++c) {
     const T* d = dpre + c;
 #pragma unroll 1  // (unrolled, the 8 sums' operands spilled: 144 B, ptxas keeping 64 registers)
@@ -522,15 +549,15 @@ __device__ __forceinline__ void patch_grad_chunk(const T* dpre, const T* wt, int
       for (int b = b_lo; b < b_hi; ++b) {
         const int kx = ux - (t.rx[b] - t.ox - 1);
         const T dv = d[tap_grad_index(r, a, b, 0)];
-        const ChannelChunk<T> w =
-            *reinterpret_cast<const ChannelChunk<T>*>(wt + (c * 9 + ky * 3 + kx) * stride + ci0);
+        const ChannelChunk<T, CH> w =
+            *reinterpret_cast<const ChannelChunk<T, CH>*>(wt + (c * 9 + ky * 3 + kx) * stride + ci0);
 #pragma unroll
-        for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] += w.v[cc] * dv;
+        for (int cc = 0; cc < CH; ++cc) acc[cc] += w.v[cc] * dv;
       }
     }
   }
 #pragma unroll
-  for (int cc = 0; cc < kChannelChunk; ++cc)
+  for (int cc = 0; cc < CH; ++cc)
     if (ci0 + cc < r) emit(ci0 + cc, acc[cc]);
 }
 
@@ -552,7 +579,7 @@ __device__ __forceinline__ WeightItem weight_item(int k, int per_group, int chun
 
 // The block's dEW partial (r, g, 3, 3) into part_tile: sums over its pixels and their V taps of
 // dpre[c] at each tap times the U value the conv offset (ky, kx) reads there (g = r, or 1 when
-// depthwise). A work item is (a chunk of up to kChannelChunk output channels c, input channel
+// depthwise). A work item is (a chunk of up to CH output channels c, input channel
 // gi, conv offset, pixel group): at each tap it reads one U value and multiplies it into the
 // chunk's accumulators. Before (c3/c4), an item was one weight element, which re-read both
 // operands and recomputed the tap's patch address for every product (sm_90 SASS, fp32: ~6
@@ -563,26 +590,26 @@ __device__ __forceinline__ WeightItem weight_item(int k, int per_group, int chun
 // channels innermost, so with whole chunks the 8 gradients of a tap are two 16-byte loads: the
 // pixel loop's body has 1.9 instructions per FMA (246 for 128, 64 shared loads) against 3.4
 // (436, 155 loads). Uniform across the block: every thread reaches both barriers.
-template <typename T>
+template <typename T, int CH>
 __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, const T* dpre,
                                 T* part_tile) {
   const int gi_n = g.depthwise ? 1 : g.r;
-  const int chunk = g.depthwise ? 1 : min(g.r, kChannelChunk);
+  const int chunk = g.depthwise ? 1 : min(g.r, CH);
   const int per_group = (g.r + chunk - 1) / chunk * gi_n * 9;  // items per pixel group
   const int wsize = g.r * gi_n * 9;
   // Groups: as many as the threads allow, at most one per pixel, and their partials (npg, wsize)
   // must fit in the U patches' region (P, r, 6, 6); one group needs no second pass.
   const int cap = g.pixels_per_block * g.r * kPatchArea / wsize;
   const int npg = max(1, min(min(static_cast<int>(blockDim.x) / per_group, tile.npix), cap));
-  // Every chunk full (r a multiple of 8, full conv): its 8 tap gradients are one aligned
-  // 32-byte run (tap_grad_index), read as two 16-byte vectors (c11).
-  const bool whole_chunks = !g.depthwise && g.r % kChannelChunk == 0;
-  T acc[kChannelChunk];
+  // Every chunk full (r a multiple of CH, full conv): its CH tap gradients are one aligned run
+  // (tap_grad_index), read as 16-byte vectors (c11; r = 8: two).
+  const bool whole_chunks = !g.depthwise && g.r % CH == 0;
+  T acc[CH];
   for (int k = threadIdx.x; k < per_group * npg; k += blockDim.x) {  // one pass when npg > 1
     const WeightItem w = weight_item(k, per_group, chunk, gi_n, g.r);
     const int ky = w.kk / 3, kx = w.kk % 3;
 #pragma unroll
-    for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] = T(0);
+    for (int cc = 0; cc < CH; ++cc) acc[cc] = T(0);
     for (int p = w.pg; p < tile.npix; p += npg) {
       const PixelTaps<T>& t = tile.taps[p];
       const T* u_p =
@@ -594,12 +621,12 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
           const T u = u_p[row + t.rx[b]];
           const T* d = d_p + tap_grad_index(g.r, a, b, 0);
           if (whole_chunks) {
-            const ChannelChunk<T> dv = *reinterpret_cast<const ChannelChunk<T>*>(d);
+            const ChannelChunk<T, CH> dv = *reinterpret_cast<const ChannelChunk<T, CH>*>(d);
 #pragma unroll
-            for (int cc = 0; cc < kChannelChunk; ++cc) acc[cc] += dv.v[cc] * u;
+            for (int cc = 0; cc < CH; ++cc) acc[cc] += dv.v[cc] * u;
           } else {
 #pragma unroll
-            for (int cc = 0; cc < kChannelChunk; ++cc)
+            for (int cc = 0; cc < CH; ++cc)
               if (cc < w.nc) acc[cc] += d[cc] * u;
           }
         }
@@ -607,7 +634,7 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
     }
     if (npg == 1) {
 #pragma unroll  // every acc index static: acc stays in registers
-      for (int cc = 0; cc < kChannelChunk; ++cc)
+      for (int cc = 0; cc < CH; ++cc)
         if (cc < w.nc) part_tile[((w.c0 + cc) * gi_n + w.gi) * 9 + w.kk] = acc[cc];
     }
   }
@@ -618,7 +645,7 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
     // Recomputed rather than kept live across the barrier (ptxas: 4-8 B of spills otherwise).
     const WeightItem w = weight_item(threadIdx.x, per_group, chunk, gi_n, g.r);
 #pragma unroll
-    for (int cc = 0; cc < kChannelChunk; ++cc)
+    for (int cc = 0; cc < CH; ++cc)
       if (cc < w.nc) partial[w.pg * wsize + ((w.c0 + cc) * gi_n + w.gi) * 9 + w.kk] = acc[cc];
   }
   __syncthreads();
@@ -636,27 +663,27 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
 //  - dzw[m] = the gradients each pixel's patch sends to its 7 x 7 input window (the transposed
 //    upsample, window_row_grad), which the dz kernel sums.
 // dy: row m at dy + m * dy_ld, in T or the layer's 16-bit dtype D (widened exactly on load).
-template <typename T, typename D>
+template <typename T, typename D, int CH>
 __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     convlora_experts_bwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
                                 const T* __restrict__ ew, const T* __restrict__ eb,
                                 const D* __restrict__ dy, int64_t dy_ld, ExpertGeom g,
                                 T* __restrict__ dzw, T* __restrict__ part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const ExpertTile<T> tile = expert_tile<T>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
+  const ExpertTile<T> tile = expert_tile<T, CH>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
   T* dpre = tile.tap_buf;  // (P, 4, 4, r): tap_grad_index per pixel
   const int gi_n = g.depthwise ? 1 : g.r;
   const int64_t wsize = static_cast<int64_t>(g.r) * gi_n * 9;
   const int pix0 = tile.pix0, npix = tile.npix, s = tile.s, nt1 = tile.nt1;
   const T* ew_e = tile.ew_e;
-  tap_loop<T>(tile, g, [&](int p, int c, int a, int b, T v) {
+  tap_loop<T, CH>(tile, g, [&](int p, int c, int a, int b, T v) {
     const int64_t m = tile.m0 + pix0 + p;
     dpre[p * kTapArea * g.r + tap_grad_index(g.r, a, b, c)] =
         tap_grad<T>(v, static_cast<T>(dy[m * dy_ld + c]), tile.taps[p], a, b);
   });
   __syncthreads();
   T* part_tile = part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * (wsize + g.r);
-  weight_partials<T>(tile, g, dpre, part_tile);
+  weight_partials<T, CH>(tile, g, dpre, part_tile);
   for (int c = threadIdx.x; c < g.r; c += blockDim.x) {  // dEB
     T acc = T(0);
     for (int p = 0; p < npix; ++p)
@@ -670,20 +697,20 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   const int side = patch_side(s);
   if (tile.wt != nullptr) {
     // The tap loop is done with the staged weight: restage it as (c, 3, 3, ci) for the
-    // patch gradients, which sum over c into kChannelChunk input channels per item.
+    // patch gradients, which sum over c into CH input channels per item.
     T* wt = reinterpret_cast<T*>(smem_raw);  // tile.wt
-    const int stride = staged_stride(g.r);
+    const int stride = staged_stride(g.r, CH);
     for (int k = threadIdx.x; k < g.r * 9 * stride; k += blockDim.x) {
       const int ci = k % stride, tap = k / stride % 9, c = k / (9 * stride);
       wt[k] = ci < g.r ? ew_e[(c * g.r + ci) * 9 + tap] : T(0);
     }
     __syncthreads();  // the weight is restaged, and the U patches are read
-    const int nchunk = stride / kChannelChunk;
+    const int nchunk = stride / CH;
     const int per_pixel = side * side * nchunk;
     for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
       const int p = k / per_pixel, rem = k % per_pixel;
-      const int uv = rem / nchunk, ci0 = rem % nchunk * kChannelChunk;
-      patch_grad_chunk<T>(dpre + static_cast<size_t>(p) * g.r * kTapArea, wt, g.r, ci0,
+      const int uv = rem / nchunk, ci0 = rem % nchunk * CH;
+      patch_grad_chunk<T, CH>(dpre + static_cast<size_t>(p) * g.r * kTapArea, wt, g.r, ci0,
                           uv / side, uv % side, tile.taps[p],
                           [&](int ci, T v) { du[dup_index(p, g.r, uv / side, uv % side, ci)] = v; });
     }
@@ -857,10 +884,13 @@ at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
   const dim3 grid(a.tiles, static_cast<unsigned>(z.size(0)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_fwd_cuda", [&] {
-    convlora_experts_fwd_kernel<scalar_t><<<grid, kThreads, expert_smem(a), stream>>>(
-        a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
-        a.eb.data_ptr<scalar_t>(), a.geom, y.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_chunk(a.geom.r, [&](auto chunk) {
+      constexpr int CH = decltype(chunk)::value;
+      convlora_experts_fwd_kernel<scalar_t, CH><<<grid, kThreads, expert_smem(a), stream>>>(
+          a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
+          a.eb.data_ptr<scalar_t>(), a.geom, y.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return y;
 }
@@ -890,10 +920,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
       using T = scalar_t;
       dispatch_dy<T>(dy.rows.scalar_type(), [&](auto dy_type) {
         using D = decltype(dy_type);
-        convlora_experts_bwd_kernel<T, D><<<grid, kThreads, expert_smem(a), stream>>>(
-            a.z.data_ptr<T>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<T>(), a.eb.data_ptr<T>(),
-            dy.rows.data_ptr<D>(), dy.ld, a.geom, dzw.data_ptr<T>(), part.data_ptr<T>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dispatch_chunk(r, [&](auto chunk) {
+          constexpr int CH = decltype(chunk)::value;
+          convlora_experts_bwd_kernel<T, D, CH><<<grid, kThreads, expert_smem(a), stream>>>(
+              a.z.data_ptr<T>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<T>(), a.eb.data_ptr<T>(),
+              dy.rows.data_ptr<D>(), dy.ld, a.geom, dzw.data_ptr<T>(), part.data_ptr<T>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
         convlora_experts_dz_kernel<T, D><<<static_cast<unsigned>(dz_blocks), kThreads, 0, stream>>>(
             dy.rows.data_ptr<D>(), dy.ld, dzw.data_ptr<T>(), dg.defined() ? dg.data_ptr<T>() : nullptr,
             a.geom, M, dz.data_ptr<D>());

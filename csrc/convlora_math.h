@@ -120,9 +120,11 @@ struct alignas(sizeof(T) * V) Lanes {
 
 // The horizontal sums of the bicubic filter over z row y (clamped into the map) for channels
 // c .. c + V - 1, at one U column's taps (u_columns offsets, weights wx): per channel the same
-// operations as u_row. With V > 1 each tap is one vector load, so zn + c must be aligned to
-// V elements and r a multiple of V (the CUDA fill checks both).
-template <typename T, int V, typename Z>
+// operations as u_row. With kVector each tap's V channels are one vector load, so zn + c must be
+// aligned to V elements and r a multiple of V (the CUDA fill checks both); without, V scalar
+// loads, any alignment and any V (the fill's small ranks, r = 2 or 3: one work item for all of a
+// pixel's channels instead of one per channel).
+template <typename T, int V, bool kVector, typename Z>
 CONVLORA_HD void u_rows(const Z* zn, int H, int W, int r, int c, int y, const int xoff[4],
                         const T wx[4], T out[V]) {
   const Z* zrow = zn + static_cast<int64_t>(clamp_index(y, H)) * W * r + c;
@@ -130,9 +132,14 @@ CONVLORA_HD void u_rows(const Z* zn, int H, int W, int r, int c, int y, const in
   for (int v = 0; v < V; ++v) out[v] = T(0);
   CONVLORA_UNROLL
   for (int b = 0; b < 4; ++b) {
-    const Lanes<Z, V> zv = *reinterpret_cast<const Lanes<Z, V>*>(zrow + xoff[b]);
-    CONVLORA_UNROLL
-    for (int v = 0; v < V; ++v) out[v] += wx[b] * static_cast<T>(zv.v[v]);
+    if constexpr (kVector) {
+      const Lanes<Z, V> zv = *reinterpret_cast<const Lanes<Z, V>*>(zrow + xoff[b]);
+      CONVLORA_UNROLL
+      for (int v = 0; v < V; ++v) out[v] += wx[b] * static_cast<T>(zv.v[v]);
+    } else {
+      CONVLORA_UNROLL
+      for (int v = 0; v < V; ++v) out[v] += wx[b] * static_cast<T>(zrow[xoff[b] + v]);
+    }
   }
 }
 
@@ -141,7 +148,7 @@ template <typename T, typename Z>
 CONVLORA_HD T u_row(const Z* zn, int H, int W, int r, int c, int y, const int xoff[4],
                     const T wx[4]) {
   T out[1];
-  u_rows<T, 1>(zn, H, W, r, c, y, xoff, wx, out);
+  u_rows<T, 1, true>(zn, H, W, r, c, y, xoff, wx, out);
   return out[0];
 }
 

@@ -107,12 +107,16 @@ def ptxas_usage(log: str) -> dict[str, dict]:
 
 def _template_args(mangled: str, pos: int) -> tuple[list[str], int] | None:
     """The template arguments starting at ``mangled[pos]`` (after its ``I``) up to the closing
-    ``E``: builtin types by letter, nested names (``N3c108BFloat16E`` -> ``c10::BFloat16``)."""
+    ``E``: builtin types by letter, nested names (``N3c108BFloat16E`` -> ``c10::BFloat16``),
+    integer literals (``Li8E`` -> ``8``)."""
     args = []
     while pos < len(mangled) and mangled[pos] != "E":
         if mangled[pos] in _TYPE_NAMES:
             args.append(_TYPE_NAMES[mangled[pos]])
             pos += 1
+        elif m := re.match(r"L[a-z](n?\d+)E", mangled[pos:]):  # an integer literal (Li8E: 8)
+            args.append(m.group(1).replace("n", "-"))
+            pos += m.end()
         elif mangled[pos] == "N":
             parts, pos = [], pos + 1
             while (m := re.match(r"\d+", mangled[pos:])) is not None:

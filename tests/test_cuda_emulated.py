@@ -91,10 +91,12 @@ def _experts_both(ops, z, idx, ew, eb, dy):
 
 
 @pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
-@pytest.mark.parametrize("r", [1, 3, 8])
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 7), (14, 14)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_experts_every_scale_float64(emu, hw, r, depthwise):
-    """8 samples routed to scales 1..8; 14x14 at r = 8 spans 22 tiles of 9 pixels per sample."""
+    """8 samples routed to scales 1..8; 14x14 at r = 8 spans 22 tiles of 9 pixels per sample.
+    r <= 4 takes the 4-channel chunks (r = 4: whole chunks, the tap gradients' vector loads) and
+    r = 2, 3 the fill's all-channels items with scalar loads."""
     args = _experts_case(8, *hw, r, depthwise, torch.float64)
     _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
 
@@ -121,12 +123,14 @@ def test_experts_random_routing_float32(emu, depthwise):
     assert not got[2][4].any() and not got[3][7].any()
 
 
+@pytest.mark.parametrize("r", [2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_experts_z_not_16_byte_aligned(emu, dtype):
+def test_experts_z_not_16_byte_aligned(emu, dtype, r):
     """z one element into its storage (contiguous, not 16-byte aligned): the U-patch fill's
-    vector path (16 bytes of channels per load) must fall back to one channel per load, with
-    the same values to the bit (the sanitizer run checks the alignment of every load)."""
-    z, idx, ew, eb, dy = _experts_case(8, 5, 7, 8, False, dtype)
+    vector path (16 bytes of channels per load) must fall back to scalar loads (one channel per
+    item, or r = 2: both), with the same values to the bit (the sanitizer run checks the
+    alignment of every load)."""
+    z, idx, ew, eb, dy = _experts_case(8, 5, 7, r, False, dtype)
     shifted = torch.empty(z.numel() + 1, dtype=dtype)[1:].view_as(z).copy_(z)
     assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
     aligned = _experts_both(emu, z, idx, ew, eb, dy)
