@@ -207,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> down_proj_cuda(const at::Tensor& 
 struct ExpertGeom {
   int H, W, r, E;
   bool depthwise;
+  bool staged;  // the expert weight staged in shared memory (expert_layout)
   int pixels_per_block;
 };
 
@@ -245,13 +246,21 @@ constexpr int expert_blocks_per_sm() { return sizeof(T) == sizeof(double) ? 2 : 
 // (c12, session 15).
 constexpr int kChannelChunk = 8;
 constexpr int kSmallChannelChunk = 4;
-CONVLORA_HD int channel_chunk(int r) { return r <= kSmallChannelChunk ? kSmallChannelChunk : kChannelChunk; }
+CONVLORA_HD int channel_chunk(int r) {
+  return r <= kSmallChannelChunk ? kSmallChannelChunk : kChannelChunk;
+}
 // Full convs up to this rank stage the block's expert weight in shared memory as (ci, 3, 3, c),
-// c padded to whole chunks (zeros), for the tap loop's 16-byte chunk loads (tap_loop). r = 16:
-// 9 KB of the 32 KB budget.
-constexpr int kStagedRank = 16;
-
-CONVLORA_HD bool stages_weights(int r, bool depthwise) { return !depthwise && r <= kStagedRank; }
+// c padded to whole chunks (zeros), for the tap loop's 16-byte chunk loads (tap_loop) and the
+// patch gradients' (patch_grad_chunk), where the device's shared memory allows (expert_layout).
+// r = 16: 9 KB of the 32 KB budget; r = 32 (c13, session 15; was 16): 36 KB, the block then
+// takes 65 KB with its 4 pixels, above the 48 KB a launch gets without opting in.
+constexpr int kStagedRank = 32;
+// Pixels a block with a staged weight keeps at least, growing its shared memory past the 32 KB
+// budget when the weight is large: 4 at r = 32 (float) make 65 KB, so that 3 blocks (the
+// register budget's occupancy, expert_blocks_per_sm) still fit an sm_90's 228 KB.
+constexpr int kMinStagedPixels = 4;
+// Dynamic shared memory a launch gets without cudaFuncSetAttribute.
+constexpr size_t kDefaultSmemBytes = 48 * 1024;
 // r padded to whole chunks of ch = channel_chunk(r): the kernels pass their CH, a constant (a
 // runtime channel_chunk there added index arithmetic to every kernel, and spills).
 CONVLORA_HD int staged_stride(int r, int ch) { return (r + ch - 1) / ch * ch; }
@@ -260,18 +269,58 @@ CONVLORA_HD int staged_stride(int r, int ch) { return (r + ch - 1) / ch * ch; }
 // chunk width as a compile-time constant (the accumulators are register arrays).
 template <typename F>
 void dispatch_chunk(int r, F&& f) {
-  if (channel_chunk(r) == kSmallChannelChunk) return f(std::integral_constant<int, kSmallChannelChunk>{});
+  if (channel_chunk(r) == kSmallChannelChunk)
+    return f(std::integral_constant<int, kSmallChannelChunk>{});
   f(std::integral_constant<int, kChannelChunk>{});
 }
 
-size_t staged_weight_bytes(int r, bool depthwise, size_t elem) {
-  return stages_weights(r, depthwise) ? static_cast<size_t>(r) * 9 * staged_stride(r, channel_chunk(r)) * elem : 0;
+size_t staged_weight_bytes(int r, size_t elem) {
+  return static_cast<size_t>(r) * 9 * staged_stride(r, channel_chunk(r)) * elem;
 }
 
-int pixels_per_block(int r, bool depthwise, size_t elem) {
-  return static_cast<int>(std::clamp<size_t>(
-      (kExpertSmemBytes - staged_weight_bytes(r, depthwise, elem)) / expert_bytes_per_pixel(r, elem),
-      1, kMaxPixelsPerBlock));
+struct ExpertLayout {
+  bool staged;
+  int pixels_per_block;
+  size_t smem;  // dynamic shared memory per block
+};
+
+// Whether a block stages the expert weight, its pixels and its shared memory. Staged (full conv,
+// r <= kStagedRank): the 32 KB budget, or the weight plus kMinStagedPixels pixels where that is
+// more, if the device's opt-in limit max_smem allows it; else not staged, in the 32 KB budget.
+ExpertLayout expert_layout(int r, bool depthwise, size_t elem, size_t max_smem) {
+  const size_t per_pixel = expert_bytes_per_pixel(r, elem);
+  auto pixels = [&](size_t budget, size_t weight) {
+    return static_cast<int>(std::clamp<size_t>(budget > weight ? (budget - weight) / per_pixel : 0,
+                                               1, kMaxPixelsPerBlock));
+  };
+  if (!depthwise && r <= kStagedRank) {
+    const size_t weight = staged_weight_bytes(r, elem);
+    const size_t budget = std::max<size_t>(kExpertSmemBytes, weight + kMinStagedPixels * per_pixel);
+    const int p = pixels(budget, weight);
+    const size_t smem = weight + p * per_pixel;
+    if (smem <= max_smem) return {true, p, smem};
+  }
+  const int p = pixels(kExpertSmemBytes, 0);
+  return {false, p, p * per_pixel};
+}
+
+// The current device's opt-in limit of dynamic shared memory per block (sm_90: 227 KB, sm_80:
+// 163 KB, sm_86 / sm_89: 99 KB).
+size_t device_max_smem() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
+
+// Lets `kernel` take `smem` bytes of dynamic shared memory: above 48 KB the launch fails unless
+// the kernel opted in. Set before each such launch (the attribute is per kernel and device; the
+// call is a host-side attribute write, allowed while a stream is being captured).
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t smem) {
+  if (smem > kDefaultSmemBytes)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
 }
 
 template <typename T>
@@ -294,8 +343,8 @@ __device__ __forceinline__ int load_expert(const int64_t* idx, int n, int E) {
 // V channels per item (c10, session 14): the item's index arithmetic (three integer divisions,
 // clamped tap offsets: ~340 of the ~360 SASS instructions before its first U row, sm_90, float)
 // is the same for every channel of a pixel, and channels-last z gives V consecutive channels in
-// one 16-byte load per tap. Small ranks that cannot take that path (r = 2 or 3; c12, session 15)
-// use one item for all r channels with scalar loads: r items' index arithmetic became one.
+// one 16-byte load per tap. At r = 3, which cannot take that path (c12, session 15), one item
+// covers the 3 channels with scalar loads: three items' index arithmetic became one.
 template <typename T, int V, bool kVector>
 __device__ void fill_patches_v(const T* zn, const ExpertGeom& g, int s, int pix0, int npix,
                                const UTaps<T>* uty, const UTaps<T>* utx, T* up) {
@@ -373,7 +422,7 @@ __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, 
 // The block's tile, shared by the forward and backward expert kernels: sample n = blockIdx.y, its
 // expert and scale, pixels [pix0, pix0 + npix) of the map, and in shared memory the U patches and
 // the PixelTaps of those pixels (synchronised: ready to read on return). smem: the staged expert
-// weight when stages_weights (see tap_loop), then (P, r, 6, 6) U
+// weight when g.staged (see tap_loop), then (P, r, 6, 6) U
 // patches, a (P, r, 4, 4) tap buffer (pre-activations forward, their gradients and then the
 // window weights backward: tap_buffer_elems per pixel), then
 // P PixelTaps, then the upsample taps of each patch's rows (P, 6) and columns (P, 6). Both are
@@ -401,7 +450,7 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   const int P = g.pixels_per_block;
   const int n = blockIdx.y;
   const int hw = g.H * g.W;
-  const bool staged = stages_weights(g.r, g.depthwise);
+  const bool staged = g.staged;
   const int wt_size = staged ? g.r * 9 * staged_stride(g.r, CH) : 0;  // a multiple of 16 bytes
   b.wt = staged ? smem : nullptr;
   smem += wt_size;
@@ -454,7 +503,7 @@ struct alignas(16) ChannelChunk {
 
 // The tap loop of the forward and backward expert kernels: the conv pre-activation at every
 // (pixel, channel, V tap) of the tile, handed to emit(p, c, a, b, pre). With the weight staged
-// (full conv, r <= kStagedRank), a work item is (pixel, tap, CH output channels): each
+// (g.staged: full conv, r <= kStagedRank), a work item is (pixel, tap, CH output channels): each
 // U value feeds the chunk's accumulators, whose weights are CH * sizeof(T) / 16 16-byte loads, in
 // pre_value's order for each channel (the same sums, to the bit). Otherwise (depthwise, where no
 // U value feeds two channels, or larger r) an item is one channel, as before c6. Per FMA (sm_90
@@ -549,8 +598,8 @@ __device__ __forceinline__ void patch_grad_chunk(const T* dpre, const T* wt, int
       for (int b = b_lo; b < b_hi; ++b) {
         const int kx = ux - (t.rx[b] - t.ox - 1);
         const T dv = d[tap_grad_index(r, a, b, 0)];
-        const ChannelChunk<T, CH> w =
-            *reinterpret_cast<const ChannelChunk<T, CH>*>(wt + (c * 9 + ky * 3 + kx) * stride + ci0);
+        const ChannelChunk<T, CH> w = *reinterpret_cast<const ChannelChunk<T, CH>*>(
+            wt + (c * 9 + ky * 3 + kx) * stride + ci0);
 #pragma unroll
         for (int cc = 0; cc < CH; ++cc) acc[cc] += w.v[cc] * dv;
       }
@@ -845,13 +894,8 @@ struct ExpertArgs {
   at::Tensor z, idx, ew, eb;
   ExpertGeom geom;
   int tiles;
+  size_t smem;  // dynamic shared memory per block
 };
-
-size_t expert_smem(const ExpertArgs& a) {
-  const size_t elem = a.z.element_size();
-  return a.geom.pixels_per_block * expert_bytes_per_pixel(a.geom.r, elem) +
-         staged_weight_bytes(a.geom.r, a.geom.depthwise, elem);
-}
 
 ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
                            const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
@@ -864,13 +908,17 @@ ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
   args.ew = expert_weight.to(z.scalar_type()).contiguous();
   args.eb = expert_bias.to(z.scalar_type()).contiguous();
   const int r = static_cast<int>(z.size(3));
+  const size_t max_smem = device_max_smem();
+  const ExpertLayout layout = expert_layout(r, depthwise, z.element_size(), max_smem);
+  TORCH_CHECK(layout.smem <= max_smem, "convlora: rank r = ", r, " too large for the CUDA "
+              "expert kernels: one pixel's tile needs ", layout.smem, " bytes of shared memory, "
+              "the device allows ", max_smem);
   args.geom = {static_cast<int>(z.size(1)), static_cast<int>(z.size(2)), r,
-               static_cast<int>(expert_weight.size(0)), depthwise,
-               pixels_per_block(r, depthwise, z.element_size())};
+               static_cast<int>(expert_weight.size(0)), depthwise, layout.staged,
+               layout.pixels_per_block};
+  args.smem = layout.smem;
   const int64_t hw = z.size(1) * z.size(2);
   args.tiles = static_cast<int>((hw + args.geom.pixels_per_block - 1) / args.geom.pixels_per_block);
-  const size_t smem = expert_smem(args);
-  TORCH_CHECK(smem <= 48 * 1024, "convlora: rank r = ", r, " too large for the CUDA expert kernels");
   return args;
 }
 
@@ -886,7 +934,8 @@ at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_fwd_cuda", [&] {
     dispatch_chunk(a.geom.r, [&](auto chunk) {
       constexpr int CH = decltype(chunk)::value;
-      convlora_experts_fwd_kernel<scalar_t, CH><<<grid, kThreads, expert_smem(a), stream>>>(
+      allow_smem(convlora_experts_fwd_kernel<scalar_t, CH>, a.smem);
+      convlora_experts_fwd_kernel<scalar_t, CH><<<grid, kThreads, a.smem, stream>>>(
           a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
           a.eb.data_ptr<scalar_t>(), a.geom, y.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -922,7 +971,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
         using D = decltype(dy_type);
         dispatch_chunk(r, [&](auto chunk) {
           constexpr int CH = decltype(chunk)::value;
-          convlora_experts_bwd_kernel<T, D, CH><<<grid, kThreads, expert_smem(a), stream>>>(
+          allow_smem(convlora_experts_bwd_kernel<T, D, CH>, a.smem);
+          convlora_experts_bwd_kernel<T, D, CH><<<grid, kThreads, a.smem, stream>>>(
               a.z.data_ptr<T>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<T>(), a.eb.data_ptr<T>(),
               dy.rows.data_ptr<D>(), dy.ld, a.geom, dzw.data_ptr<T>(), part.data_ptr<T>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -101,14 +101,36 @@ def test_experts_every_scale_float64(emu, hw, r, depthwise):
     _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
 
 
-@pytest.mark.parametrize("r", [12, 16, 33])
+@pytest.mark.parametrize("r", [12, 16, 32, 33])
 def test_experts_wide_rank_float64(emu, r):
     """Ranks above the channel chunk (8) of the tap loop and the weight-gradient stage: two
-    chunks (r = 12, the second padded; r = 16, the largest rank whose weight is staged in shared
-    memory, 1 pixel per float64 block) and five (r = 33, not staged: one channel per tap-loop
-    item; 2 pixels per block); more weight-gradient items than threads (strided)."""
+    chunks (r = 12, the second padded; r = 16), four (r = 32, the largest rank whose weight is
+    staged in shared memory: 4 pixels and 129 KB per float64 block, which needs the kernels'
+    opt-in above 48 KB) and five (r = 33, not staged: one channel per tap-loop item; 2 pixels
+    per block); more weight-gradient items than threads (strided)."""
     args = _experts_case(8, 3, 5, r, False, torch.float64)
     _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
+
+
+def test_experts_rank_32_float32(emu):
+    """r = 32 in float32, the staged path's widest case (65 KB per block, opted in): against the
+    float64 twin."""
+    index = torch.tensor([1, 7, 3, 0, 5, 1])
+    args = _experts_case(6, 4, 5, 32, False, torch.float32, index=index)
+    wide = [t.double() if t.is_floating_point() else t for t in args]
+    _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *wide), 1e-5, "experts")
+
+
+def test_experts_staging_falls_back_on_a_smaller_device(emu, monkeypatch):
+    """On a device whose opt-in shared memory (sm_86: 99 KB) cannot hold r = 32's staged float64
+    block (129 KB), the launchers take the unstaged path: the same sums per output, so y and dz
+    to the bit; dEW / dEB come from a different tiling (2 pixels per block, not 4)."""
+    args = _experts_case(8, 3, 5, 32, False, torch.float64)
+    staged = _experts_both(emu, *args)
+    monkeypatch.setenv("CONVLORA_EMU_OPTIN_SMEM", "101376")
+    unstaged = _experts_both(emu, *args)
+    assert torch.equal(staged[0], unstaged[0]) and torch.equal(staged[1], unstaged[1])
+    _check(unstaged[2:], staged[2:], 1e-12, "experts weight gradients")
 
 
 @pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
@@ -273,8 +295,8 @@ def test_sam_shapes(emu, kind):
     assert torch.equal(xcat[..., :c], x) and not xcat[..., c:].any()
     index = torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(11))
     args = _experts_case(n, h, w, r, depthwise, torch.float32, index=index)
-    want = _experts_both(torch.ops.convlora_cuda, *(t.double() if t.is_floating_point() else t for t in args))
-    _check(_experts_both(emu, *args), want, 1e-5, "experts")
+    wide = [t.double() if t.is_floating_point() else t for t in args]
+    _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *wide), 1e-5, "experts")
 
 
 # ------------------------------------------------------------------------------ the emulator

@@ -539,6 +539,30 @@ def test_gpu_kernels_match_cpu_kernels_float64(depthwise):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("r", [3, 5, 8, 16, 32, 33])
+def test_gpu_expert_kernels_every_rank_path(r, dtype):
+    """Every layout of the expert kernels on the device, against the CPU twins at float64
+    (float32 inputs: 1e-5): 4-channel chunks (r = 3, with the 3-channel fill), 8-channel chunks
+    (r = 5, padded; r = 8; r = 16), the staged weight past 48 KB per block (r = 32: 65 KB in
+    float32, 129 KB in float64, which need the launch's shared-memory opt-in) and the unstaged
+    path (r = 33). 8 samples at the 8 scales, a 9 x 11 map (several tiles per sample)."""
+    gen = torch.Generator().manual_seed(r)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    z, ew, eb, dy = rnd(8, 9, 11, r), rnd(8, r, r, 3, 3) * 0.3, rnd(8, r) * 0.3, rnd(8, 9, 11, r)
+    idx = torch.arange(8)
+    ops = torch.ops.convlora_cuda
+    want = (ops.experts_fwd(z, idx, ew, eb),) + tuple(ops.experts_bwd(z, idx, ew, eb, dy))
+    dev = [t.to(dtype).cuda() for t in (z, ew, eb, dy)]
+    got = (ops.experts_fwd(dev[0], idx.cuda(), dev[1], dev[2]),) + tuple(
+        ops.experts_bwd(dev[0], idx.cuda(), dev[1], dev[2], dev[3]))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close_to_reference(g.cpu().double(), w, rtol, f"output {i}")
+
+
+@gpu
+@needs_cuda
 def test_gpu_gate_matches_cpu_float64():
     """The gate kernels on the GPU against their CPU twins (same formulas) at float64."""
     ops = torch.ops.convlora_cuda

@@ -60,8 +60,8 @@ def test_expert_kernels_compiled_form(tmp_path):
         # c5: the weight-gradient stage's pixel loop, shared memory only, <= 1.5 loads per FMA
         # (one weight element per item had 2.25 with 16 FMAs per body).
         bwd = rows[bwd_name]
-        weight_loops = [lp for lp in bwd["loops"] if lp not in tap_loops(bwd)
-                        and lp["FFMA"] >= 8 * ch and lp["LDG"] == 0 and lp["LDS"] <= 1.5 * lp["FFMA"]]
+        weight_loops = [lp for lp in bwd["loops"] if lp not in tap_loops(bwd) and lp["FFMA"] >= 8 * ch
+                        and lp["LDG"] == 0 and lp["LDS"] <= 1.5 * lp["FFMA"]]
         assert weight_loops, f"{bwd_name}: no weight-gradient loop of the c5 form: {bwd['loops']}"
 
 

@@ -19,7 +19,8 @@
 //    launch writes) shows as a NaN read in one of the two orders;
 //  - a barrier no remaining thread can pass is reported as a deadlock, not a hang, and a warp
 //    shuffle that not every lane of the warp reaches raises (undefined behaviour on a GPU);
-//  - dynamic shared memory above the 48 KB a launch gets without opting in raises.
+//  - dynamic shared memory above the 48 KB a launch gets without opting in raises, and so does
+//    more than the kernel's cudaFuncSetAttribute opt-in (at most an sm_90's 227 KB).
 // What it does not: timing, occupancy, memory-model subtleties within a warp, global-memory
 // bounds (compute-sanitizer on the GPU does that).
 #pragma once
@@ -35,6 +36,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -253,6 +255,22 @@ inline void run_block(size_t smem_bytes, bool reverse) {
   }
 }
 
+// The dynamic shared memory a kernel may take per block: 48 KB, or what cudaFuncSetAttribute
+// raised it to (keyed by the kernel's address).
+constexpr size_t kDefaultSmemBytes = 48 * 1024;
+constexpr int kOptinSmemBytes = 227 * 1024;  // sm_90's cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+inline std::map<const void*, size_t>& smem_limits() {
+  static std::map<const void*, size_t> limits;
+  return limits;
+}
+
+template <typename... P>
+size_t smem_limit(void (*kernel)(P...)) {
+  const auto it = smem_limits().find(reinterpret_cast<const void*>(kernel));
+  return it == smem_limits().end() ? kDefaultSmemBytes : std::max(kDefaultSmemBytes, it->second);
+}
+
 // The grid, block by block. Arguments are converted to the kernel's parameter types once, like
 // a real launch copies them.
 template <typename... P, typename... A>
@@ -263,9 +281,11 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, int 
   if (block.x * block.y * block.z == 0 || block.x * block.y * block.z > 1024)
     throw std::runtime_error("cuda_emu: invalid block size");
   if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("cuda_emu: grid.y/z above 65535");
-  // Above 48 KB a real launch fails unless cudaFuncSetAttribute raised the kernel's limit, which
-  // the launchers never do.
-  if (smem_bytes > 48 * 1024) throw std::runtime_error("cuda_emu: more than 48 KB of dynamic shared memory");
+  // Above 48 KB a real launch fails unless cudaFuncSetAttribute raised the kernel's limit.
+  if (smem_bytes > smem_limit(kernel))
+    throw std::runtime_error("cuda_emu: " + std::to_string(smem_bytes) +
+                             " bytes of dynamic shared memory, above the kernel's limit of " +
+                             std::to_string(smem_limit(kernel)));
   const char* order = std::getenv("CONVLORA_EMU_THREAD_ORDER");
   const bool reverse = order != nullptr && std::string(order) == "reverse";
   const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
@@ -341,3 +361,41 @@ struct CUDAGuard {
 };
 inline int getCurrentCUDAStream() { return 0; }
 }  // namespace convlora_emu
+
+// The CUDA runtime calls of the launchers (their headers are not included here), as an sm_90
+// device answers them.
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+// CONVLORA_EMU_OPTIN_SMEM=bytes: a device with a smaller opt-in limit (sm_86: 101376), for the
+// launchers' fallbacks.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
+  const char* v = std::getenv("CONVLORA_EMU_OPTIN_SMEM");
+  *value = convlora_emu::kOptinSmemBytes;
+  if (v != nullptr) *value = std::min(std::atoi(v), *value);
+  return cudaSuccess;
+}
+
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  int device_limit = 0;
+  cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > device_limit)
+    return cudaErrorInvalidValue;
+  // launch() reads the map under the same lock.
+  std::lock_guard<std::mutex> lock(convlora_emu::launch_mutex());
+  convlora_emu::smem_limits()[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
+#define C10_CUDA_CHECK(expr)                                                                     \
+  do {                                                                                           \
+    if ((expr) != cudaSuccess) throw std::runtime_error("cuda_emu: " #expr " failed");           \
+  } while (0)
