@@ -315,12 +315,16 @@ size_t device_max_smem() {
 
 // Lets `kernel` take `smem` bytes of dynamic shared memory: above 48 KB the launch fails unless
 // the kernel opted in. Set before each such launch (the attribute is per kernel and device; the
-// call is a host-side attribute write, allowed while a stream is being captured).
+// call is a host-side attribute write, not stream work, so CUDA-graph capture is unaffected), and
+// to the device's limit rather than `smem`: one kernel serves several ranks, and a thread setting
+// a smaller value for its rank between another thread's call and launch would fail that launch.
+// The attribute is a ceiling; the launch's own size is what the SM reserves. (It counts with the
+// kernel's static shared memory, which the expert kernels do not have.)
 template <typename Kernel>
-void allow_smem(Kernel kernel, size_t smem) {
+void allow_smem(Kernel kernel, size_t smem, size_t max_smem) {
   if (smem > kDefaultSmemBytes)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+                                        static_cast<int>(max_smem)));
 }
 
 template <typename T>
@@ -400,8 +404,8 @@ template <typename T>
 constexpr int fill_vector() { return 16 / sizeof(T); }
 
 // CH: the kernel's channel chunk, which tells whether r <= kSmallChannelChunk: only those kernels
-// carry the small ranks' fill variants (in the others, ptxas spilled more for code that never
-// runs: sm_90, float backward, 4/8 B -> 8/36 B).
+// carry the 3-channel fill (the others never run it, and each fill variant is more code for
+// ptxas to fit in the 80-register budget).
 template <typename T, int CH>
 __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, int npix,
                              const UTaps<T>* uty, const UTaps<T>* utx, T* up) {
@@ -760,8 +764,9 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
       const int p = k / per_pixel, rem = k % per_pixel;
       const int uv = rem / nchunk, ci0 = rem % nchunk * CH;
       patch_grad_chunk<T, CH>(dpre + static_cast<size_t>(p) * g.r * kTapArea, wt, g.r, ci0,
-                          uv / side, uv % side, tile.taps[p],
-                          [&](int ci, T v) { du[dup_index(p, g.r, uv / side, uv % side, ci)] = v; });
+                              uv / side, uv % side, tile.taps[p], [&](int ci, T v) {
+                                du[dup_index(p, g.r, uv / side, uv % side, ci)] = v;
+                              });
     }
   } else {
     __syncthreads();  // the U patches are read
@@ -894,7 +899,8 @@ struct ExpertArgs {
   at::Tensor z, idx, ew, eb;
   ExpertGeom geom;
   int tiles;
-  size_t smem;  // dynamic shared memory per block
+  size_t smem;      // dynamic shared memory per block
+  size_t max_smem;  // the device's opt-in limit
 };
 
 ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
@@ -917,6 +923,7 @@ ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
                static_cast<int>(expert_weight.size(0)), depthwise, layout.staged,
                layout.pixels_per_block};
   args.smem = layout.smem;
+  args.max_smem = max_smem;
   const int64_t hw = z.size(1) * z.size(2);
   args.tiles = static_cast<int>((hw + args.geom.pixels_per_block - 1) / args.geom.pixels_per_block);
   return args;
@@ -934,7 +941,7 @@ at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "convlora_experts_fwd_cuda", [&] {
     dispatch_chunk(a.geom.r, [&](auto chunk) {
       constexpr int CH = decltype(chunk)::value;
-      allow_smem(convlora_experts_fwd_kernel<scalar_t, CH>, a.smem);
+      allow_smem(convlora_experts_fwd_kernel<scalar_t, CH>, a.smem, a.max_smem);
       convlora_experts_fwd_kernel<scalar_t, CH><<<grid, kThreads, a.smem, stream>>>(
           a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
           a.eb.data_ptr<scalar_t>(), a.geom, y.data_ptr<scalar_t>());
@@ -971,7 +978,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
         using D = decltype(dy_type);
         dispatch_chunk(r, [&](auto chunk) {
           constexpr int CH = decltype(chunk)::value;
-          allow_smem(convlora_experts_bwd_kernel<T, D, CH>, a.smem);
+          allow_smem(convlora_experts_bwd_kernel<T, D, CH>, a.smem, a.max_smem);
           convlora_experts_bwd_kernel<T, D, CH><<<grid, kThreads, a.smem, stream>>>(
               a.z.data_ptr<T>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<T>(), a.eb.data_ptr<T>(),
               dy.rows.data_ptr<D>(), dy.ld, a.geom, dzw.data_ptr<T>(), part.data_ptr<T>());

@@ -390,3 +390,16 @@ def test_emulator_reports_a_divergent_shuffle(thread_order):
     x, a = _rand(2, 5, 7, 16, seed=1), _rand(3, 16, seed=2)  # 70 tokens: block 2 has 6
     with pytest.raises(RuntimeError, match="__shfl_xor_sync needs every lane"):
         ops.down_proj(x, a, 0)
+
+
+def test_emulator_enforces_the_shared_memory_opt_in(thread_order):
+    """A mutant whose launchers never opt in to more than 48 KB of shared memory: r = 32's staged
+    float64 block (129 KB) must fail to launch, as on a GPU, not run past the limit."""
+    src = cuda_emu.SOURCE.read_text()
+    needle = "  if (smem > kDefaultSmemBytes)\n    C10_CUDA_CHECK(cudaFuncSetAttribute("
+    assert needle in src, "the source changed; update the mutant"
+    ops = cuda_emu.load(src.replace(needle, needle.replace("smem > kDefaultSmemBytes", "false")),
+                        namespace="convlora_cuda_emu_no_smem_opt_in")
+    z, idx, ew, eb, _ = _experts_case(8, 3, 5, 32, False, torch.float64)
+    with pytest.raises(RuntimeError, match="above the kernel's limit"):
+        ops.experts_fwd(z, idx, ew, eb)
