@@ -412,15 +412,12 @@ __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, 
   constexpr int V = fill_vector<T>();
   // Block-uniform: zn is z + (sample) * H * W * r, so r % V == 0 leaves only z's own alignment.
   if (g.r % V == 0 && reinterpret_cast<uintptr_t>(zn) % (V * sizeof(T)) == 0)
-    fill_patches_v<T, V, true>(zn, g, s, pix0, npix, uty, utx, up);
-  else if constexpr (CH == kSmallChannelChunk) {
+    return fill_patches_v<T, V, true>(zn, g, s, pix0, npix, uty, utx, up);
+  if constexpr (CH == kSmallChannelChunk) {
     if (g.r == 3)  // the paper's rank
-      fill_patches_v<T, 3, false>(zn, g, s, pix0, npix, uty, utx, up);
-    else
-      fill_patches_v<T, 1, true>(zn, g, s, pix0, npix, uty, utx, up);
-  } else {
-    fill_patches_v<T, 1, true>(zn, g, s, pix0, npix, uty, utx, up);
+      return fill_patches_v<T, 3, false>(zn, g, s, pix0, npix, uty, utx, up);
   }
+  fill_patches_v<T, 1, true>(zn, g, s, pix0, npix, uty, utx, up);
 }
 
 // The block's tile, shared by the forward and backward expert kernels: sample n = blockIdx.y, its

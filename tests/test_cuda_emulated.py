@@ -90,13 +90,18 @@ def _experts_both(ops, z, idx, ew, eb, dy):
     return (ops.experts_fwd(z, idx, ew, eb), *ops.experts_bwd(z, idx, ew, eb, dy))
 
 
+def _twins_float64(args):
+    """_experts_both of the CPU twins on float64 copies of args (the reference of float32 runs)."""
+    return _experts_both(torch.ops.convlora_cuda, *(t.double() if t.is_floating_point() else t for t in args))
+
+
 @pytest.mark.parametrize("depthwise", [False, True], ids=["full", "depthwise"])
 @pytest.mark.parametrize("r", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 7), (14, 14)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_experts_every_scale_float64(emu, hw, r, depthwise):
     """8 samples routed to scales 1..8; 14x14 at r = 8 spans 22 tiles of 9 pixels per sample.
     r <= 4 takes the 4-channel chunks (r = 4: whole chunks, the tap gradients' vector loads) and
-    r = 2, 3 the fill's all-channels items with scalar loads."""
+    r = 3 the fill's 3-channel items with scalar loads."""
     args = _experts_case(8, *hw, r, depthwise, torch.float64)
     _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *args), 1e-12, "experts")
 
@@ -117,8 +122,7 @@ def test_experts_rank_32_float32(emu):
     float64 twin."""
     index = torch.tensor([1, 7, 3, 0, 5, 1])
     args = _experts_case(6, 4, 5, 32, False, torch.float32, index=index)
-    wide = [t.double() if t.is_floating_point() else t for t in args]
-    _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *wide), 1e-5, "experts")
+    _check(_experts_both(emu, *args), _twins_float64(args), 1e-5, "experts")
 
 
 def test_experts_staging_falls_back_on_a_smaller_device(emu, monkeypatch):
@@ -140,7 +144,7 @@ def test_experts_random_routing_float32(emu, depthwise):
     index = torch.tensor([2, 2, 5, 0, 5, 3, 2, 6, 1, 3])
     args = _experts_case(10, 6, 5, 3, depthwise, torch.float32, index=index)
     got = _experts_both(emu, *args)
-    want = _experts_both(torch.ops.convlora_cuda, *(t.double() if t.is_floating_point() else t for t in args))
+    want = _twins_float64(args)
     _check(got, want, 1e-5, "experts")
     assert not got[2][4].any() and not got[3][7].any()
 
@@ -149,9 +153,8 @@ def test_experts_random_routing_float32(emu, depthwise):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_experts_z_not_16_byte_aligned(emu, dtype, r):
     """z one element into its storage (contiguous, not 16-byte aligned): the U-patch fill's
-    vector path (16 bytes of channels per load) must fall back to scalar loads (one channel per
-    item, or r = 2: both), with the same values to the bit (the sanitizer run checks the
-    alignment of every load)."""
+    vector path (16 bytes of channels per load) must fall back to one channel per item, with the
+    same values to the bit (the sanitizer run checks the alignment of every load)."""
     z, idx, ew, eb, dy = _experts_case(8, 5, 7, r, False, dtype)
     shifted = torch.empty(z.numel() + 1, dtype=dtype)[1:].view_as(z).copy_(z)
     assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
@@ -295,8 +298,7 @@ def test_sam_shapes(emu, kind):
     assert torch.equal(xcat[..., :c], x) and not xcat[..., c:].any()
     index = torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(11))
     args = _experts_case(n, h, w, r, depthwise, torch.float32, index=index)
-    wide = [t.double() if t.is_floating_point() else t for t in args]
-    _check(_experts_both(emu, *args), _experts_both(torch.ops.convlora_cuda, *wide), 1e-5, "experts")
+    _check(_experts_both(emu, *args), _twins_float64(args), 1e-5, "experts")
 
 
 # ------------------------------------------------------------------------------ the emulator
