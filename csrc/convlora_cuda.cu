@@ -502,6 +502,52 @@ struct alignas(16) ChannelChunk {
   T v[CH];
 };
 
+// The conv pre-activations of one staged-weight work item: NB V taps (a, b + nb) of pixel p, CH
+// output channels from c0, handed to emit(p, c, a, b + nb, pre). Each staged weight chunk feeds
+// the NB taps' accumulators; every sum is pre_value's, in its order (bias, then ci, then the
+// 3 x 3 offsets), so the same bits whatever NB. Each tap reads its own U window: clamped V taps
+// at the map's border repeat a column, so a pair's windows need not be one column apart.
+template <typename T, int CH, int NB, typename Emit>
+__device__ __forceinline__ void staged_taps(const ExpertTile<T>& tile, const ExpertGeom& g, int p,
+                                            int a, int b, int c0, Emit& emit) {
+  const PixelTaps<T>& t = tile.taps[p];
+  const T* up = tile.up + static_cast<size_t>(p) * g.r * kPatchArea;
+  const int stride = staged_stride(g.r, CH);
+  T acc[NB][CH];
+#pragma unroll
+  for (int cc = 0; cc < CH; ++cc) {
+    const T bias = c0 + cc < g.r ? tile.eb_e[c0 + cc] : T(0);
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) acc[nb][cc] = bias;
+  }
+  const T* u0[NB];  // each tap's conv window, top-left
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+    u0[nb] = up + (t.ry[a] - t.oy - 1) * kPatch + t.rx[b + nb] - t.ox - 1;
+  const T* w0 = tile.wt + c0;
+  // Rolled: unrolled by the compiler, each item loop came in 2-3 versions (remainders of r),
+  // ~800 more instructions in the CH = 4 forward, to save ~4 of loop control per input channel.
+#pragma unroll 1
+  for (int ci = 0; ci < g.r; ++ci) {
+#pragma unroll
+    for (int kk = 0; kk < 9; ++kk) {
+      const ChannelChunk<T, CH> w =
+          *reinterpret_cast<const ChannelChunk<T, CH>*>(w0 + (ci * 9 + kk) * stride);
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        const T uv = u0[nb][ci * kPatchArea + kk / 3 * kPatch + kk % 3];
+#pragma unroll
+        for (int cc = 0; cc < CH; ++cc) acc[nb][cc] += w.v[cc] * uv;
+      }
+    }
+  }
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int cc = 0; cc < CH; ++cc)
+      if (c0 + cc < g.r) emit(p, c0 + cc, a, b + nb, acc[nb][cc]);
+}
+
 // The tap loop of the forward and backward expert kernels: the conv pre-activation at every
 // (pixel, channel, V tap) of the tile, handed to emit(p, c, a, b, pre). With the weight staged
 // (g.staged: full conv, r <= kStagedRank), a work item is (pixel, tap, CH output channels): each
@@ -512,42 +558,48 @@ struct alignas(16) ChannelChunk {
 // FMA, and 1.6 instructions against 3.8; 240 items per block at r = 8 (one round of 256 threads)
 // instead of 1920. (Without the staging, the 8 weights' separate addresses cost more than the
 // U loads saved: 4.2 instructions per FMA.)
+// c14 (session 16), for the staged items: (1) their indices by shifts and masks and at most one
+// division (below); (2) where the items need more than one round of the block's threads (even s
+// and one chunk with many pixels: r = 2..7; r = 3 has 29 pixels, 464 items), an item takes two
+// taps of a row: its index arithmetic, tap geometry and bias loads, and each weight chunk, serve
+// both. Static SASS (sm_90, fp32, forward, CH = 4): c13's item was ~250 instructions around a ci
+// loop of ~60 per input channel (~430 at r = 3); now ~60 around ~115 per input channel for a
+// pair (~405 at r = 3 for two taps), and the block's longest thread at r = 3 runs one such item
+// instead of two of c13's. With one round or less (r = 8: 14 pixels, 224 items) pairs would
+// lengthen the longest thread: single taps, ~90 + ~113 per input channel (c13: ~340 + ~114).
 template <typename T, int CH, typename Emit>
 __device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const ExpertGeom& g,
                                          Emit emit) {
-  const bool staged = tile.wt != nullptr;
-  const int stride = staged_stride(g.r, CH);
-  const int nchunk = staged ? stride / CH : g.r;  // items per (pixel, tap)
-  for (int k = threadIdx.x; k < tile.npix * tile.ntap * nchunk; k += blockDim.x) {
-    const int p = k / (tile.ntap * nchunk);
-    const int tap = k / nchunk % tile.ntap;
-    const int a = tap / tile.nt1, b = tap % tile.nt1;
-    const PixelTaps<T>& t = tile.taps[p];
-    const T* up = tile.up + static_cast<size_t>(p) * g.r * kPatchArea;
-    if (!staged) {
-      const int c = k % nchunk;
-      emit(p, c, a, b, pre_value<T, T>(up, tile.ew_e, tile.eb_e, g.r, g.depthwise, c, t, a, b));
-      continue;
+  if (tile.wt == nullptr) {
+    for (int k = threadIdx.x; k < tile.npix * tile.ntap * g.r; k += blockDim.x) {
+      const int p = k / (tile.ntap * g.r);
+      const int tap = k / g.r % tile.ntap;
+      const int a = tap / tile.nt1, b = tap % tile.nt1;
+      const int c = k % g.r;
+      const T* up = tile.up + static_cast<size_t>(p) * g.r * kPatchArea;
+      emit(p, c, a, b,
+           pre_value<T, T>(up, tile.ew_e, tile.eb_e, g.r, g.depthwise, c, tile.taps[p], a, b));
     }
-    const int c0 = k % nchunk * CH;
-    T acc[CH];
-#pragma unroll
-    for (int cc = 0; cc < CH; ++cc) acc[cc] = c0 + cc < g.r ? tile.eb_e[c0 + cc] : T(0);
-    const T* u0 = up + (t.ry[a] - t.oy - 1) * kPatch + t.rx[b] - t.ox - 1;  // window's top-left
-    const T* w0 = tile.wt + c0;
-    for (int ci = 0; ci < g.r; ++ci) {
-#pragma unroll
-      for (int kk = 0; kk < 9; ++kk) {
-        const T uv = u0[ci * kPatchArea + kk / 3 * kPatch + kk % 3];
-        const ChannelChunk<T, CH> w =
-            *reinterpret_cast<const ChannelChunk<T, CH>*>(w0 + (ci * 9 + kk) * stride);
-#pragma unroll
-        for (int cc = 0; cc < CH; ++cc) acc[cc] += w.v[cc] * uv;
-      }
-    }
-#pragma unroll
-    for (int cc = 0; cc < CH; ++cc)
-      if (c0 + cc < g.r) emit(p, c0 + cc, a, b, acc[cc]);
+    return;
+  }
+  // Item indices by shifts and masks (ntap is 1 or 16, nt1 1 or 4) and at most one division,
+  // by the chunk count, which is 1 up to r = 8: ptxas (sm_90, c13) turned each of the item's five
+  // '/' and '%' by these runtime values into ~25 instructions, reciprocal included.
+  const int nchunk = staged_stride(g.r, CH) / CH;  // items per (pixel, tap)
+  const int items = tile.npix * tile.ntap * nchunk;
+  if (tile.nt1 == kTaps && nchunk == 1 && items > static_cast<int>(blockDim.x)) {
+    constexpr int kPairs = kTapArea / 2;  // per pixel: (a, b) and (a, b + 1), b even
+    for (int k = threadIdx.x; k < items / 2; k += blockDim.x)
+      staged_taps<T, CH, 2>(tile, g, k / kPairs, k % kPairs / (kTaps / 2),
+                            k % (kTaps / 2) * 2, 0, emit);
+    return;
+  }
+  const int tap_bits = tile.nt1 == kTaps ? 4 : 0;  // log2(ntap)
+  for (int k = threadIdx.x; k < items; k += blockDim.x) {
+    const int q = nchunk == 1 ? k : k / nchunk;  // (pixel, tap)
+    const int tap = q & (tile.ntap - 1);
+    staged_taps<T, CH, 1>(tile, g, q >> tap_bits, tap >> (tap_bits / 2), tap & (tile.nt1 - 1),
+                          (k - q * nchunk) * CH, emit);
   }
 }
 

@@ -125,6 +125,17 @@ def test_experts_rank_32_float32(emu):
     _check(_experts_both(emu, *args), _twins_float64(args), 1e-5, "experts")
 
 
+@pytest.mark.parametrize("r", [2, 3, 5, 7])
+@pytest.mark.parametrize("hw", [(5, 7), (14, 14)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_experts_every_scale_float32(emu, hw, r):
+    """float32 blocks hold twice float64's pixels, so only they reach the tap loop's two-tap
+    items (more single-tap items than threads: even s, r = 2..7; r = 3: 29 pixels per block,
+    464 items), besides a last block of a few pixels that keeps single taps. Every scale,
+    against the float64 twin."""
+    args = _experts_case(8, *hw, r, False, torch.float32)
+    _check(_experts_both(emu, *args), _twins_float64(args), 1e-5, "experts")
+
+
 def test_experts_staging_falls_back_on_a_smaller_device(emu, monkeypatch):
     """On a device whose opt-in shared memory (sm_86: 99 KB) cannot hold r = 32's staged float64
     block (129 KB), the launchers take the unstaged path: the same sums per output, so y and dz
@@ -405,3 +416,21 @@ def test_emulator_enforces_the_shared_memory_opt_in(thread_order):
     z, idx, ew, eb, _ = _experts_case(8, 3, 5, 32, False, torch.float64)
     with pytest.raises(RuntimeError, match="above the kernel's limit"):
         ops.experts_fwd(z, idx, ew, eb)
+
+
+def test_tap_pairs_run_where_the_tests_look(emu, thread_order):
+    """c14: the tap loop's two-tap items, which only blocks with more single-tap items than
+    threads take (even s, one chunk, r = 2..7, float32: float64 blocks hold half the pixels),
+    run in the float32 tests above. A mutant whose pairs convolve the first tap's window twice
+    must break r = 3's even-s samples at a 5 x 7 map (a block of 29 pixels: 464 items for 256
+    threads) and only those, and leave r = 8 (14 pixels per block, 224 items) untouched."""
+    src = cuda_emu.SOURCE.read_text()
+    needle = "k % (kTaps / 2) * 2, 0, emit);"
+    assert needle in src, "the source changed; update the mutant"
+    ops = cuda_emu.load(src.replace(needle, "0, 0, emit);"), namespace="convlora_cuda_emu_tap_pairs")
+    args = _experts_case(8, 5, 7, 3, False, torch.float32)
+    got, want = ops.experts_fwd(*args[:4]), _twins_float64(args)[0]
+    wrong = [not torch.allclose(got[n].double(), want[n], rtol=1e-5, atol=1e-5) for n in range(8)]
+    assert wrong == [(n + 1) % 2 == 0 for n in range(8)], wrong  # sample n has scale n + 1
+    args = _experts_case(8, 5, 7, 8, False, torch.float32)
+    assert torch.equal(ops.experts_fwd(*args[:4]), emu.experts_fwd(*args[:4]))
