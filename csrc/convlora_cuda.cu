@@ -334,6 +334,47 @@ __device__ __forceinline__ int load_expert(const int64_t* idx, int n, int E) {
   return static_cast<int>(e);
 }
 
+// The coordinates of a block-stride loop's work item k = threadIdx.x + i * blockDim.x, as the
+// digits of k in a mixed radix: k = (d[0] * n[1] + d[1]) * n[2] + d[2] ... (d[0] unbounded).
+// Divides once per thread, then each step adds the stride's digits with a carry: every digit
+// stays below its radix, so one compare and subtract each. The expert kernels' item loops took
+// their coordinates by '/' and '%' of k by runtime sizes, ~25 SASS instructions each with its
+// reciprocal (sm_90, nvcc 13.0; ~36 of them in c14's backward kernel), in every item (c15,
+// session 16: the patch-gradient item 635 -> 572 instructions, the window contraction's 289 ->
+// 256, the unstaged tap loop's 323 -> 238). Only in loops of several rounds: in one-round loops
+// (the fill, the forward's epilogue) a division runs once per thread anyway, and the digits'
+// registers made ptxas spill there (the 3-channel fill: 5 reloads per item).
+template <int N>
+struct BlockItems {
+  int d[N];
+  int step[N];
+  int n[N];  // n[0] unused
+  __device__ __forceinline__ BlockItems(const int (&radix)[N]) {
+    int k = threadIdx.x, stride = blockDim.x;
+#pragma unroll
+    for (int i = N - 1; i > 0; --i) {
+      n[i] = radix[i];
+      d[i] = k % n[i];
+      k /= n[i];
+      step[i] = stride % n[i];
+      stride /= n[i];
+    }
+    n[0] = 0;
+    d[0] = k;
+    step[0] = stride;
+  }
+  __device__ __forceinline__ void next() {
+    int carry = 0;
+#pragma unroll
+    for (int i = N - 1; i > 0; --i) {
+      d[i] += step[i] + carry;
+      carry = d[i] >= n[i];
+      if (carry) d[i] -= n[i];
+    }
+    d[0] += step[0] + carry;
+  }
+};
+
 // Stage shared by forward and backward: the U patches of the block's pixels, (P, r, 6, 6), from
 // the upsample taps of their rows uty (P, 6) and columns utx (P, 6). A work item is one patch
 // column of V channels (pixel, column, channel group; groups fastest, so a warp's z loads and
@@ -571,11 +612,9 @@ template <typename T, int CH, typename Emit>
 __device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const ExpertGeom& g,
                                          Emit emit) {
   if (tile.wt == nullptr) {
-    for (int k = threadIdx.x; k < tile.npix * tile.ntap * g.r; k += blockDim.x) {
-      const int p = k / (tile.ntap * g.r);
-      const int tap = k / g.r % tile.ntap;
-      const int a = tap / tile.nt1, b = tap % tile.nt1;
-      const int c = k % g.r;
+    BlockItems<4> it({0, tile.nt1, tile.nt1, g.r});  // (pixel, tap row, tap column, channel)
+    for (int k = threadIdx.x; k < tile.npix * tile.ntap * g.r; k += blockDim.x, it.next()) {
+      const int p = it.d[0], a = it.d[1], b = it.d[2], c = it.d[3];
       const T* up = tile.up + static_cast<size_t>(p) * g.r * kPatchArea;
       emit(p, c, a, b,
            pre_value<T, T>(up, tile.ew_e, tile.eb_e, g.r, g.depthwise, c, tile.taps[p], a, b));
@@ -802,30 +841,31 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     // patch gradients, which sum over c into CH input channels per item.
     T* wt = reinterpret_cast<T*>(smem_raw);  // tile.wt
     const int stride = staged_stride(g.r, CH);
-    for (int k = threadIdx.x; k < g.r * 9 * stride; k += blockDim.x) {
-      const int ci = k % stride, tap = k / stride % 9, c = k / (9 * stride);
+    BlockItems<3> wi({0, 9, stride});  // (c, tap, ci)
+    for (int k = threadIdx.x; k < g.r * 9 * stride; k += blockDim.x, wi.next()) {
+      const int c = wi.d[0], tap = wi.d[1], ci = wi.d[2];
       wt[k] = ci < g.r ? ew_e[(c * g.r + ci) * 9 + tap] : T(0);
     }
     __syncthreads();  // the weight is restaged, and the U patches are read
     const int nchunk = stride / CH;
     const int per_pixel = side * side * nchunk;
-    for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
-      const int p = k / per_pixel, rem = k % per_pixel;
-      const int uv = rem / nchunk, ci0 = rem % nchunk * CH;
+    BlockItems<4> it({0, side, side, nchunk});  // (pixel, patch row, column, chunk)
+    for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x, it.next()) {
+      const int p = it.d[0], uy = it.d[1], ux = it.d[2], ci0 = it.d[3] * CH;
       patch_grad_chunk<T, CH>(dpre + static_cast<size_t>(p) * g.r * kTapArea, wt, g.r, ci0,
-                              uv / side, uv % side, tile.taps[p], [&](int ci, T v) {
-                                du[dup_index(p, g.r, uv / side, uv % side, ci)] = v;
+                              uy, ux, tile.taps[p], [&](int ci, T v) {
+                                du[dup_index(p, g.r, uy, ux, ci)] = v;
                               });
     }
   } else {
     __syncthreads();  // the U patches are read
     const int per_pixel = g.r * side * side;
-    for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x) {
-      const int p = k / per_pixel, rem = k % per_pixel;
-      const int uv = rem / g.r, ci = rem % g.r;  // channels fastest, like du's layout
-      du[dup_index(p, g.r, uv / side, uv % side, ci)] = patch_grad<T, T>(
-          dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uv / side,
-          uv % side, tile.taps[p]);
+    BlockItems<4> it({0, side, side, g.r});  // channels fastest, like du's layout
+    for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x, it.next()) {
+      const int p = it.d[0], uy = it.d[1], ux = it.d[2], ci = it.d[3];
+      du[dup_index(p, g.r, uy, ux, ci)] = patch_grad<T, T>(
+          dpre + static_cast<size_t>(p) * g.r * kTapArea, ew_e, g.r, g.depthwise, ci, uy, ux,
+          tile.taps[p]);
     }
   }
   __syncthreads();  // the tap gradients are read: the window weights go over them
@@ -847,8 +887,9 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   __syncthreads();
   // A work item is (pixel, window row q, channel), channels fastest: its patch-gradient reads are
   // consecutive words across the warp, the weights broadcasts, the stores whole sectors.
-  for (int k = threadIdx.x; k < npix * kWindow * g.r; k += blockDim.x) {
-    const int p = k / (kWindow * g.r), q = k / g.r % kWindow, c = k % g.r;
+  BlockItems<3> wit({0, kWindow, g.r});  // (pixel, window row, channel)
+  for (int k = threadIdx.x; k < npix * kWindow * g.r; k += blockDim.x, wit.next()) {
+    const int p = wit.d[0], q = wit.d[1], c = wit.d[2];
     const int64_t m = tile.m0 + pix0 + p;
     T out[kWindow];
     window_row_grad<T>(du + dup_index(p, g.r, 0, 0, c), g.r, side, ww[p].row[q], ww[p].col, out);
