@@ -335,7 +335,8 @@ __device__ __forceinline__ int load_expert(const int64_t* idx, int n, int E) {
 }
 
 // The coordinates of a block-stride loop's work item k = threadIdx.x + i * blockDim.x, as the
-// digits of k in a mixed radix: k = (d[0] * n[1] + d[1]) * n[2] + d[2] ... (d[0] unbounded).
+// digits of k in a mixed radix: k = (d[0] * n[1] + d[1]) * n[2] + d[2] ... (d[0] unbounded;
+// the constructor takes the radices n[1] .. n[N - 1]).
 // Divides once per thread, then each step adds the stride's digits with a carry: every digit
 // stays below its radix, so one compare and subtract each. The expert kernels' item loops took
 // their coordinates by '/' and '%' of k by runtime sizes, ~25 SASS instructions each with its
@@ -348,18 +349,17 @@ template <int N>
 struct BlockItems {
   int d[N];
   int step[N];
-  int n[N];  // n[0] unused
-  __device__ __forceinline__ BlockItems(const int (&radix)[N]) {
+  int n[N];  // n[0] unused (d[0] has no bound)
+  __device__ __forceinline__ BlockItems(const int (&radix)[N - 1]) {
     int k = threadIdx.x, stride = blockDim.x;
 #pragma unroll
     for (int i = N - 1; i > 0; --i) {
-      n[i] = radix[i];
+      n[i] = radix[i - 1];
       d[i] = k % n[i];
       k /= n[i];
       step[i] = stride % n[i];
       stride /= n[i];
     }
-    n[0] = 0;
     d[0] = k;
     step[0] = stride;
   }
@@ -612,7 +612,7 @@ template <typename T, int CH, typename Emit>
 __device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const ExpertGeom& g,
                                          Emit emit) {
   if (tile.wt == nullptr) {
-    BlockItems<4> it({0, tile.nt1, tile.nt1, g.r});  // (pixel, tap row, tap column, channel)
+    BlockItems<4> it({tile.nt1, tile.nt1, g.r});  // (pixel, tap row, tap column, channel)
     for (int k = threadIdx.x; k < tile.npix * tile.ntap * g.r; k += blockDim.x, it.next()) {
       const int p = it.d[0], a = it.d[1], b = it.d[2], c = it.d[3];
       const T* up = tile.up + static_cast<size_t>(p) * g.r * kPatchArea;
@@ -841,7 +841,7 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     // patch gradients, which sum over c into CH input channels per item.
     T* wt = reinterpret_cast<T*>(smem_raw);  // tile.wt
     const int stride = staged_stride(g.r, CH);
-    BlockItems<3> wi({0, 9, stride});  // (c, tap, ci)
+    BlockItems<3> wi({9, stride});  // (c, tap, ci)
     for (int k = threadIdx.x; k < g.r * 9 * stride; k += blockDim.x, wi.next()) {
       const int c = wi.d[0], tap = wi.d[1], ci = wi.d[2];
       wt[k] = ci < g.r ? ew_e[(c * g.r + ci) * 9 + tap] : T(0);
@@ -849,7 +849,7 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     __syncthreads();  // the weight is restaged, and the U patches are read
     const int nchunk = stride / CH;
     const int per_pixel = side * side * nchunk;
-    BlockItems<4> it({0, side, side, nchunk});  // (pixel, patch row, column, chunk)
+    BlockItems<4> it({side, side, nchunk});  // (pixel, patch row, column, chunk)
     for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x, it.next()) {
       const int p = it.d[0], uy = it.d[1], ux = it.d[2], ci0 = it.d[3] * CH;
       patch_grad_chunk<T, CH>(dpre + static_cast<size_t>(p) * g.r * kTapArea, wt, g.r, ci0,
@@ -860,7 +860,7 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   } else {
     __syncthreads();  // the U patches are read
     const int per_pixel = g.r * side * side;
-    BlockItems<4> it({0, side, side, g.r});  // channels fastest, like du's layout
+    BlockItems<4> it({side, side, g.r});  // channels fastest, like du's layout
     for (int k = threadIdx.x; k < npix * per_pixel; k += blockDim.x, it.next()) {
       const int p = it.d[0], uy = it.d[1], ux = it.d[2], ci = it.d[3];
       du[dup_index(p, g.r, uy, ux, ci)] = patch_grad<T, T>(
@@ -887,7 +887,7 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   __syncthreads();
   // A work item is (pixel, window row q, channel), channels fastest: its patch-gradient reads are
   // consecutive words across the warp, the weights broadcasts, the stores whole sectors.
-  BlockItems<3> wit({0, kWindow, g.r});  // (pixel, window row, channel)
+  BlockItems<3> wit({kWindow, g.r});  // (pixel, window row, channel)
   for (int k = threadIdx.x; k < npix * kWindow * g.r; k += blockDim.x, wit.next()) {
     const int p = wit.d[0], q = wit.d[1], c = wit.d[2];
     const int64_t m = tile.m0 + pix0 + p;
