@@ -161,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x
 }
 
 at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
-                           const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
+                           const at::Tensor& expert_weight, const at::Tensor& expert_bias,
+                           bool /*tf32*/) {
   const bool depthwise = check_experts_inputs(z, expert_index, expert_weight, expert_bias);
   check_cpu(z, "z");
   const int64_t N = z.size(0);
@@ -183,7 +184,8 @@ at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
-    const at::Tensor& expert_bias, const at::Tensor& dy, const c10::optional<at::Tensor>& dg_in) {
+    const at::Tensor& expert_bias, const at::Tensor& dy, const c10::optional<at::Tensor>& dg_in,
+    bool /*tf32*/) {
   const bool depthwise = check_experts_inputs(z, expert_index, expert_weight, expert_bias);
   check_cpu(z, "z");
   const at::Tensor dg = check_experts_grads(z, dy, dg_in);

@@ -7,6 +7,8 @@
 //                                    the expert weight (ci, 3, 3, c) and the tap pre-activations
 //                                    in shared memory, CH output channels per item (8; 4 for
 //                                    r <= 4), y = z + D
+//                                    (16 <= r <= 32 with tf32 allowed, sm_80+: the conv on tf32
+//                                    tensor cores, weights from convlora_mma_weight_kernel)
 //   convlora_experts_bwd_kernel      same tiling: per-block dEW/dEB partials (fixed summation
 //                                    order; an item is CH output channels x one input channel x
 //                                    one offset), per-pixel U-patch gradients in shared memory,
@@ -40,6 +42,7 @@
 #include <vector>
 
 #include "convlora_math.h"
+#include "convlora_mma.h"
 #include "convlora_ops.h"
 
 namespace convlora {
@@ -208,6 +211,7 @@ struct ExpertGeom {
   int H, W, r, E;
   bool depthwise;
   bool staged;  // the expert weight staged in shared memory (expert_layout)
+  bool tf32;    // the tap loop on tf32 tensor cores (mma_tap_loop; staged, float, sm_80+)
   int pixels_per_block;
 };
 
@@ -274,8 +278,23 @@ void dispatch_chunk(int r, F&& f) {
   f(std::integral_constant<int, kChannelChunk>{});
 }
 
-size_t staged_weight_bytes(int r, size_t elem) {
-  return static_cast<size_t>(r) * 9 * staged_stride(r, channel_chunk(r)) * elem;
+// The tf32 tap loop (mma_tap_loop, c16): full convs from this rank (below it a block's conv is
+// a few 16-row tiles with most rows padding, and the CUDA-core loop is already short), with the
+// weight staged (up to kStagedRank). Its GEMM per tile: M = r output channels (padded to
+// mma_mtiles(r) 16-row tiles), K = 9 offsets x mma_cin(r) input channels (offset-major: a k-step
+// of 8 is one offset and 8 channels, so a lane's U address moves by a constant), N = (pixel, tap).
+constexpr int kMmaMinRank = 16;
+CONVLORA_HD int mma_cin(int r) { return (r + 7) / 8 * 8; }
+CONVLORA_HD int mma_mtiles(int r) { return (r + 15) / 16; }
+CONVLORA_HD int mma_ksteps(int r) { return 9 * mma_cin(r) / 8; }
+// The weight in A-fragment order (convlora_mma_weight_kernel): (k-step, m-tile, lane, 4) tf32 values.
+CONVLORA_HD int mma_weight_elems(int r) { return mma_ksteps(r) * mma_mtiles(r) * 32 * 4; }
+
+// The staged weight's region: (ci, 3, 3, c) for the CUDA-core loops and, with tf32, the
+// fragment-ordered copy the tap loop reads first (the backward restages over it).
+size_t staged_weight_bytes(int r, size_t elem, bool tf32) {
+  const size_t chunks = static_cast<size_t>(r) * 9 * staged_stride(r, channel_chunk(r));
+  return std::max(chunks, tf32 ? static_cast<size_t>(mma_weight_elems(r)) : size_t(0)) * elem;
 }
 
 struct ExpertLayout {
@@ -287,14 +306,14 @@ struct ExpertLayout {
 // Whether a block stages the expert weight, its pixels and its shared memory. Staged (full conv,
 // r <= kStagedRank): the 32 KB budget, or the weight plus kMinStagedPixels pixels where that is
 // more, if the device's opt-in limit max_smem allows it; else not staged, in the 32 KB budget.
-ExpertLayout expert_layout(int r, bool depthwise, size_t elem, size_t max_smem) {
+ExpertLayout expert_layout(int r, bool depthwise, size_t elem, size_t max_smem, bool tf32) {
   const size_t per_pixel = expert_bytes_per_pixel(r, elem);
   auto pixels = [&](size_t budget, size_t weight) {
     return static_cast<int>(std::clamp<size_t>(budget > weight ? (budget - weight) / per_pixel : 0,
                                                1, kMaxPixelsPerBlock));
   };
   if (!depthwise && r <= kStagedRank) {
-    const size_t weight = staged_weight_bytes(r, elem);
+    const size_t weight = staged_weight_bytes(r, elem, tf32);
     const size_t budget = std::max<size_t>(kExpertSmemBytes, weight + kMinStagedPixels * per_pixel);
     const int p = pixels(budget, weight);
     const size_t smem = weight + p * per_pixel;
@@ -313,6 +332,14 @@ size_t device_max_smem() {
   return static_cast<size_t>(bytes);
 }
 
+// Whether the current device has tf32 tensor cores (mma.m16n8k8 .tf32: sm_80 and newer).
+bool device_has_tf32() {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
 // Lets `kernel` take `smem` bytes of dynamic shared memory: above 48 KB the launch fails unless
 // the kernel opted in. Set before each such launch (the attribute is per kernel and device; the
 // call is a host-side attribute write, not stream work, so CUDA-graph capture is unaffected), and
@@ -325,6 +352,28 @@ void allow_smem(Kernel kernel, size_t smem, size_t max_smem) {
   if (smem > kDefaultSmemBytes)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(max_smem)));
+}
+
+// The experts' weights (E, r, r, 3, 3) in the tf32 tap loop's A-fragment order, (E, k-steps,
+// m-tiles, 32 lanes, 4): element j of lane (g, t) in k-step (offset kk, channels c8 ..) is
+// W[c, ci, kk] at c = 16 m-tile + g + 8 (j % 2), ci = c8 + t + 4 (j / 2) (convlora_mma.h's A
+// layout), rounded to tf32; zero past r. Once per call, so that each block's staging is a
+// 16-byte copy: the weight a block needs is 36 KB at r = 32 for 4 pixels, and gathering it
+// from (c, ci, 3, 3) costs a 32-byte sector per element.
+__global__ void __launch_bounds__(kThreads)
+    convlora_mma_weight_kernel(const float* __restrict__ ew, int64_t E, int r,
+                               uint32_t* __restrict__ out) {
+  const int per_expert = mma_weight_elems(r);
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= E * per_expert) return;
+  const int64_t e = k / per_expert;
+  const int f = static_cast<int>(k - e * per_expert);
+  const int j = f % 4, lane = f / 4 % 32, q = f / 128;  // q = k-step * m-tiles + m-tile
+  const int mtiles = mma_mtiles(r), kchunks = mma_cin(r) / 8;
+  const int mt = q % mtiles, ks = q / mtiles;
+  const int kk = ks / kchunks, c8 = ks % kchunks * 8;
+  const int c = mt * 16 + lane / 4 + j % 2 * 8, ci = c8 + lane % 4 + j / 2 * 4;
+  out[k] = c < r && ci < r ? tf32_bits(ew[((e * r + c) * r + ci) * 9 + kk]) : 0u;
 }
 
 template <typename T>
@@ -461,6 +510,13 @@ __device__ void fill_patches(const T* zn, const ExpertGeom& g, int s, int pix0, 
   fill_patches_v<T, 1, true>(zn, g, s, pix0, npix, uty, utx, up);
 }
 
+// CH consecutive values, read as 16-byte vectors (the staged weight's rows are whole chunks, and
+// a chunk starts at a multiple of CH elements; CH * sizeof(T) is a multiple of 16).
+template <typename T, int CH>
+struct alignas(16) ChannelChunk {
+  T v[CH];
+};
+
 // The block's tile, shared by the forward and backward expert kernels: sample n = blockIdx.y, its
 // expert and scale, pixels [pix0, pix0 + npix) of the map, and in shared memory the U patches and
 // the PixelTaps of those pixels (synchronised: ready to read on return). smem: the staged expert
@@ -485,15 +541,18 @@ struct ExpertTile {
   int pix0, npix, s, nt1, ntap;  // nt1: V taps per axis (1 for odd s, whose V sample is centred)
 };
 
+// wmma: the experts' weights in A-fragment order (convlora_mma_weight_kernel), read instead of ew's when
+// g.tf32 (nullptr otherwise).
 template <typename T, int CH>
 __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew, const T* eb,
-                                     const ExpertGeom& g, T* smem) {
+                                     const T* wmma, const ExpertGeom& g, T* smem) {
   ExpertTile<T> b;  // (b: the block's)
   const int P = g.pixels_per_block;
   const int n = blockIdx.y;
   const int hw = g.H * g.W;
   const bool staged = g.staged;
-  const int wt_size = staged ? g.r * 9 * staged_stride(g.r, CH) : 0;  // a multiple of 16 bytes
+  const int chunked = g.r * 9 * staged_stride(g.r, CH);  // a multiple of 16 bytes
+  const int wt_size = !staged ? 0 : g.tf32 ? max(chunked, mma_weight_elems(g.r)) : chunked;
   b.wt = staged ? smem : nullptr;
   smem += wt_size;
   b.up = smem;
@@ -510,9 +569,15 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   b.ntap = b.nt1 * b.nt1;
   b.ew_e = ew + e * static_cast<int64_t>(g.r) * (g.depthwise ? 1 : g.r) * 9;
   b.eb_e = eb + e * g.r;
-  if (staged) {  // (c, ci, 3, 3) -> (ci, 3, 3, c), zero past r
+  if (staged && g.tf32) {  // a copy, 16 bytes per thread and step (convlora_mma_weight_kernel's order)
+    using Frag = ChannelChunk<T, 16 / sizeof(T)>;
+    const int frags = mma_weight_elems(g.r) * static_cast<int>(sizeof(T)) / 16;
+    const Frag* src = reinterpret_cast<const Frag*>(wmma) + static_cast<int64_t>(e) * frags;
+    Frag* dst = reinterpret_cast<Frag*>(smem - wt_size);
+    for (int k = threadIdx.x; k < frags; k += blockDim.x) dst[k] = src[k];
+  } else if (staged) {  // (c, ci, 3, 3) -> (ci, 3, 3, c), zero past r
     const int stride = staged_stride(g.r, CH);
-    for (int k = threadIdx.x; k < wt_size; k += blockDim.x) {
+    for (int k = threadIdx.x; k < chunked; k += blockDim.x) {
       const int c = k % stride, tap = k / stride;  // tap = ci * 9 + ky * 3 + kx
       smem[k - wt_size] = c < g.r ? b.ew_e[c * g.r * 9 + tap] : T(0);
     }
@@ -535,13 +600,6 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   __syncthreads();
   return b;
 }
-
-// CH consecutive values, read as 16-byte vectors (the staged weight's rows are whole chunks, and
-// a chunk starts at a multiple of CH elements; CH * sizeof(T) is a multiple of 16).
-template <typename T, int CH>
-struct alignas(16) ChannelChunk {
-  T v[CH];
-};
 
 // The conv pre-activations of one staged-weight work item: NB V taps (a, b + nb) of pixel p, CH
 // output channels from c0, handed to emit(p, c, a, b + nb, pre). Each staged weight chunk feeds
@@ -589,6 +647,72 @@ __device__ __forceinline__ void staged_taps(const ExpertTile<T>& tile, const Exp
       if (c0 + cc < g.r) emit(p, c0 + cc, a, b + nb, acc[nb][cc]);
 }
 
+// The tap loop on tf32 tensor cores (c16, session 17; g.tf32): per tile the GEMM
+// pre[c, (p, tap)] = bias[c] + sum over k = (offset, ci) of W[c, k] U[k, (p, tap)], one warp per
+// 8 columns (pixel, tap) with every m-tile of output channels, mma.m16n8k8 (convlora_mma.h).
+// A comes 16 bytes per lane and step from the staged fragment-ordered weight; B is gathered from
+// the U patches: a lane's column has one patch address, and a k-step (one offset, 8 channels)
+// moves it by a constant, so each B value is one shared load and a cvt.rna. Channels past r
+// read channel r - 1 (finite) against a zero weight. Why: above r = 16 the CUDA-core loop is
+// FMA-bound (r = 32, even s: 9 r^2 = 9216 FMAs per tap, ~1.6 instructions each); here one
+// m16n8k8 does 1024 of them and its operands cost ~5 instructions. The tf32 inputs make it the
+// 3e-4 class (accumulation stays float32): the launchers choose it only when asked (the op's
+// tf32 argument; the layer asks for 16-bit x, whose eager conv runs in that dtype anyway).
+template <typename Emit>
+__device__ __forceinline__ void mma_tap_loop(const ExpertTile<float>& tile, const ExpertGeom& g,
+                                             Emit& emit) {
+  constexpr int kMaxMTiles = 2;  // r <= kStagedRank = 32
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int gq = lane / 4, tq = lane % 4;  // the fragments' group and thread-in-group
+  const int mtiles = mma_mtiles(g.r), kchunks = mma_cin(g.r) / 8;
+  const int ncols = tile.npix * tile.ntap;  // columns (pixel, tap), taps fastest
+  const int tap_bits = tile.nt1 == kTaps ? 4 : 0;
+  // The lane's two B rows in a k-step: channels tq and tq + 4 of its chunk, as patch offsets.
+  const ChannelChunk<uint32_t, 4>* wfrag = reinterpret_cast<const ChannelChunk<uint32_t, 4>*>(tile.wt);
+  for (int nt = warp; nt * 8 < ncols; nt += warps) {  // warp-uniform: the mma needs every lane
+    const int n = min(nt * 8 + gq, ncols - 1);  // past the tile: a real column, not stored
+    const int p = n >> tap_bits, tap = n & (tile.ntap - 1);
+    const PixelTaps<float>& t = tile.taps[p];
+    const float* u0 = tile.up + static_cast<size_t>(p) * g.r * kPatchArea +
+                      (t.ry[tap >> (tap_bits / 2)] - t.oy - 1) * kPatch +
+                      t.rx[tap & (tile.nt1 - 1)] - t.ox - 1;
+    float acc[kMaxMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMaxMTiles; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+    const ChannelChunk<uint32_t, 4>* w = wfrag + lane;
+#pragma unroll 1
+    for (int kk = 0; kk < 9; ++kk) {
+      const float* uk = u0 + kk / 3 * kPatch + kk % 3;
+#pragma unroll 1
+      for (int c8 = 0; c8 < kchunks * 8; c8 += 8, w += mtiles * 32) {
+        const uint32_t b[2] = {tf32_bits(uk[min(c8 + tq, g.r - 1) * kPatchArea]),
+                               tf32_bits(uk[min(c8 + tq + 4, g.r - 1) * kPatchArea])};
+#pragma unroll
+        for (int mt = 0; mt < kMaxMTiles; ++mt) {
+          if (mt < mtiles) {
+            const ChannelChunk<uint32_t, 4> f = w[mt * 32];
+            const uint32_t a[4] = {f.v[0], f.v[1], f.v[2], f.v[3]};
+            mma_16x8x8_tf32(acc[mt], a, b);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMaxMTiles; ++mt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = mt * 16 + gq + (i / 2) * 8, col = nt * 8 + 2 * tq + i % 2;
+        if (mt < mtiles && c < g.r && col < ncols) {
+          const int cp = col >> tap_bits, ct = col & (tile.ntap - 1);
+          emit(cp, c, ct >> (tap_bits / 2), ct & (tile.nt1 - 1), tile.eb_e[c] + acc[mt][i]);
+        }
+      }
+    }
+  }
+}
+
 // The tap loop of the forward and backward expert kernels: the conv pre-activation at every
 // (pixel, channel, V tap) of the tile, handed to emit(p, c, a, b, pre). With the weight staged
 // (g.staged: full conv, r <= kStagedRank), a work item is (pixel, tap, CH output channels): each
@@ -611,6 +735,11 @@ __device__ __forceinline__ void staged_taps(const ExpertTile<T>& tile, const Exp
 template <typename T, int CH, typename Emit>
 __device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const ExpertGeom& g,
                                          Emit emit) {
+  // (Only the float CH = 8 kernels have it: the launchers set g.tf32 for staged float z with
+  // r >= 16 on sm_80+.)
+  if constexpr (std::is_same_v<T, float> && CH == kChannelChunk) {
+    if (g.tf32) return mma_tap_loop(tile, g, emit);
+  }
   if (tile.wt == nullptr) {
     BlockItems<4> it({tile.nt1, tile.nt1, g.r});  // (pixel, tap row, tap column, channel)
     for (int k = threadIdx.x; k < tile.npix * tile.ntap * g.r; k += blockDim.x, it.next()) {
@@ -645,10 +774,11 @@ __device__ __forceinline__ void tap_loop(const ExpertTile<T>& tile, const Expert
 template <typename T, int CH>
 __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     convlora_experts_fwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
-                                const T* __restrict__ ew, const T* __restrict__ eb, ExpertGeom g,
-                                T* __restrict__ y) {
+                                const T* __restrict__ ew, const T* __restrict__ eb,
+                                const T* __restrict__ wmma, ExpertGeom g, T* __restrict__ y) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const ExpertTile<T> tile = expert_tile<T, CH>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
+  const ExpertTile<T> tile =
+      expert_tile<T, CH>(z, idx, ew, eb, wmma, g, reinterpret_cast<T*>(smem_raw));
   T* pre = tile.tap_buf;  // (P, r, 4, 4)
   tap_loop<T, CH>(tile, g, [&](int p, int c, int a, int b, T v) {
     pre[(p * g.r + c) * kTapArea + a * kTaps + b] = v;
@@ -808,10 +938,12 @@ template <typename T, typename D, int CH>
 __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     convlora_experts_bwd_kernel(const T* __restrict__ z, const int64_t* __restrict__ idx,
                                 const T* __restrict__ ew, const T* __restrict__ eb,
-                                const D* __restrict__ dy, int64_t dy_ld, ExpertGeom g,
-                                T* __restrict__ dzw, T* __restrict__ part) {
+                                const T* __restrict__ wmma, const D* __restrict__ dy,
+                                int64_t dy_ld, ExpertGeom g, T* __restrict__ dzw,
+                                T* __restrict__ part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const ExpertTile<T> tile = expert_tile<T, CH>(z, idx, ew, eb, g, reinterpret_cast<T*>(smem_raw));
+  const ExpertTile<T> tile =
+      expert_tile<T, CH>(z, idx, ew, eb, wmma, g, reinterpret_cast<T*>(smem_raw));
   T* dpre = tile.tap_buf;  // (P, 4, 4, r): tap_grad_index per pixel
   const int gi_n = g.depthwise ? 1 : g.r;
   const int64_t wsize = static_cast<int64_t>(g.r) * gi_n * 9;
@@ -987,14 +1119,18 @@ void dispatch_dy(at::ScalarType dtype, F&& f) {
 
 struct ExpertArgs {
   at::Tensor z, idx, ew, eb;
+  at::Tensor wmma;  // g.tf32: the weights in A-fragment order (convlora_mma_weight_kernel)
   ExpertGeom geom;
   int tiles;
   size_t smem;      // dynamic shared memory per block
   size_t max_smem;  // the device's opt-in limit
 };
 
+// tf32: the caller allows tf32 tensor cores in the expert conv; taken where the kernels have
+// that path (float32 z, full conv, kMmaMinRank <= r <= kStagedRank, the weight staged, sm_80+).
 ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
-                           const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
+                           const at::Tensor& expert_weight, const at::Tensor& expert_bias,
+                           bool tf32) {
   const bool depthwise = check_experts_inputs(z, expert_index, expert_weight, expert_bias);
   check_cuda(z, "z");
   TORCH_CHECK(z.size(0) <= 65535, "convlora: at most 65535 samples per call, got ", z.size(0));
@@ -1005,25 +1141,47 @@ ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
   args.eb = expert_bias.to(z.scalar_type()).contiguous();
   const int r = static_cast<int>(z.size(3));
   const size_t max_smem = device_max_smem();
-  const ExpertLayout layout = expert_layout(r, depthwise, z.element_size(), max_smem);
+  tf32 = tf32 && z.scalar_type() == at::kFloat && !depthwise && r >= kMmaMinRank &&
+         r <= kStagedRank && device_has_tf32();
+  ExpertLayout layout = expert_layout(r, depthwise, z.element_size(), max_smem, tf32);
+  if (tf32 && !layout.staged) {  // (the fragment copy did not fit: the CUDA-core layout)
+    tf32 = false;
+    layout = expert_layout(r, depthwise, z.element_size(), max_smem, false);
+  }
   TORCH_CHECK(layout.smem <= max_smem, "convlora: rank r = ", r, " too large for the CUDA "
               "expert kernels: one pixel's tile needs ", layout.smem, " bytes of shared memory, "
               "the device allows ", max_smem);
   args.geom = {static_cast<int>(z.size(1)), static_cast<int>(z.size(2)), r,
-               static_cast<int>(expert_weight.size(0)), depthwise, layout.staged,
+               static_cast<int>(expert_weight.size(0)), depthwise, layout.staged, tf32,
                layout.pixels_per_block};
   args.smem = layout.smem;
   args.max_smem = max_smem;
   const int64_t hw = z.size(1) * z.size(2);
   args.tiles = static_cast<int>((hw + args.geom.pixels_per_block - 1) / args.geom.pixels_per_block);
+  if (tf32) {
+    const int64_t E = args.geom.E, elems = E * mma_weight_elems(r);
+    args.wmma = new_output({E, mma_weight_elems(r)}, args.z.options());
+    if (elems > 0) {
+      convlora_mma_weight_kernel<<<static_cast<unsigned>((elems + kThreads - 1) / kThreads), kThreads,
+                                   0, c10::cuda::getCurrentCUDAStream()>>>(
+          args.ew.data_ptr<float>(), E, r, reinterpret_cast<uint32_t*>(args.wmma.data_ptr<float>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
   return args;
 }
 
+// The expert kernels' wmma argument.
+template <typename T>
+const T* mma_weights(const ExpertArgs& a) {
+  return a.wmma.defined() ? a.wmma.data_ptr<T>() : nullptr;
+}
 
 at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
-                            const at::Tensor& expert_weight, const at::Tensor& expert_bias) {
+                            const at::Tensor& expert_weight, const at::Tensor& expert_bias,
+                            bool tf32) {
   const c10::cuda::CUDAGuard guard(z.device());
-  ExpertArgs a = prepare_experts(z, expert_index, expert_weight, expert_bias);
+  ExpertArgs a = prepare_experts(z, expert_index, expert_weight, expert_bias, tf32);
   at::Tensor y = new_output(z.sizes(), a.z.options());
   if (y.numel() == 0) return y;
   const dim3 grid(a.tiles, static_cast<unsigned>(z.size(0)));
@@ -1034,7 +1192,7 @@ at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
       allow_smem(convlora_experts_fwd_kernel<scalar_t, CH>, a.smem, a.max_smem);
       convlora_experts_fwd_kernel<scalar_t, CH><<<grid, kThreads, a.smem, stream>>>(
           a.z.data_ptr<scalar_t>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<scalar_t>(),
-          a.eb.data_ptr<scalar_t>(), a.geom, y.data_ptr<scalar_t>());
+          a.eb.data_ptr<scalar_t>(), mma_weights<scalar_t>(a), a.geom, y.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -1044,9 +1202,9 @@ at::Tensor experts_fwd_cuda(const at::Tensor& z, const at::Tensor& expert_index,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
     const at::Tensor& expert_bias, const at::Tensor& dy_in,
-    const c10::optional<at::Tensor>& dg_in) {
+    const c10::optional<at::Tensor>& dg_in, bool tf32) {
   const c10::cuda::CUDAGuard guard(z.device());
-  ExpertArgs a = prepare_experts(z, expert_index, expert_weight, expert_bias);
+  ExpertArgs a = prepare_experts(z, expert_index, expert_weight, expert_bias, tf32);
   const at::Tensor dg = check_experts_grads(z, dy_in, dg_in);
   const int64_t N = z.size(0), M = z.numel() / z.size(3);
   const DyRows dy = dy_rows(dy_in, M);
@@ -1071,7 +1229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cuda(
           allow_smem(convlora_experts_bwd_kernel<T, D, CH>, a.smem, a.max_smem);
           convlora_experts_bwd_kernel<T, D, CH><<<grid, kThreads, a.smem, stream>>>(
               a.z.data_ptr<T>(), a.idx.data_ptr<int64_t>(), a.ew.data_ptr<T>(), a.eb.data_ptr<T>(),
-              dy.rows.data_ptr<D>(), dy.ld, a.geom, dzw.data_ptr<T>(), part.data_ptr<T>());
+              mma_weights<T>(a), dy.rows.data_ptr<D>(), dy.ld, a.geom, dzw.data_ptr<T>(),
+              part.data_ptr<T>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         convlora_experts_dz_kernel<T, D><<<static_cast<unsigned>(dz_blocks), kThreads, 0, stream>>>(

@@ -192,10 +192,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> down_proj_cpu(const at::Tensor& x,
                                                             const at::Tensor& lora_A,
                                                             int64_t cat_cols);
+// tf32 (allowed, never required): the CPU kernels compute in float32 / float64 whatever it says.
 at::Tensor experts_fwd_cpu(const at::Tensor& z, const at::Tensor& expert_index,
-                           const at::Tensor& expert_weight, const at::Tensor& expert_bias);
+                           const at::Tensor& expert_weight, const at::Tensor& expert_bias,
+                           bool tf32);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_bwd_cpu(
     const at::Tensor& z, const at::Tensor& expert_index, const at::Tensor& expert_weight,
-    const at::Tensor& expert_bias, const at::Tensor& dy, const c10::optional<at::Tensor>& dg);
+    const at::Tensor& expert_bias, const at::Tensor& dy, const c10::optional<at::Tensor>& dg,
+    bool tf32);
 
 }  // namespace convlora

@@ -139,23 +139,32 @@ std::tuple<Tensor, Tensor> call_gate_fwd(const Tensor& g, const Tensor& wg, cons
   return op.call(g, wg, wn, noise, index);
 }
 
-Tensor call_experts_fwd(const Tensor& z, const Tensor& index, const Tensor& ew, const Tensor& eb) {
+Tensor call_experts_fwd(const Tensor& z, const Tensor& index, const Tensor& ew, const Tensor& eb,
+                        bool tf32) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("convlora_cuda::experts_fwd", "")
-          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
-  return op.call(z, index, ew, eb);
+          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>();
+  return op.call(z, index, ew, eb, tf32);
 }
 
 std::tuple<Tensor, Tensor, Tensor> call_experts_bwd(const Tensor& z, const Tensor& index,
                                                     const Tensor& ew, const Tensor& eb,
-                                                    const Tensor& dy, const OptTensor& dg) {
+                                                    const Tensor& dy, const OptTensor& dg,
+                                                    bool tf32) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("convlora_cuda::experts_bwd", "")
                              .typed<std::tuple<Tensor, Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, const OptTensor&)>();
-  return op.call(z, index, ew, eb, dy, dg);
+                                 const Tensor&, const OptTensor&, bool)>();
+  return op.call(z, index, ew, eb, dy, dg, tf32);
+}
+
+// The expert conv of a 16-bit layer may take tf32 tensor cores: the eager layer convolves in
+// that dtype (8 or 11 significant bits against tf32's 11, with rounded intermediates), so tf32
+// inputs with float32 sums stay well inside its error. float32 layers keep exact float32.
+bool expert_tf32(const Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
 }
 
 std::tuple<Tensor, Tensor, Tensor> call_gate_bwd(const Tensor& g, const Tensor& wg,
@@ -216,7 +225,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd_head(
   Tensor y;
   {
     NvtxRange range(x, "convlora.cuda.experts");
-    y = call_experts_fwd(z, index, expert_weight, expert_bias).view({m, r});
+    y = call_experts_fwd(z, index, expert_weight, expert_bias, expert_tf32(x)).view({m, r});
   }
   return {z.view({m, r}), g, xcat, index, moe_loss, y};
 }
@@ -324,7 +333,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd_rest(
     OptTensor dg;
     if (dgs.defined()) dg = dgs;
     std::tie(dz, d_ew, d_eb) = call_experts_bwd(z.view({n, h, w, r}), expert_index,
-                                                expert_weight, expert_bias, d_expert, dg);
+                                                expert_weight, expert_bias, d_expert, dg,
+                                                expert_tf32(x));
     if (dd.has_value()) dz += dy - *dd;  // the kernel's residual term was dd, not dy
   }
   const Tensor dz_low = dz.view({m, r}).to(x.scalar_type());  // (no launch when dy was x's dtype)

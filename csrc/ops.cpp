@@ -23,18 +23,22 @@ TORCH_LIBRARY(convlora_cuda, m) {
   // cat_cols > 0 (>= C_in): xcat (N, H, W, cat_cols) in x's dtype, x in the first C_in columns
   // and zeros after (the up-projection's [x | y | 0] operand); cat_cols = 0: xcat is empty, (0,).
   m.def("down_proj(Tensor x, Tensor lora_A, int cat_cols=0) -> (Tensor z, Tensor g, Tensor xcat)");
-  // y = z + expert_{index[n]}(z_n), (N, H, W, r), z's dtype.
-  m.def("experts_fwd(Tensor z, Tensor expert_index, Tensor expert_weight, Tensor expert_bias) -> Tensor");
+  // y = z + expert_{index[n]}(z_n), (N, H, W, r), z's dtype. tf32: the expert conv may run on
+  // tf32 tensor cores (CUDA, float32 z, full conv, 16 <= r <= 32, sm_80+: products of inputs
+  // rounded to 10 mantissa bits, float32 sums; the 3e-4 class); ignored elsewhere.
+  m.def(
+      "experts_fwd(Tensor z, Tensor expert_index, Tensor expert_weight, Tensor expert_bias, "
+      "bool tf32=False) -> Tensor");
   // Backward of experts_fwd given dy: dz (residual included), d expert_weight, d expert_bias
   // (in the parameters' dtypes; zeros for experts no sample chose). dg (N, r), optional: added to
   // every pixel of its sample's dz (the layer's g = mean z passes its gradient / (H*W) here, in
   // the pass that writes dz, instead of a separate add over dz). dy may be float16 / bfloat16
   // with float32 z, and strided (the layer passes a column slice of a GEMM output): it is read
   // in place and widened exactly, and dz comes out in dy's dtype, rounded once from float32
-  // (what the layer's GEMMs take next).
+  // (what the layer's GEMMs take next). tf32: as experts_fwd's, for the recomputed conv.
   m.def(
       "experts_bwd(Tensor z, Tensor expert_index, Tensor expert_weight, Tensor expert_bias, "
-      "Tensor dy, Tensor? dg=None) -> (Tensor dz, Tensor dweight, Tensor dbias)");
+      "Tensor dy, Tensor? dg=None, bool tf32=False) -> (Tensor dz, Tensor dweight, Tensor dbias)");
   // The noisy top-1 gate (convlora_math.h gate_row): expert_index (N,) int64 (forced routing
   // when expert_index is given) and moe_loss (0-dim, g's dtype); the noisy load term is used
   // when noise is given, routing is not forced and E > 1, else the expert counts.

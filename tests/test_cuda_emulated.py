@@ -211,6 +211,48 @@ def test_experts_bwd_reads_a_strided_16bit_dy(emu, depthwise, dtype):
     _check(got[1:], twin64[1:], 1e-5, "experts_bwd")
 
 
+# The tf32 tap loop (mma_tap_loop): full conv, 16 <= r <= 32, float32 z, sm_80+. Its class is
+# tf32's, 3e-4 against the float64 twin: inputs rounded to 10 mantissa bits (a relative 2^-11),
+# float32 sums. (Measured here, emulated: max errors 1.6-3.4e-4 of each output's scale; the
+# float32 path's are 2-9e-7.)
+TF32_CASES = [(16, 3, 5), (20, 1, 1), (24, 2, 7), (32, 4, 3)]
+
+
+def _experts_tf32(ops, z, idx, ew, eb, dy):
+    return (ops.experts_fwd(z, idx, ew, eb, True), *ops.experts_bwd(z, idx, ew, eb, dy, None, True))
+
+
+@pytest.mark.parametrize("case", TF32_CASES, ids=lambda c: f"r{c[0]}-{c[1]}x{c[2]}")
+def test_experts_tf32_tensor_cores(emu, case):
+    """Every scale (8 samples, 8 experts), m-tiles 1 and 2, channel chunks with padding (r = 20,
+    24), a 1x1 map and a block's last, partial n-tile: the tf32 path against the float64 twin, and
+    not the float32 path's bits (it ran)."""
+    r, h, w = case
+    z, idx, ew, eb, dy = _experts_case(8, h, w, r, False, torch.float32)
+    # The weight at a conv's init scale, std 1 / sqrt(9 r), so the pre-activations are O(|U|):
+    # tf32's error is relative to the sum's terms. At _experts_case's std 0.5 (pre ~ 6 at r = 16)
+    # y's error is the sum's absolute error against a scale GELU passes linearly (r = 16:
+    # 6.1e-3 at scale 18, 3.3e-4 of it).
+    args = (z, idx, ew * (2 / (3 * r ** 0.5)), eb, dy)
+    got = _experts_tf32(emu, *args)
+    _check(got, _twins_float64(args), 3e-4, "experts tf32")
+    assert not torch.equal(got[0], emu.experts_fwd(*args[:4]))
+
+
+def test_experts_tf32_only_where_the_kernels_have_it(emu, monkeypatch):
+    """tf32=True changes nothing where the launchers keep the CUDA-core loop: r < 16, depthwise,
+    float64, a device without tf32 tensor cores (sm_75); the CPU twins ignore it."""
+    for r, depthwise, dtype in [(8, False, torch.float32), (16, True, torch.float32),
+                                (16, False, torch.float64)]:
+        args = _experts_case(3, 2, 3, r, depthwise, dtype)
+        assert all(torch.equal(a, b) for a, b in zip(_experts_tf32(emu, *args), _experts_both(emu, *args)))
+    args = _experts_case(3, 2, 3, 16, False, torch.float32)
+    twins = torch.ops.convlora_cuda
+    assert all(torch.equal(a, b) for a, b in zip(_experts_tf32(twins, *args), _experts_both(twins, *args)))
+    monkeypatch.setenv("CONVLORA_EMU_CC_MAJOR", "7")
+    assert all(torch.equal(a, b) for a, b in zip(_experts_tf32(emu, *args), _experts_both(emu, *args)))
+
+
 # ------------------------------------------------------------------------------ gate
 @pytest.mark.parametrize("n, r, e", GATE_CASES)
 @pytest.mark.parametrize("mode", ["train", "eval", "forced"])
@@ -403,6 +445,20 @@ def test_emulator_reports_a_divergent_shuffle(thread_order):
     x, a = _rand(2, 5, 7, 16, seed=1), _rand(3, 16, seed=2)  # 70 tokens: block 2 has 6
     with pytest.raises(RuntimeError, match="__shfl_xor_sync needs every lane"):
         ops.down_proj(x, a, 0)
+
+
+def test_tf32_fragment_mutant_fails(thread_order):
+    """A mutant whose lanes put A's rows g + 8 and columns t + 4 in each other's registers (a
+    fragment-layout slip the PTX would accept) must fail the tf32 test's check: the emulated mma
+    rebuilds the operands from the documented layout, so such a slip cannot pass unnoticed."""
+    src = cuda_emu.SOURCE.read_text()
+    needle = "const uint32_t a[4] = {f.v[0], f.v[1], f.v[2], f.v[3]};"
+    assert needle in src, "the source changed; update the mutant"
+    ops = cuda_emu.load(src.replace(needle, "const uint32_t a[4] = {f.v[0], f.v[2], f.v[1], f.v[3]};"),
+                        namespace="convlora_cuda_emu_tf32_fragments")
+    args = _experts_case(8, 3, 5, 16, False, torch.float32)
+    with pytest.raises(AssertionError):
+        _check(_experts_tf32(ops, *args)[:1], _twins_float64(args)[:1], 3e-4, "experts tf32")
 
 
 def test_emulator_enforces_the_shared_memory_opt_in(thread_order):

@@ -8,12 +8,16 @@ arithmetic (``csrc/convlora_math.h``):
   ``g = mean_{H,W} z`` (N, r), both float32 (float64 for float64 x) whatever x's dtype; with
   ``cat_cols > 0`` it also writes the up-projection's ``[x | 0]`` operand (N, H, W, cat_cols) from
   the x it reads anyway.
-- ``experts_fwd(z, expert_index, expert_weight, expert_bias) -> y``: ``y = z + D(z)`` computing
-  only the V samples the downsample reads (differentiable: its backward is ``experts_bwd``).
-- ``experts_bwd(z, expert_index, expert_weight, expert_bias, dy, dg=None) -> (dz, dweight,
-  dbias)``: deterministic (no floating-point atomics), residual included in dz, and ``dg``
-  (N, r), when given, added to every pixel of its sample's dz. ``dy`` may also be float16 /
-  bfloat16 with float32 z, and strided: read in place, and dz comes out in its dtype.
+- ``experts_fwd(z, expert_index, expert_weight, expert_bias, tf32=False) -> y``: ``y = z + D(z)``
+  computing only the V samples the downsample reads (differentiable: its backward is
+  ``experts_bwd``). ``tf32=True`` lets the expert conv run on tf32 tensor cores where the CUDA
+  kernels have that path (float32 z, full conv, 16 <= r <= 32, sm_80+; the 3e-4 error class);
+  the CPU kernels ignore it. The layer sets it for bfloat16 / float16 x.
+- ``experts_bwd(z, expert_index, expert_weight, expert_bias, dy, dg=None, tf32=False) -> (dz,
+  dweight, dbias)``: deterministic (no floating-point atomics), residual included in dz, and
+  ``dg`` (N, r), when given, added to every pixel of its sample's dz. ``dy`` may also be
+  float16 / bfloat16 with float32 z, and strided: read in place, and dz comes out in its dtype.
+  ``tf32``: as the forward's, for the conv the backward recomputes.
 - ``gate_fwd(g, w_gate, w_noise, noise?, expert_index?) -> (expert_index, moe_loss)`` and
   ``gate_bwd(g, w_gate, w_noise, noise, dloss, dg_scale) -> (dg, dw_gate, dw_noise)``: the
   gate and the gradient of its loss, one launch each (the eager gate is ~160 small ops).
@@ -135,11 +139,11 @@ if _LOAD_ERROR is None:
         return x.new_empty((n, h, w, r), dtype=acc), x.new_empty((n, r), dtype=acc), xcat
 
     @torch.library.register_fake("convlora_cuda::experts_fwd")
-    def _experts_fwd_fake(z, expert_index, expert_weight, expert_bias):
+    def _experts_fwd_fake(z, expert_index, expert_weight, expert_bias, tf32=False):
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("convlora_cuda::experts_bwd")
-    def _experts_bwd_fake(z, expert_index, expert_weight, expert_bias, dy, dg=None):
+    def _experts_bwd_fake(z, expert_index, expert_weight, expert_bias, dy, dg=None, tf32=False):
         return (
             torch.empty_like(z, dtype=dy.dtype, memory_format=torch.contiguous_format),
             torch.empty_like(expert_weight, memory_format=torch.contiguous_format),
@@ -162,15 +166,17 @@ if _LOAD_ERROR is None:
                              dmoe.to(g.dtype), float(dg_scale))
 
     def _experts_fwd_setup(ctx, inputs, output):
-        z, expert_index, expert_weight, expert_bias = inputs
+        z, expert_index, expert_weight, expert_bias = inputs[:4]
+        ctx.tf32 = inputs[4] if len(inputs) > 4 else False
         ctx.save_for_backward(z, expert_index, expert_weight, expert_bias)
 
     def _experts_fwd_backward(ctx, dy):
         z, expert_index, expert_weight, expert_bias = ctx.saved_tensors
         dz, dweight, dbias = _ops.experts_bwd(
-            z, expert_index, expert_weight, expert_bias, dy.to(z.dtype).contiguous()
+            z, expert_index, expert_weight, expert_bias, dy.to(z.dtype).contiguous(), None,
+            ctx.tf32,
         )
-        return dz, None, dweight, dbias
+        return dz, None, dweight, dbias, None
 
     torch.library.register_autograd(
         "convlora_cuda::experts_fwd", _experts_fwd_backward, setup_context=_experts_fwd_setup

@@ -89,8 +89,11 @@ def _rewrite_launches(src: str) -> tuple[str, int]:
 # (name, pattern, replacement): each must match at least once.
 _RULES = [
     ("CUDA runtime headers", r"#include <c10/cuda/[^>]+>\n", ""),
-    ("emulator header after the last include",
-     r"((?:#include [^\n]+\n)+)(?![\s\S]*#include)", r'\1#include "cuda_emu.h"\n'),
+    # (Its emulation, cuda_emu_mma.h, goes in after cuda_emu.h, whose names it uses.)
+    ("tensor-core primitives", r'#include "convlora_mma.h"\n', ""),
+    ("emulator headers after the last include",
+     r"((?:#include [^\n]+\n)+)(?![\s\S]*#include)",
+     r'\1#include "cuda_emu.h"\n#include "cuda_emu_mma.h"\n'),
     ("c10::cuda names", r"\bc10::cuda::", "::convlora_emu::"),
     ("dynamic shared memory",
      r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];",
@@ -156,7 +159,8 @@ def load(src: str | None = None, namespace: str = NAMESPACE):
     from convlora_kernels import _C  # noqa: F401  (the real schemas)
 
     source = emulated_source(src, namespace)
-    deps = [source, (HERE / "cuda_emu.h").read_text(), *(p.read_text() for p in sorted(CSRC.glob("*.h"))),
+    deps = [source, *(p.read_text() for p in sorted(HERE.glob("*.h"))),
+            *(p.read_text() for p in sorted(CSRC.glob("*.h"))),
             torch.__version__, " ".join(_cxxflags())]
     key = hashlib.sha256("\0".join(deps).encode()).hexdigest()[:16]
     build = ROOT / "build" / "cuda_emu"

@@ -18,7 +18,8 @@
 //    block last-to-first, so a missing barrier (or a block reading what another block of the
 //    launch writes) shows as a NaN read in one of the two orders;
 //  - a barrier no remaining thread can pass is reported as a deadlock, not a hang, and a warp
-//    shuffle that not every lane of the warp reaches raises (undefined behaviour on a GPU);
+//    shuffle or tensor-core mma (cuda_emu_mma.h) that not every lane of the warp reaches raises
+//    (undefined behaviour on a GPU);
 //  - dynamic shared memory above the 48 KB a launch gets without opting in raises, and so does
 //    more than the kernel's cudaFuncSetAttribute opt-in (at most an sm_90's 227 KB).
 // What it does not: timing, occupancy, memory-model subtleties within a warp, global-memory
@@ -106,6 +107,8 @@ struct Emulator {
   std::vector<Barrier> warp_barriers;
   std::vector<int> warp_live;
   std::vector<uint64_t> shuffle_slots;
+  std::vector<uint32_t> mma_slots;       // cuda_emu_mma.h: each thread's A and B fragments
+  std::vector<unsigned long> mma_calls;  // and its mma count in the block
   std::vector<std::pair<const void*, unsigned long>> poisoned;  // static __shared__ arrays
   unsigned char* smem = nullptr;     // mapping: smem_capacity bytes, then the guard page
   size_t smem_capacity = 0;
@@ -221,6 +224,8 @@ inline void run_block(size_t smem_bytes, bool reverse) {
   e.warp_barriers.assign(warps, Barrier{});
   e.warp_live.assign(warps, 0);
   e.shuffle_slots.assign(n, 0);
+  e.mma_slots.assign(static_cast<size_t>(n) * 6, 0);
+  e.mma_calls.assign(n, 0);
   e.block_barrier = Barrier{};
   e.poisoned.clear();
   ++e.block_serial;
@@ -366,7 +371,10 @@ inline int getCurrentCUDAStream() { return 0; }
 // device answers them.
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
@@ -375,8 +383,15 @@ inline cudaError_t cudaGetDevice(int* device) {
 
 // CONVLORA_EMU_OPTIN_SMEM=bytes: a device with a smaller opt-in limit (sm_86: 101376), for the
 // launchers' fallbacks.
+// CONVLORA_EMU_CC_MAJOR=n: a device of compute capability n.x (sm_75: no tf32 tensor cores).
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
+  if (device != 0) return cudaErrorInvalidValue;
+  if (attr == cudaDevAttrComputeCapabilityMajor) {
+    const char* cc = std::getenv("CONVLORA_EMU_CC_MAJOR");
+    *value = cc != nullptr ? std::atoi(cc) : 9;
+    return cudaSuccess;
+  }
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
   const char* v = std::getenv("CONVLORA_EMU_OPTIN_SMEM");
   *value = convlora_emu::kOptinSmemBytes;
   if (v != nullptr) *value = std::min(std::atoi(v), *value);
