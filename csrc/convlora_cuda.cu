@@ -290,11 +290,17 @@ CONVLORA_HD int mma_ksteps(int r) { return 9 * mma_cin(r) / 8; }
 // The weight in A-fragment order (convlora_mma_weight_kernel): (k-step, m-tile, lane, 4) tf32 values.
 CONVLORA_HD int mma_weight_elems(int r) { return mma_ksteps(r) * mma_mtiles(r) * 32 * 4; }
 
-// The staged weight's region: (ci, 3, 3, c) for the CUDA-core loops and, with tf32, the
-// fragment-ordered copy the tap loop reads first (the backward restages over it).
+// The staged weight's region, in elements (a multiple of 16 bytes): (ci, 3, 3, c) with c padded
+// to chunks of ch for the CUDA-core loops and, with tf32, the fragment-ordered copy the tap loop
+// reads first (the backward restages over it). The launchers size the block with it
+// (staged_weight_bytes), the kernels place the U patches after it (expert_tile).
+CONVLORA_HD int staged_weight_elems(int r, int ch, bool tf32) {
+  const int chunked = r * 9 * staged_stride(r, ch);
+  return tf32 && mma_weight_elems(r) > chunked ? mma_weight_elems(r) : chunked;
+}
+
 size_t staged_weight_bytes(int r, size_t elem, bool tf32) {
-  const size_t chunks = static_cast<size_t>(r) * 9 * staged_stride(r, channel_chunk(r));
-  return std::max(chunks, tf32 ? static_cast<size_t>(mma_weight_elems(r)) : size_t(0)) * elem;
+  return static_cast<size_t>(staged_weight_elems(r, channel_chunk(r), tf32)) * elem;
 }
 
 struct ExpertLayout {
@@ -551,8 +557,7 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
   const int n = blockIdx.y;
   const int hw = g.H * g.W;
   const bool staged = g.staged;
-  const int chunked = g.r * 9 * staged_stride(g.r, CH);  // a multiple of 16 bytes
-  const int wt_size = !staged ? 0 : g.tf32 ? max(chunked, mma_weight_elems(g.r)) : chunked;
+  const int wt_size = staged ? staged_weight_elems(g.r, CH, g.tf32) : 0;
   b.wt = staged ? smem : nullptr;
   smem += wt_size;
   b.up = smem;
@@ -577,7 +582,7 @@ __device__ ExpertTile<T> expert_tile(const T* z, const int64_t* idx, const T* ew
     for (int k = threadIdx.x; k < frags; k += blockDim.x) dst[k] = src[k];
   } else if (staged) {  // (c, ci, 3, 3) -> (ci, 3, 3, c), zero past r
     const int stride = staged_stride(g.r, CH);
-    for (int k = threadIdx.x; k < chunked; k += blockDim.x) {
+    for (int k = threadIdx.x; k < wt_size; k += blockDim.x) {  // (no tf32: wt_size is this)
       const int c = k % stride, tap = k / stride;  // tap = ci * 9 + ky * 3 + kx
       smem[k - wt_size] = c < g.r ? b.ew_e[c * g.r * 9 + tap] : T(0);
     }
@@ -667,7 +672,8 @@ __device__ __forceinline__ void mma_tap_loop(const ExpertTile<float>& tile, cons
   const int mtiles = mma_mtiles(g.r), kchunks = mma_cin(g.r) / 8;
   const int ncols = tile.npix * tile.ntap;  // columns (pixel, tap), taps fastest
   const int tap_bits = tile.nt1 == kTaps ? 4 : 0;
-  // The lane's two B rows in a k-step: channels tq and tq + 4 of its chunk, as patch offsets.
+  // A: (k-step, m-tile, lane) 16-byte fragments; a lane's two B rows in a k-step are channels
+  // tq and tq + 4 of the step's 8 at its offset kk.
   const ChannelChunk<uint32_t, 4>* wfrag = reinterpret_cast<const ChannelChunk<uint32_t, 4>*>(tile.wt);
   for (int nt = warp; nt * 8 < ncols; nt += warps) {  // warp-uniform: the mma needs every lane
     const int n = min(nt * 8 + gq, ncols - 1);  // past the tile: a real column, not stored
