@@ -652,6 +652,20 @@ __device__ __forceinline__ void staged_taps(const ExpertTile<T>& tile, const Exp
       if (c0 + cc < g.r) emit(p, c0 + cc, a, b + nb, acc[nb][cc]);
 }
 
+// Calls f(row, column, value) for the lane's accumulator elements of a warp's m-tiles [0,
+// mtiles) x n-tile nt (16 x 8 each; convlora_mma.h's C layout: element i of lane (g, t) is row
+// g + 8 (i / 2), column 2 t + i % 2 of its tile).
+template <int kMaxMTiles, typename F>
+__device__ __forceinline__ void mma_acc_elements(const float (&acc)[kMaxMTiles][4], int mtiles,
+                                                 int nt, F&& f) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int mt = 0; mt < kMaxMTiles; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (mt < mtiles) f(mt * 16 + lane / 4 + (i / 2) * 8, nt * 8 + 2 * (lane % 4) + i % 2, acc[mt][i]);
+}
+
 // The tap loop on tf32 tensor cores (c16, session 17; g.tf32): per tile the GEMM
 // pre[c, (p, tap)] = bias[c] + sum over k = (offset, ci) of W[c, k] U[k, (p, tap)], one warp per
 // 8 columns (pixel, tap) with every m-tile of output channels, mma.m16n8k8 (convlora_mma.h).
@@ -705,17 +719,12 @@ __device__ __forceinline__ void mma_tap_loop(const ExpertTile<float>& tile, cons
         }
       }
     }
-#pragma unroll
-    for (int mt = 0; mt < kMaxMTiles; ++mt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = mt * 16 + gq + (i / 2) * 8, col = nt * 8 + 2 * tq + i % 2;
-        if (mt < mtiles && c < g.r && col < ncols) {
-          const int cp = col >> tap_bits, ct = col & (tile.ntap - 1);
-          emit(cp, c, ct >> (tap_bits / 2), ct & (tile.nt1 - 1), tile.eb_e[c] + acc[mt][i]);
-        }
+    mma_acc_elements<kMaxMTiles>(acc, mtiles, nt, [&](int c, int col, float v) {
+      if (c < g.r && col < ncols) {
+        const int cp = col >> tap_bits, ct = col & (tile.ntap - 1);
+        emit(cp, c, ct >> (tap_bits / 2), ct & (tile.nt1 - 1), tile.eb_e[c] + v);
       }
-    }
+    });
   }
 }
 
@@ -933,6 +942,93 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
   }
 }
 
+// One column k = (pixel, tap) of the tf32 weight-gradient GEMM (mma_weight_partials): where its
+// tap gradients start in the tap buffer (-1: padding, a zero column) and the top-left of its conv
+// window in the U patches.
+struct MmaTapColumn {
+  int dpre, up;
+};
+
+// The block's dEW partial (r, r, 3, 3) on tf32 tensor cores (c17, session 18; g.tf32, full conv):
+// the GEMM dEW[c, n] = sum over k = (pixel, tap) of dpre[k, c] U[k, n], n = (ci, offset), i.e.
+// M = r output channels (mma_mtiles(r) 16-row tiles), N = 9 r, K = the tile's pixels x taps
+// padded to 8; one warp per 8 columns n with every m-tile (each B value serves both). A comes
+// from the tap buffer (channels innermost: rows c of a column are consecutive words), B from the
+// U patches at the column's window plus n's constant offset ci * 36 + ky * 6 + kx. Each k's two
+// addresses come from a table (cols, in the weight region the tap loop is done with) built once
+// per block: from tile.taps they cost ~12 instructions and 4 shared loads per k and lane, per
+// k-step as much as the loads and the mma together. 3xTF32 (tf32_split: three mma per
+// product): dEW sums dpre U over every pixel and tap of every sample routed to the expert, terms
+// of both signs, so its scale is ~sqrt(terms) times a term's, and plain tf32's input rounding
+// (2^-11 per product) came to 3.7-4.5e-4 of that scale (emulated, r = 16, 3x5 map; the tap
+// loop's pre-activations, sums over 9 r terms against a bias, stay within 3.4e-4). With the
+// split the stage's own error is float32's class (~2^-19 per product) and what remains in dEW
+// is the pre-activations' tf32 error, through gelu' in dpre (2.6-3.1e-4, r = 16..32).
+// Why tensor cores: at r = 32 the CUDA-core stage is 9 r^2 FMAs per (pixel, tap) at ~1.9
+// instructions each (weight_partials); here a k-step's 2 x 1024 of them are 98 instructions
+// with 6 HMMA (sm_90 SASS, c17). part_tile[c * 9 r + n]: weight_partials' layout; its sums'
+// order differs.
+__device__ void mma_weight_partials(const ExpertTile<float>& tile, const ExpertGeom& g,
+                                    const float* dpre, MmaTapColumn* cols, float* part_tile) {
+  constexpr int kMaxMTiles = 2;  // r <= kStagedRank = 32
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int gq = lane / 4, tq = lane % 4;
+  const int K = tile.npix * tile.ntap, ksteps = (K + 7) / 8;
+  const int tap_bits = tile.nt1 == kTaps ? 4 : 0;
+  for (int k = threadIdx.x; k < ksteps * 8; k += blockDim.x) {
+    MmaTapColumn col = {-1, 0};  // padding: a zero A column against pixel 0's (finite) patch
+    if (k < K) {
+      const int p = k >> tap_bits, tap = k & (tile.ntap - 1);
+      const PixelTaps<float>& t = tile.taps[p];
+      col.dpre = (p * kTapArea + tap) * g.r;  // tap_grad_index(r, a, b, 0) = tap * r
+      col.up = p * g.r * kPatchArea + (t.ry[tap >> (tap_bits / 2)] - t.oy - 1) * kPatch +
+               t.rx[tap & (tile.nt1 - 1)] - t.ox - 1;
+    }
+    cols[k] = col;
+  }
+  __syncthreads();
+  const int mtiles = mma_mtiles(g.r), ncols = 9 * g.r;
+  int rows[kMaxMTiles][2];  // the lane's A rows c (g and g + 8 of each m-tile), past r: r - 1
+#pragma unroll
+  for (int mt = 0; mt < kMaxMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) rows[mt][h] = min(mt * 16 + gq + 8 * h, g.r - 1);
+  for (int nt = warp; nt * 8 < ncols; nt += warps) {  // warp-uniform: the mma needs every lane
+    const int n = min(nt * 8 + gq, ncols - 1);       // past 9 r: a real column, not stored
+    const int ci = n / 9, kk = n - ci * 9;
+    const float* un = tile.up + ci * kPatchArea + kk / 3 * kPatch + kk % 3;
+    float acc[kMaxMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMaxMTiles; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+#pragma unroll 1
+    for (int ks = 0; ks < ksteps; ++ks) {
+      const MmaTapColumn k0 = cols[ks * 8 + tq], k1 = cols[ks * 8 + tq + 4];
+      const Tf32Pair u0 = tf32_split(un[k0.up]), u1 = tf32_split(un[k1.up]);
+      const uint32_t bh[2] = {u0.hi, u1.hi}, bl[2] = {u0.lo, u1.lo};
+#pragma unroll
+      for (int mt = 0; mt < kMaxMTiles; ++mt) {
+        if (mt < mtiles) {
+          constexpr Tf32Pair kZero = {0u, 0u};
+          const Tf32Pair d[4] = {k0.dpre < 0 ? kZero : tf32_split(dpre[k0.dpre + rows[mt][0]]),
+                                 k0.dpre < 0 ? kZero : tf32_split(dpre[k0.dpre + rows[mt][1]]),
+                                 k1.dpre < 0 ? kZero : tf32_split(dpre[k1.dpre + rows[mt][0]]),
+                                 k1.dpre < 0 ? kZero : tf32_split(dpre[k1.dpre + rows[mt][1]])};
+          const uint32_t ah[4] = {d[0].hi, d[1].hi, d[2].hi, d[3].hi};
+          const uint32_t al[4] = {d[0].lo, d[1].lo, d[2].lo, d[3].lo};
+          mma_16x8x8_tf32(acc[mt], al, bh);  // the small terms first
+          mma_16x8x8_tf32(acc[mt], ah, bl);
+          mma_16x8x8_tf32(acc[mt], ah, bh);
+        }
+      }
+    }
+    mma_acc_elements<kMaxMTiles>(acc, mtiles, nt, [&](int c, int col, float v) {
+      if (c < g.r && col < ncols) part_tile[c * ncols + col] = v;
+    });
+  }
+}
+
 // Backward per tile: recompute U patches and pre, tap gradients in shared memory, then
 //  - part[n, tile] = this tile's dEW (r, g, 3, 3) and dEB (r), summed over its pixels in order,
 //  - each pixel's U-patch gradient (6, 6, r), the transposed conv of its tap gradients, into
@@ -962,7 +1058,14 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   });
   __syncthreads();
   T* part_tile = part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * (wsize + g.r);
-  weight_partials<T, CH>(tile, g, dpre, part_tile);
+  bool mma_weights_done = false;  // (the tf32 stage's column table is in the weight region)
+  if constexpr (std::is_same_v<T, float> && CH == kChannelChunk) {
+    if (g.tf32) {
+      mma_weight_partials(tile, g, dpre, reinterpret_cast<MmaTapColumn*>(smem_raw), part_tile);
+      mma_weights_done = true;
+    }
+  }
+  if (!mma_weights_done) weight_partials<T, CH>(tile, g, dpre, part_tile);
   for (int c = threadIdx.x; c < g.r; c += blockDim.x) {  // dEB
     T acc = T(0);
     for (int p = 0; p < npix; ++p)
@@ -978,6 +1081,7 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
     // The tap loop is done with the staged weight: restage it as (c, 3, 3, ci) for the
     // patch gradients, which sum over c into CH input channels per item.
     T* wt = reinterpret_cast<T*>(smem_raw);  // tile.wt
+    if (mma_weights_done) __syncthreads();  // the column table is read
     const int stride = staged_stride(g.r, CH);
     BlockItems<3> wi({9, stride});  // (c, tap, ci)
     for (int k = threadIdx.x; k < g.r * 9 * stride; k += blockDim.x, wi.next()) {
@@ -1154,6 +1258,9 @@ ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
     tf32 = false;
     layout = expert_layout(r, depthwise, z.element_size(), max_smem, false);
   }
+  // The tf32 weight-gradient stage's column table (mma_weight_partials) goes over the weight.
+  TORCH_INTERNAL_ASSERT(!tf32 || static_cast<size_t>((layout.pixels_per_block * kTapArea + 7) / 8 * 8) *
+                                         sizeof(MmaTapColumn) <= staged_weight_bytes(r, z.element_size(), true));
   TORCH_CHECK(layout.smem <= max_smem, "convlora: rank r = ", r, " too large for the CUDA "
               "expert kernels: one pixel's tile needs ", layout.smem, " bytes of shared memory, "
               "the device allows ", max_smem);

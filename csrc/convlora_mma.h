@@ -28,6 +28,21 @@ __device__ __forceinline__ uint32_t tf32_bits(float x) {
   return bits;
 }
 
+// x as hi + lo for the 3xTF32 product a b ~ a.hi b.hi + a.hi b.lo + a.lo b.hi: hi is x truncated
+// to tf32, lo = x - hi (exact in float32, at most 2^-10 |x|) as its float32 bits, which the
+// tensor core truncates to tf32 in turn (at most 2^-20 |x| lost). With the dropped a.lo b.lo,
+// a product's error is ~2^-19 of it: float32's class from tf32 tensor cores, at three mma per
+// product. Truncation, not tf32_bits's rounding, for both: on sm_90 cvt.rna.tf32.f32 is ~4
+// instructions (an add, an infinity test, a select, a mask), and the split needs none of it.
+struct Tf32Pair {
+  uint32_t hi, lo;
+};
+
+__device__ __forceinline__ Tf32Pair tf32_split(float x) {
+  const uint32_t hi = __float_as_uint(x) & 0xffffe000u;
+  return {hi, __float_as_uint(x - __uint_as_float(hi))};
+}
+
 // d += A B for one warp (every lane, converged), fragments as above; float32 accumulation.
 __device__ __forceinline__ void mma_16x8x8_tf32(float (&d)[4], const uint32_t (&a)[4],
                                                 const uint32_t (&b)[2]) {

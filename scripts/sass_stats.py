@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 #: SASS opcodes reported; the first four cross threads, the last two are register spills.
-OPCODES = ("BAR", "LDS", "STS", "SHFL", "LDG", "STG", "FFMA", "LDL", "STL")
+OPCODES = ("BAR", "LDS", "STS", "SHFL", "LDG", "STG", "FFMA", "HMMA", "LDL", "STL")
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 
 

@@ -461,6 +461,23 @@ def test_tf32_fragment_mutant_fails(thread_order):
         _check(_experts_tf32(ops, *args)[:1], _twins_float64(args)[:1], 3e-4, "experts tf32")
 
 
+def test_tf32_weight_gradient_mutant_fails(thread_order):
+    """The same slip in the tf32 weight-gradient stage (mma_weight_partials: A's rows g + 8 and
+    columns t + 4 swapped in the large terms' fragment) must fail the check of dEW, at r = 32
+    (both m-tiles), where the unmutated stage passes it."""
+    src = cuda_emu.SOURCE.read_text()
+    needle = "const uint32_t ah[4] = {d[0].hi, d[1].hi, d[2].hi, d[3].hi};"
+    assert needle in src, "the source changed; update the mutant"
+    ops = cuda_emu.load(src.replace(needle, "const uint32_t ah[4] = {d[0].hi, d[2].hi, d[1].hi, d[3].hi};"),
+                        namespace="convlora_cuda_emu_tf32_weight_fragments")
+    z, idx, ew, eb, dy = _experts_case(8, 3, 5, 32, False, torch.float32)
+    args = (z, idx, ew * (2 / (3 * 32 ** 0.5)), eb, dy)
+    want = _twins_float64(args)
+    _check(_experts_tf32(cuda_emu.load(), *args)[2:3], want[2:3], 3e-4, "experts tf32 dEW")
+    with pytest.raises(AssertionError):
+        _check(_experts_tf32(ops, *args)[2:3], want[2:3], 3e-4, "experts tf32 dEW")
+
+
 def test_emulator_enforces_the_shared_memory_opt_in(thread_order):
     """A mutant whose launchers never opt in to more than 48 KB of shared memory: r = 32's staged
     float64 block (129 KB) must fail to launch, as on a GPU, not run past the limit."""

@@ -563,6 +563,33 @@ def test_gpu_expert_kernels_every_rank_path(r, dtype):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("r", [16, 20, 32])
+def test_gpu_expert_kernels_tf32(r):
+    """The tf32 tensor-core paths on the device (the tap loop, mma.m16n8k8; the backward's
+    3xTF32 weight gradient) against the CPU twins at float64, at tf32's class (3e-4): a
+    fragment-layout error on hardware gives O(1) errors. The weights at a conv's init scale,
+    as in the emulated test; 8 samples at the 8 scales, a 9 x 11 map. On sm_80+ the results
+    must differ from the float32 path's (the path ran)."""
+    gen = torch.Generator().manual_seed(r)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    z, dy = rnd(8, 9, 11, r), rnd(8, 9, 11, r)
+    ew, eb = rnd(8, r, r, 3, 3) * (1 / (3 * r ** 0.5)), rnd(8, r) * 0.3
+    idx = torch.arange(8)
+    ops = torch.ops.convlora_cuda
+    want = (ops.experts_fwd(z, idx, ew, eb),) + tuple(ops.experts_bwd(z, idx, ew, eb, dy))
+    dev = [t.float().cuda() for t in (z, ew, eb, dy)]
+    def run(tf32):
+        return (ops.experts_fwd(dev[0], idx.cuda(), dev[1], dev[2], tf32),) + tuple(
+            ops.experts_bwd(dev[0], idx.cuda(), dev[1], dev[2], dev[3], None, tf32))
+    got = run(True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close_to_reference(g.cpu().double(), w, 3e-4, f"output {i}")
+    if torch.cuda.get_device_capability()[0] >= 8:
+        assert not torch.equal(got[0], run(False)[0])
+
+
+@gpu
+@needs_cuda
 def test_gpu_gate_matches_cpu_float64():
     """The gate kernels on the GPU against their CPU twins (same formulas) at float64."""
     ops = torch.ops.convlora_cuda

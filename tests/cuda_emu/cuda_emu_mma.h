@@ -39,6 +39,21 @@ inline uint32_t tf32_bits(float x) {
   return (u + 0x1000u) & 0xffffe000u;
 }
 
+struct Tf32Pair {
+  uint32_t hi, lo;
+};
+
+inline Tf32Pair tf32_split(float x) {  // convlora_mma.h's
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t hi = u & 0xffffe000u;
+  float h, lo;
+  std::memcpy(&h, &hi, sizeof(h));
+  lo = x - h;
+  std::memcpy(&u, &lo, sizeof(u));
+  return {hi, u};
+}
+
 inline void mma_16x8x8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   using namespace convlora_emu;
   Emulator& e = state();
