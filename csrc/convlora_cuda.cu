@@ -284,7 +284,9 @@ void dispatch_chunk(int r, F&& f) {
 // mma_mtiles(r) 16-row tiles), K = 9 offsets x mma_cin(r) input channels (offset-major: a k-step
 // of 8 is one offset and 8 channels, so a lane's U address moves by a constant), N = (pixel, tap).
 constexpr int kMmaMinRank = 16;
-CONVLORA_HD int mma_cin(int r) { return (r + 7) / 8 * 8; }
+// A GEMM's K extent padded to whole k-steps of 8 (the input channels, the weight gradient's taps).
+CONVLORA_HD int mma_pad_k(int k) { return (k + 7) / 8 * 8; }
+CONVLORA_HD int mma_cin(int r) { return mma_pad_k(r); }
 CONVLORA_HD int mma_mtiles(int r) { return (r + 15) / 16; }
 CONVLORA_HD int mma_ksteps(int r) { return 9 * mma_cin(r) / 8; }
 // The weight in A-fragment order (convlora_mma_weight_kernel): (k-step, m-tile, lane, 4) tf32 values.
@@ -542,7 +544,7 @@ struct ExpertTile {
   UTaps<T>* utx;
   const T* ew_e;  // the sample's expert weight (r, g, 3, 3) and bias (r)
   const T* eb_e;
-  const T* wt;    // staged weight (r, 3, 3, staged_stride(r, CH)) in shared memory, or nullptr
+  T* wt;          // staged weight (r, 3, 3, staged_stride(r, CH)) in shared memory, or nullptr
   int64_t m0;     // flat index of the sample's first pixel
   int pix0, npix, s, nt1, ntap;  // nt1: V taps per axis (1 for odd s, whose V sample is centred)
 };
@@ -847,6 +849,93 @@ __device__ __forceinline__ void patch_grad_chunk(const T* dpre, const T* wt, int
     if (ci0 + cc < r) emit(ci0 + cc, acc[cc]);
 }
 
+// One column k = (pixel, tap) of the tf32 weight-gradient GEMM (mma_weight_partials): where its
+// tap gradients start in the tap buffer (-1: padding, a zero column) and the top-left of its conv
+// window in the U patches.
+struct MmaTapColumn {
+  int dpre, up;
+};
+
+// The block's dEW partial (r, r, 3, 3) on tf32 tensor cores (c17, session 18; g.tf32, full conv):
+// the GEMM dEW[c, n] = sum over k = (pixel, tap) of dpre[k, c] U[k, n], n = (ci, offset), i.e.
+// M = r output channels (mma_mtiles(r) 16-row tiles), N = 9 r, K = the tile's pixels x taps
+// padded to 8; one warp per 8 columns n with every m-tile (each B value serves both). A comes
+// from the tap buffer (channels innermost: rows c of a column are consecutive words), B from the
+// U patches at the column's window plus n's constant offset ci * 36 + ky * 6 + kx. Each k's two
+// addresses come from a table (cols, in the weight region the tap loop is done with) built once
+// per block: from tile.taps they cost ~12 instructions and 4 shared loads per k and lane, per
+// k-step as much as the loads and the mma together. 3xTF32 (tf32_split: three mma per
+// product): dEW sums dpre U over every pixel and tap of every sample routed to the expert, terms
+// of both signs, so its scale is ~sqrt(terms) times a term's, and plain tf32's input rounding
+// (2^-11 per product) came to 3.7-4.5e-4 of that scale (emulated, r = 16, 3x5 map; the tap
+// loop's pre-activations, sums over 9 r terms against a bias, stay within 3.4e-4). With the
+// split the stage's own error is float32's class (~2^-19 per product) and what remains in dEW
+// is the pre-activations' tf32 error, through gelu' in dpre (2.6-3.1e-4, r = 16..32).
+// Why tensor cores: at r = 32 the CUDA-core stage is 9 r^2 FMAs per (pixel, tap) at ~1.9
+// instructions each (weight_partials); here a k-step's 2 x 1024 of them are 98 instructions
+// with 6 HMMA (sm_90 SASS, c17). part_tile[c * 9 r + n]: weight_partials' layout; its sums'
+// order differs.
+__device__ void mma_weight_partials(const ExpertTile<float>& tile, const ExpertGeom& g,
+                                    const float* dpre, MmaTapColumn* cols, float* part_tile) {
+  constexpr int kMaxMTiles = 2;  // r <= kStagedRank = 32
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int gq = lane / 4, tq = lane % 4;
+  const int K = tile.npix * tile.ntap, ksteps = mma_pad_k(K) / 8;
+  const int tap_bits = tile.nt1 == kTaps ? 4 : 0;
+  for (int k = threadIdx.x; k < ksteps * 8; k += blockDim.x) {
+    MmaTapColumn col = {-1, 0};  // padding: a zero A column against pixel 0's (finite) patch
+    if (k < K) {
+      const int p = k >> tap_bits, tap = k & (tile.ntap - 1);
+      const PixelTaps<float>& t = tile.taps[p];
+      col.dpre = (p * kTapArea + tap) * g.r;  // tap_grad_index(r, a, b, 0) = tap * r
+      col.up = p * g.r * kPatchArea + (t.ry[tap >> (tap_bits / 2)] - t.oy - 1) * kPatch +
+               t.rx[tap & (tile.nt1 - 1)] - t.ox - 1;
+    }
+    cols[k] = col;
+  }
+  __syncthreads();
+  const int mtiles = mma_mtiles(g.r), ncols = 9 * g.r;
+  int rows[kMaxMTiles][2];  // the lane's A rows c (g and g + 8 of each m-tile), past r: r - 1
+#pragma unroll
+  for (int mt = 0; mt < kMaxMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) rows[mt][h] = min(mt * 16 + gq + 8 * h, g.r - 1);
+  for (int nt = warp; nt * 8 < ncols; nt += warps) {  // warp-uniform: the mma needs every lane
+    const int n = min(nt * 8 + gq, ncols - 1);       // past 9 r: a real column, not stored
+    const int ci = n / 9, kk = n - ci * 9;
+    const float* un = tile.up + ci * kPatchArea + kk / 3 * kPatch + kk % 3;
+    float acc[kMaxMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMaxMTiles; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
+#pragma unroll 1
+    for (int ks = 0; ks < ksteps; ++ks) {
+      const MmaTapColumn k0 = cols[ks * 8 + tq], k1 = cols[ks * 8 + tq + 4];
+      const Tf32Pair u0 = tf32_split(un[k0.up]), u1 = tf32_split(un[k1.up]);
+      const uint32_t bh[2] = {u0.hi, u1.hi}, bl[2] = {u0.lo, u1.lo};
+#pragma unroll
+      for (int mt = 0; mt < kMaxMTiles; ++mt) {
+        if (mt < mtiles) {
+          constexpr Tf32Pair kZero = {0u, 0u};
+          const Tf32Pair d[4] = {k0.dpre < 0 ? kZero : tf32_split(dpre[k0.dpre + rows[mt][0]]),
+                                 k0.dpre < 0 ? kZero : tf32_split(dpre[k0.dpre + rows[mt][1]]),
+                                 k1.dpre < 0 ? kZero : tf32_split(dpre[k1.dpre + rows[mt][0]]),
+                                 k1.dpre < 0 ? kZero : tf32_split(dpre[k1.dpre + rows[mt][1]])};
+          const uint32_t ah[4] = {d[0].hi, d[1].hi, d[2].hi, d[3].hi};
+          const uint32_t al[4] = {d[0].lo, d[1].lo, d[2].lo, d[3].lo};
+          mma_16x8x8_tf32(acc[mt], al, bh);  // the small terms first
+          mma_16x8x8_tf32(acc[mt], ah, bl);
+          mma_16x8x8_tf32(acc[mt], ah, bh);
+        }
+      }
+    }
+    mma_acc_elements<kMaxMTiles>(acc, mtiles, nt, [&](int c, int col, float v) {
+      if (c < g.r && col < ncols) part_tile[c * ncols + col] = v;
+    });
+  }
+}
+
 // Work item k of the weight-gradient stage (see weight_partials).
 struct WeightItem {
   int pg, c0, nc, gi, kk;  // pixel group, first channel and channel count, input channel, offset
@@ -879,6 +968,12 @@ __device__ __forceinline__ WeightItem weight_item(int k, int per_group, int chun
 template <typename T, int CH>
 __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, const T* dpre,
                                 T* part_tile) {
+  // (Only the float CH = 8 kernels have the tf32 stage, as tap_loop's; its column table goes
+  // over the staged weight, which the tap loop is done with.)
+  if constexpr (std::is_same_v<T, float> && CH == kChannelChunk) {
+    if (g.tf32)
+      return mma_weight_partials(tile, g, dpre, reinterpret_cast<MmaTapColumn*>(tile.wt), part_tile);
+  }
   const int gi_n = g.depthwise ? 1 : g.r;
   const int chunk = g.depthwise ? 1 : min(g.r, CH);
   const int per_group = (g.r + chunk - 1) / chunk * gi_n * 9;  // items per pixel group
@@ -942,93 +1037,6 @@ __device__ void weight_partials(const ExpertTile<T>& tile, const ExpertGeom& g, 
   }
 }
 
-// One column k = (pixel, tap) of the tf32 weight-gradient GEMM (mma_weight_partials): where its
-// tap gradients start in the tap buffer (-1: padding, a zero column) and the top-left of its conv
-// window in the U patches.
-struct MmaTapColumn {
-  int dpre, up;
-};
-
-// The block's dEW partial (r, r, 3, 3) on tf32 tensor cores (c17, session 18; g.tf32, full conv):
-// the GEMM dEW[c, n] = sum over k = (pixel, tap) of dpre[k, c] U[k, n], n = (ci, offset), i.e.
-// M = r output channels (mma_mtiles(r) 16-row tiles), N = 9 r, K = the tile's pixels x taps
-// padded to 8; one warp per 8 columns n with every m-tile (each B value serves both). A comes
-// from the tap buffer (channels innermost: rows c of a column are consecutive words), B from the
-// U patches at the column's window plus n's constant offset ci * 36 + ky * 6 + kx. Each k's two
-// addresses come from a table (cols, in the weight region the tap loop is done with) built once
-// per block: from tile.taps they cost ~12 instructions and 4 shared loads per k and lane, per
-// k-step as much as the loads and the mma together. 3xTF32 (tf32_split: three mma per
-// product): dEW sums dpre U over every pixel and tap of every sample routed to the expert, terms
-// of both signs, so its scale is ~sqrt(terms) times a term's, and plain tf32's input rounding
-// (2^-11 per product) came to 3.7-4.5e-4 of that scale (emulated, r = 16, 3x5 map; the tap
-// loop's pre-activations, sums over 9 r terms against a bias, stay within 3.4e-4). With the
-// split the stage's own error is float32's class (~2^-19 per product) and what remains in dEW
-// is the pre-activations' tf32 error, through gelu' in dpre (2.6-3.1e-4, r = 16..32).
-// Why tensor cores: at r = 32 the CUDA-core stage is 9 r^2 FMAs per (pixel, tap) at ~1.9
-// instructions each (weight_partials); here a k-step's 2 x 1024 of them are 98 instructions
-// with 6 HMMA (sm_90 SASS, c17). part_tile[c * 9 r + n]: weight_partials' layout; its sums'
-// order differs.
-__device__ void mma_weight_partials(const ExpertTile<float>& tile, const ExpertGeom& g,
-                                    const float* dpre, MmaTapColumn* cols, float* part_tile) {
-  constexpr int kMaxMTiles = 2;  // r <= kStagedRank = 32
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const int gq = lane / 4, tq = lane % 4;
-  const int K = tile.npix * tile.ntap, ksteps = (K + 7) / 8;
-  const int tap_bits = tile.nt1 == kTaps ? 4 : 0;
-  for (int k = threadIdx.x; k < ksteps * 8; k += blockDim.x) {
-    MmaTapColumn col = {-1, 0};  // padding: a zero A column against pixel 0's (finite) patch
-    if (k < K) {
-      const int p = k >> tap_bits, tap = k & (tile.ntap - 1);
-      const PixelTaps<float>& t = tile.taps[p];
-      col.dpre = (p * kTapArea + tap) * g.r;  // tap_grad_index(r, a, b, 0) = tap * r
-      col.up = p * g.r * kPatchArea + (t.ry[tap >> (tap_bits / 2)] - t.oy - 1) * kPatch +
-               t.rx[tap & (tile.nt1 - 1)] - t.ox - 1;
-    }
-    cols[k] = col;
-  }
-  __syncthreads();
-  const int mtiles = mma_mtiles(g.r), ncols = 9 * g.r;
-  int rows[kMaxMTiles][2];  // the lane's A rows c (g and g + 8 of each m-tile), past r: r - 1
-#pragma unroll
-  for (int mt = 0; mt < kMaxMTiles; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) rows[mt][h] = min(mt * 16 + gq + 8 * h, g.r - 1);
-  for (int nt = warp; nt * 8 < ncols; nt += warps) {  // warp-uniform: the mma needs every lane
-    const int n = min(nt * 8 + gq, ncols - 1);       // past 9 r: a real column, not stored
-    const int ci = n / 9, kk = n - ci * 9;
-    const float* un = tile.up + ci * kPatchArea + kk / 3 * kPatch + kk % 3;
-    float acc[kMaxMTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMaxMTiles; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
-#pragma unroll 1
-    for (int ks = 0; ks < ksteps; ++ks) {
-      const MmaTapColumn k0 = cols[ks * 8 + tq], k1 = cols[ks * 8 + tq + 4];
-      const Tf32Pair u0 = tf32_split(un[k0.up]), u1 = tf32_split(un[k1.up]);
-      const uint32_t bh[2] = {u0.hi, u1.hi}, bl[2] = {u0.lo, u1.lo};
-#pragma unroll
-      for (int mt = 0; mt < kMaxMTiles; ++mt) {
-        if (mt < mtiles) {
-          constexpr Tf32Pair kZero = {0u, 0u};
-          const Tf32Pair d[4] = {k0.dpre < 0 ? kZero : tf32_split(dpre[k0.dpre + rows[mt][0]]),
-                                 k0.dpre < 0 ? kZero : tf32_split(dpre[k0.dpre + rows[mt][1]]),
-                                 k1.dpre < 0 ? kZero : tf32_split(dpre[k1.dpre + rows[mt][0]]),
-                                 k1.dpre < 0 ? kZero : tf32_split(dpre[k1.dpre + rows[mt][1]])};
-          const uint32_t ah[4] = {d[0].hi, d[1].hi, d[2].hi, d[3].hi};
-          const uint32_t al[4] = {d[0].lo, d[1].lo, d[2].lo, d[3].lo};
-          mma_16x8x8_tf32(acc[mt], al, bh);  // the small terms first
-          mma_16x8x8_tf32(acc[mt], ah, bl);
-          mma_16x8x8_tf32(acc[mt], ah, bh);
-        }
-      }
-    }
-    mma_acc_elements<kMaxMTiles>(acc, mtiles, nt, [&](int c, int col, float v) {
-      if (c < g.r && col < ncols) part_tile[c * ncols + col] = v;
-    });
-  }
-}
-
 // Backward per tile: recompute U patches and pre, tap gradients in shared memory, then
 //  - part[n, tile] = this tile's dEW (r, g, 3, 3) and dEB (r), summed over its pixels in order,
 //  - each pixel's U-patch gradient (6, 6, r), the transposed conv of its tap gradients, into
@@ -1058,14 +1066,7 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   });
   __syncthreads();
   T* part_tile = part + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * (wsize + g.r);
-  bool mma_weights_done = false;  // (the tf32 stage's column table is in the weight region)
-  if constexpr (std::is_same_v<T, float> && CH == kChannelChunk) {
-    if (g.tf32) {
-      mma_weight_partials(tile, g, dpre, reinterpret_cast<MmaTapColumn*>(smem_raw), part_tile);
-      mma_weights_done = true;
-    }
-  }
-  if (!mma_weights_done) weight_partials<T, CH>(tile, g, dpre, part_tile);
+  weight_partials<T, CH>(tile, g, dpre, part_tile);
   for (int c = threadIdx.x; c < g.r; c += blockDim.x) {  // dEB
     T acc = T(0);
     for (int p = 0; p < npix; ++p)
@@ -1080,8 +1081,8 @@ __global__ void __launch_bounds__(kThreads, expert_blocks_per_sm<T>())
   if (tile.wt != nullptr) {
     // The tap loop is done with the staged weight: restage it as (c, 3, 3, ci) for the
     // patch gradients, which sum over c into CH input channels per item.
-    T* wt = reinterpret_cast<T*>(smem_raw);  // tile.wt
-    if (mma_weights_done) __syncthreads();  // the column table is read
+    T* wt = tile.wt;
+    if (g.tf32) __syncthreads();  // mma_weight_partials' column table is read
     const int stride = staged_stride(g.r, CH);
     BlockItems<3> wi({9, stride});  // (c, tap, ci)
     for (int k = threadIdx.x; k < g.r * 9 * stride; k += blockDim.x, wi.next()) {
@@ -1259,8 +1260,8 @@ ExpertArgs prepare_experts(const at::Tensor& z, const at::Tensor& expert_index,
     layout = expert_layout(r, depthwise, z.element_size(), max_smem, false);
   }
   // The tf32 weight-gradient stage's column table (mma_weight_partials) goes over the weight.
-  TORCH_INTERNAL_ASSERT(!tf32 || static_cast<size_t>((layout.pixels_per_block * kTapArea + 7) / 8 * 8) *
-                                         sizeof(MmaTapColumn) <= staged_weight_bytes(r, z.element_size(), true));
+  TORCH_INTERNAL_ASSERT(!tf32 || mma_pad_k(layout.pixels_per_block * kTapArea) * sizeof(MmaTapColumn) <=
+                                         staged_weight_bytes(r, z.element_size(), true));
   TORCH_CHECK(layout.smem <= max_smem, "convlora: rank r = ", r, " too large for the CUDA "
               "expert kernels: one pixel's tile needs ", layout.smem, " bytes of shared memory, "
               "the device allows ", max_smem);
